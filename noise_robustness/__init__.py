@@ -1,0 +1,1 @@
+"""How additive Gaussian pixel noise hurts image classifiers: a PyTorch Lightning study on MNIST."""

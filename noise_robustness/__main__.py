@@ -1,0 +1,3 @@
+from noise_robustness.cli import cli_main
+
+cli_main()
