@@ -67,6 +67,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
             NoisyMNISTDataModule,
             seed_everything_default=0,
             trainer_defaults=trainer_defaults(),
+            parser_kwargs={"prog": "python -m noise_robustness"},
             args=args,
             run=run,
         )

@@ -26,7 +26,12 @@ def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: i
     mine = shards[rank]
     if math.ceil(len(mine) / batch_size) == n_batches:
         return list(mine.split(batch_size))
-    return list(torch.tensor_split(mine, n_batches))  # one short: spread it, keep the batch count
+    if len(mine) < n_batches:  # only with batch_size 1 (or shards of 0 and 1 images)
+        raise ValueError(
+            f"Cannot split {len(order)} images over {world_size} processes in batches of {batch_size} "
+            "with the same number of batches on every process; use a batch_size of at least 2"
+        )
+    return list(torch.tensor_split(mine, n_batches))  # one image short: spread it, keep the batch count
 
 
 def _seed(*key: object) -> int:
