@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from noise_robustness.models import DropoutMLP
+from noise_robustness.noise import derive_seed
 
 
 class NoiseClassifier(pl.LightningModule):
@@ -28,6 +29,14 @@ class NoiseClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def on_fit_start(self) -> None:
+        self.run_seed = torch.initial_seed()  # set by seed_everything, so the same when a run resumes
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout draws from torch's global RNG. Seeding it per (run seed, epoch, rank) gives an epoch
+        # the same masks whether or not the run was interrupted and resumed before it.
+        torch.manual_seed(derive_seed("dropout", self.run_seed, self.current_epoch, self.global_rank))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

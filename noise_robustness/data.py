@@ -1,6 +1,5 @@
 """Noisy MNIST as a LightningDataModule: whole-split tensors, noise from ``noise.py``."""
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from noise_robustness import mnist
-from noise_robustness.noise import add_noise, check_noise_mode, check_noise_scale, standard_normal
+from noise_robustness.noise import add_noise, check_noise_mode, check_noise_scale, derive_seed, standard_normal
 
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -32,10 +31,6 @@ def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: i
             "with the same number of batches on every process; use a batch_size of at least 2"
         )
     return list(torch.tensor_split(mine, n_batches))  # one image short: spread it, keep the batch count
-
-
-def _seed(*key: object) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class TensorBatches:
@@ -68,7 +63,7 @@ class TensorBatches:
         if self.shuffle_seed is None:
             order = torch.arange(n)
         else:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.shuffle_seed, epoch)))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("shuffle", self.shuffle_seed, epoch)))
         return shard_batches(order.to(self.labels.device), rank, world_size, self.batch_size)
 
     def __len__(self) -> int:
@@ -134,7 +129,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         self.labels = {name: y.to(device) for name, (_, y) in files.items()}
         train_idx, val_idx = torch.arange(60_000), None
         if self.hparams.val_holdout:
-            perm = torch.randperm(60_000, generator=torch.Generator().manual_seed(_seed("holdout", self.hparams.noise_seed)))
+            perm = torch.randperm(60_000, generator=torch.Generator().manual_seed(derive_seed("holdout", self.hparams.noise_seed)))
             train_idx, val_idx = perm[self.hparams.val_holdout :].sort().values, perm[: self.hparams.val_holdout].sort().values
         # split name -> (MNIST file, indices into it); the noise of an image depends on its file index
         self.splits = {

@@ -36,9 +36,9 @@ def check_noise_mode(noise_mode: str) -> str:
     return noise_mode
 
 
-def _block_seed(seed: int, split: str, epoch: int, block: int) -> int:
-    key = f"{seed}/{split}/{epoch}/{block}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+def derive_seed(*key: object) -> int:
+    """A 63-bit seed from ``key``, the same on every machine and process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def standard_normal(
@@ -58,7 +58,7 @@ def standard_normal(
     out = torch.empty((n_images, *image_shape), device=device)
     generator = torch.Generator(device=device)
     for block, start in enumerate(range(0, n_images, BLOCK)):
-        generator.manual_seed(_block_seed(seed, split, epoch, block))
+        generator.manual_seed(derive_seed("noise", seed, split, epoch, block))
         # Always draw a whole block, so a shorter split (or a subset) gets the same rows.
         z = torch.randn((BLOCK, *image_shape), generator=generator, device=device)
         out[start : start + BLOCK] = z[: n_images - start]
