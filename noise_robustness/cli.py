@@ -6,6 +6,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -24,7 +25,7 @@ def trainer_defaults() -> dict:
     return {
         "max_epochs": 20,
         "logger": {
-            "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+            "class_path": "noise_robustness.run_logger.RunLogger",
             "init_args": {"save_dir": "tb_logs", "default_hp_metric": False},
         },
         "callbacks": [
@@ -43,20 +44,48 @@ def run_name(config: Namespace) -> str:
     return f"scale_{config.data.noise_scale}"
 
 
+def last_checkpoint(save_dir: str, name: str) -> str:
+    """The newest ``<save_dir>/<name>/version_<n>/checkpoints/last.ckpt``: what ``--ckpt_path last`` resumes."""
+    found = [(int(p.parents[1].name[8:]), p) for p in Path(save_dir, name).glob("version_*/checkpoints/last.ckpt") if p.parents[1].name[8:].isdigit()]
+    if not found:
+        raise ValueError(f"Expected a checkpoint to resume with `--ckpt_path last`, but found no {Path(save_dir, name, 'version_*/checkpoints/last.ckpt')}")
+    return str(max(found)[1])
+
+
 class NoiseCLI(LightningCLI):
-    """LightningCLI that names each TensorBoard run after its config and reports bad values cleanly."""
+    """LightningCLI that names each run's TensorBoard folder after its config and resolves ``--ckpt_path last``.
+
+    Bad values found here or in the constructors end as one parser error, before any data is read.
+    """
 
     def before_instantiate_classes(self) -> None:
+        try:
+            self.check_and_name_run()
+        except ValueError as err:
+            self.parser.error(str(err))
+
+    def check_and_name_run(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if self.subcommand == "fit" and (config.trainer.max_epochs is None or config.trainer.max_epochs <= 0):
+            raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}")
         logger = config.trainer.logger
-        if isinstance(logger, Namespace) and logger.init_args.get("name", DEFAULT_RUN_NAME) == DEFAULT_RUN_NAME:
-            logger.init_args.name = run_name(config)
+        if not isinstance(logger, Namespace) or "name" not in logger.init_args:
+            return
+        args = logger.init_args
+        if args.get("name", DEFAULT_RUN_NAME) == DEFAULT_RUN_NAME:
+            args.name = run_name(config)
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = last_checkpoint(args.save_dir, args.name)
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except ValueError as err:  # our constructors' argument checks: a user error, not a bug
             self.parser.error(str(err))
+        if self.subcommand:
+            # Check the data files before the Trainer starts: a bad file then stops one process
+            # cleanly, instead of rank zero alone inside DDP while the other ranks wait for it.
+            self.datamodule.prepare_data()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
@@ -72,4 +101,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
             run=run,
         )
     except DataFileError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

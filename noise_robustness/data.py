@@ -11,6 +11,7 @@ from noise_robustness import mnist
 from noise_robustness.noise import add_noise, check_noise_mode, check_noise_scale, derive_seed, standard_normal
 
 IMAGE_SHAPE = (1, 28, 28)
+N_TRAIN, N_TEST = 60_000, 10_000  # images in the MNIST train and test files
 
 
 def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[torch.Tensor]:
@@ -110,8 +111,10 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         check_noise_mode(noise_mode)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")
-        if not 0 <= val_holdout < 60_000:
-            raise ValueError(f"Expected `val_holdout` to be in [0, 60000), but got {val_holdout}")
+        if not 0 <= val_holdout < N_TRAIN:
+            raise ValueError(f"Expected `val_holdout` to be in [0, {N_TRAIN}), but got {val_holdout}")
+        if batch_size > N_TRAIN - val_holdout:
+            raise ValueError(f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}")
         self.save_hyperparameters()
         self._noisy_train: tuple[int, torch.Tensor] | None = None  # (noise epoch, images)
 
@@ -127,15 +130,15 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         files = {name: mnist.load(str(Path(self.hparams.data_dir)), train=name == "train") for name in ("train", "test")}
         self.images = {name: x.to(device) for name, (x, _) in files.items()}  # uint8, kept once
         self.labels = {name: y.to(device) for name, (_, y) in files.items()}
-        train_idx, val_idx = torch.arange(60_000), None
+        train_idx, val_idx = torch.arange(N_TRAIN), None
         if self.hparams.val_holdout:
-            perm = torch.randperm(60_000, generator=torch.Generator().manual_seed(derive_seed("holdout", self.hparams.noise_seed)))
+            perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(derive_seed("holdout", self.hparams.noise_seed)))
             train_idx, val_idx = perm[self.hparams.val_holdout :].sort().values, perm[: self.hparams.val_holdout].sort().values
         # split name -> (MNIST file, indices into it); the noise of an image depends on its file index
         self.splits = {
             "train": ("train", train_idx.to(device)),
-            "val": ("train", val_idx.to(device)) if val_idx is not None else ("test", torch.arange(10_000, device=device)),
-            "test": ("test", torch.arange(10_000, device=device)),
+            "val": ("train", val_idx.to(device)) if val_idx is not None else ("test", torch.arange(N_TEST, device=device)),
+            "test": ("test", torch.arange(N_TEST, device=device)),
         }
         self.shuffle_seed = torch.initial_seed()  # set by seed_everything, the same on every rank
         self.eval_images = {split: self.noisy(split) for split in ("val", "test")}

@@ -57,6 +57,21 @@ def _unpack(name: str, raw_dir: Path) -> None:
         raise DataFileError(f"could not unpack {source} into {raw_dir} (is `data_dir` writable?): {err}") from err
 
 
+_verified: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime) when its SHA-256 last matched
+
+
+def _check(path: Path, digest: str) -> None:
+    stat = path.stat()
+    if _verified.get(path) == (stat.st_size, stat.st_mtime_ns):
+        return  # unchanged since it was hashed in this process: a sweep hashes MNIST once
+    if _sha256(path) != digest:
+        raise DataFileError(
+            f"MNIST file {path} is corrupt or truncated (its SHA-256 is not the one in "
+            f"{ASSETS / 'SHA256SUMS'}); delete it and run again to unpack a fresh copy"
+        )
+    _verified[path] = (stat.st_size, stat.st_mtime_ns)
+
+
 def prepare(data_dir: str | Path, download: bool = False) -> Path:
     """Makes sure ``<data_dir>/MNIST/raw`` holds the four verified MNIST files; returns ``data_dir``.
 
@@ -74,11 +89,7 @@ def prepare(data_dir: str | Path, download: bool = False) -> Path:
                 MNIST(data_dir, download=True)
             else:
                 _unpack(name, raw_dir)
-        if _sha256(path) != sums[name]:
-            raise DataFileError(
-                f"MNIST file {path} is corrupt or truncated (its SHA-256 is not the one in "
-                f"{ASSETS / 'SHA256SUMS'}); delete it and run again to unpack a fresh copy"
-            )
+        _check(path.absolute(), sums[name])
     return data_dir
 
 

@@ -9,11 +9,14 @@ finished runs, so an interrupted sweep loses at most the run in progress.
 
 import csv
 import importlib
+import io
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -45,6 +48,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--noise_mode", type=str, default="fixed", help="fixed (one draw per image) or resample (a new draw each epoch).")
     parser.add_argument("--clip", type=bool, default=False, help="Clip noisy pixels to [0, 1].")
     parser.add_argument("--out", type=str, default="sweeps/noise_sweep", help="Output folder; rerun with the same one to resume.")
+    parser.add_argument(
+        "--run_index",
+        type=Optional[int],
+        default=None,
+        help="Train only this run of the sweep (0-based), e.g. $SLURM_ARRAY_TASK_ID; a plain call afterwards gathers the report.",
+    )
     return parser
 
 
@@ -61,40 +70,46 @@ def resolve_model(path: str) -> type[nn.Module]:
 
 
 def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Splits ``argv`` into (sweep options, options passed to every run)."""
+    """Splits ``argv`` into (sweep options, ``--key=value`` options passed to every run)."""
     own, passed = [], []
     tokens = iter(argv)
     for token in tokens:
-        if token.startswith(PASSTHROUGH):
-            passed.append(token)
-            if "=" not in token:
-                passed.append(next(tokens, ""))
-        else:
+        if not token.startswith(PASSTHROUGH):
             own.append(token)
+        elif "=" in token:
+            passed.append(token)
+        else:
+            passed.append(f"{token}={next(tokens, '')}")
     return own, passed
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Writes a CSV atomically: a crash leaves the old file or the new one, never half of one."""
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically: a crash leaves the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def run_key(model: str, noise_scale: float, noise_mode: str, seed: int, epochs: int) -> tuple:
-    return (model, float(noise_scale), noise_mode, int(seed), int(epochs))
+def csv_text(columns: list[str], rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def gather(out: Path) -> tuple[list[dict], list[dict]]:
+    """Rebuilds ``results.csv`` and ``robustness.csv`` from the finished runs' files; returns their rows."""
+    runs = [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*.json"))]
+    runs.sort(key=lambda run: (run["result"]["model"], run["result"]["seed"], run["result"]["noise_scale"]))
+    results = [run["result"] for run in runs]
+    robustness = [row for run in runs for row in run["robustness"]]
+    write_atomic(out / "results.csv", csv_text(RESULT_COLUMNS, results))
+    write_atomic(out / "robustness.csv", csv_text(ROBUSTNESS_COLUMNS, robustness))
+    return results, robustness
 
 
 def evaluate_at(model: nn.Module, dm, noise_scale: float, batch_size: int = 1000) -> float:
@@ -119,6 +134,7 @@ def run_args(model: str, scale: float, seed: int, args, passed: list[str]) -> li
         f"--data.noise_seed={seed}",
         f"--seed_everything={seed}",
         f"--trainer.max_epochs={args.epochs}",
+        "--trainer.devices=1",  # one process: "auto" would start DDP on a many-GPU machine
         f"--trainer.logger.init_args.save_dir={Path(args.out) / 'tb_logs'}",
         f"--trainer.logger.init_args.name={name}",
         *passed,
@@ -143,19 +159,30 @@ def run_sweep(argv: list[str] | None = None) -> Path:
         models = {path: resolve_model(path).__name__ for path in args.models}
         if not models:
             raise ValueError("Expected `models` to be a non-empty list of class paths, but got []")
+        options = dict(token[2:].split("=", 1) for token in passed)
+        for key in ("trainer.devices", "trainer.num_nodes"):
+            if options.get(key, "1") != "1":
+                raise ValueError(
+                    f"Expected `{key}` to be 1 in a sweep, which trains its runs one after another in one process, "
+                    f"but got {options[key]}. For many devices, run each fit with DDP, or the sweep as a SLURM job "
+                    "array (scripts/slurm_sweep_array.sh)"
+                )
     except ValueError as err:
         parser.error(str(err))
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_csv, robustness_csv = out / "results.csv", out / "robustness.csv"
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     plan = [(path, s, seed) for path in models for seed in args.seeds for s in scales]
+    if args.run_index is not None and not 0 <= args.run_index < len(plan):
+        parser.error(f"Expected `run_index` to be in [0, {len(plan)}), the runs of this sweep, but got {args.run_index}")
     for number, (path, scale, seed) in enumerate(plan, 1):
+        if args.run_index is not None and number - 1 != args.run_index:
+            continue
         name = models[path]
-        key = run_key(name, scale, args.noise_mode, seed, args.epochs)
+        # One file per finished run, written last and atomically: it is the run's "finished" mark.
+        done = out / "runs" / f"{name}_scale_{scale:g}_{args.noise_mode}_seed_{seed}_epochs_{args.epochs}.json"
         label = f"run {number}/{len(plan)}: {name}, noise_scale={scale:g}, noise_mode={args.noise_mode}, seed={seed}"
-        results = read_rows(results_csv)
-        if any(run_key(r["model"], r["noise_scale"], r["noise_mode"], r["seed"], r["epochs"]) == key for r in results):
+        if done.exists():
             print(f"[sweep] {label}: finished earlier, skipped", file=sys.stderr, flush=True)
             continue
         print(f"[sweep] {label}", file=sys.stderr, flush=True)
@@ -163,20 +190,21 @@ def run_sweep(argv: list[str] | None = None) -> Path:
         cli = cli_main(run_args(path, scale, seed, args, passed))
         seconds = time.perf_counter() - start
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+        result = [name, scale, args.noise_mode, seed, args.epochs, *(metrics[k] for k in ("train/acc", "val/acc", "train/loss", "val/loss")), round(seconds, 2)]
         robustness = [
-            r for r in read_rows(robustness_csv) if (r["model"], int(r["seed"]), float(r["train_noise_scale"])) != (name, seed, scale)
-        ] + [
             {"model": name, "seed": seed, "train_noise_scale": scale, "eval_noise_scale": s, "acc": evaluate_at(cli.model, cli.datamodule, s)}
             for s in scales
         ]
-        write_rows(robustness_csv, ROBUSTNESS_COLUMNS, robustness)
-        row = dict(zip(RESULT_COLUMNS, (*key, metrics["train/acc"], metrics["val/acc"], metrics["train/loss"], metrics["val/loss"], round(seconds, 2))))
-        write_rows(results_csv, RESULT_COLUMNS, read_rows(results_csv) + [row])  # the run's "finished" mark, last
+        write_atomic(done, json.dumps({"result": dict(zip(RESULT_COLUMNS, result)), "robustness": robustness}, indent=1))
+        gather(out)
 
+    results, robustness = gather(out)
+    if args.run_index is not None:  # one task of a job array: the last, plain `sweep` call draws the figures
+        return out
     # The preview's DataModule is built exactly as the runs' are (data options included), not trained.
     dm = cli_main(run_args(args.models[0], 0.0, args.seeds[0], args, passed)[1:], run=False).datamodule
     dm.prepare_data()
     dm.setup("fit")
-    write_report(out, read_rows(results_csv), read_rows(robustness_csv), dm, scales)
+    write_report(out, results, robustness, dm, scales)
     print(f"[sweep] done: {out}/summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png", file=sys.stderr)
     return out

@@ -13,10 +13,10 @@ from noise_robustness.cli import cli_main
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("scale_*.yaml")) + [Path(__file__).parents[1] / "configs" / "cnn.yaml"]
 
 
-def short_run(data_dir, tmp_path, *args, batches: int = 2) -> list[str]:
-    """Arguments that shrink a real run to a few batches, writing under ``tmp_path``."""
+def short_run(data_dir, tmp_path, subcommand: str, *args: str, batches: int = 2) -> list[str]:
+    """Arguments that shrink a real run to a few batches, writing under ``tmp_path``; ``args`` come last and win."""
     return [
-        *args,
+        subcommand,
         f"--data.data_dir={data_dir}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'tb_logs'}",
         "--trainer.max_epochs=1",
@@ -24,6 +24,7 @@ def short_run(data_dir, tmp_path, *args, batches: int = 2) -> list[str]:
         f"--trainer.limit_val_batches={batches}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
+        *args,
     ]
 
 

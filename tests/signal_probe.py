@@ -1,0 +1,17 @@
+"""A callback for the interruption tests: sends this process a real signal in the middle of an epoch."""
+
+import os
+import signal
+
+import pytorch_lightning as pl
+
+
+class SignalAt(pl.Callback):
+    """Sends ``signum`` to this process after training batch ``batch`` of epoch ``epoch``."""
+
+    def __init__(self, signum: int, epoch: int, batch: int):
+        self.signum, self.epoch, self.batch = signum, epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), self.signum)
