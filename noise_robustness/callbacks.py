@@ -38,7 +38,7 @@ class NoisySamples(pl.Callback):
             return
         dm = trainer.datamodule
         for split, noisy in (("train", dm.train_images(0)), ("val", dm.eval_images["val"])):
-            grid = sample_grid(dm.clean(split)[: self.n], noisy[: self.n], self.n)
+            grid = sample_grid(dm.clean(split, self.n), noisy[: self.n], self.n)
             logger.experiment.add_image(f"samples/{split}_clean_above_noisy", grid, global_step=0)
 
 

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from noise_robustness import mnist
-from noise_robustness.noise import add_noise, check_noise_mode, check_noise_scale, derive_seed, standard_normal
+from noise_robustness.noise import BLOCK, add_noise, check_noise_mode, check_noise_scale, derive_seed, standard_normal_block
 
 IMAGE_SHAPE = (1, 28, 28)
 N_TRAIN, N_TEST = 60_000, 10_000  # images in the MNIST train and test files
@@ -141,22 +141,29 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             "test": ("test", torch.arange(N_TEST, device=device)),
         }
         self.shuffle_seed = torch.initial_seed()  # set by seed_everything, the same on every rank
-        self.eval_images = {split: self.noisy(split) for split in ("val", "test")}
+        self.eval_images = {"val": self.noisy("val")}
+        same = self.splits["val"][0] == "test"  # validating on the test split: one tensor serves both
+        self.eval_images["test"] = self.eval_images["val"] if same else self.noisy("test")
 
-    def clean(self, split: str) -> torch.Tensor:
-        """The split's clean images as float32 in [0, 1]."""
+    def clean(self, split: str, count: int | None = None) -> torch.Tensor:
+        """The split's first ``count`` (default: all) clean images as float32 in [0, 1]."""
         file, idx = self.splits[split]
-        return self.images[file][idx].float().div_(255)
+        return self.images[file][idx[:count]].float().div_(255)
 
     def noisy(self, split: str, noise_scale: float | None = None, epoch: int = 0) -> torch.Tensor:
         """The split's images with noise at ``noise_scale`` (default: this module's σ)."""
         sigma = self.hparams.noise_scale if noise_scale is None else noise_scale
         file, idx = self.splits[split]
-        clean = self.clean(split)
-        z = None
-        if sigma != 0:  # σ = 0 needs no draw: the clean images, exactly
-            z = standard_normal(len(self.images[file]), IMAGE_SHAPE, self.hparams.noise_seed, file, epoch, clean.device)[idx]
-        return add_noise(clean, sigma, z, self.hparams.clip)
+        images = self.images[file]
+        # Block by block, so the whole split never exists as clean floats, noise and sum at once.
+        out = torch.empty(images.shape, device=images.device)
+        for block, start in enumerate(range(0, len(images), BLOCK)):
+            clean = images[start : start + BLOCK].float().div_(255)
+            z = None
+            if sigma != 0:  # σ = 0 needs no draw: the clean images, exactly
+                z = standard_normal_block(block, IMAGE_SHAPE, self.hparams.noise_seed, file, epoch, images.device)[: len(clean)]
+            out[start : start + BLOCK] = add_noise(clean, sigma, z, self.hparams.clip)
+        return out if len(idx) == len(images) else out[idx]  # a split is the whole file or a sorted subset
 
     def train_images(self, epoch: int) -> torch.Tensor:
         """Noisy training images for ``epoch``: one draw in ``fixed`` mode, a new draw per epoch in ``resample``."""

@@ -41,6 +41,14 @@ def derive_seed(*key: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
+def standard_normal_block(
+    block: int, image_shape: tuple[int, ...], seed: int, split: str, epoch: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Standard-normal noise of images ``block * BLOCK`` to ``(block + 1) * BLOCK - 1`` of ``split``."""
+    generator = torch.Generator(device=device).manual_seed(derive_seed("noise", seed, split, epoch, block))
+    return torch.randn((BLOCK, *image_shape), generator=generator, device=device)
+
+
 def standard_normal(
     n_images: int,
     image_shape: tuple[int, ...],
@@ -56,12 +64,9 @@ def standard_normal(
         (seed, split, epoch, i) and the device type (CPU and CUDA generators differ).
     """
     out = torch.empty((n_images, *image_shape), device=device)
-    generator = torch.Generator(device=device)
     for block, start in enumerate(range(0, n_images, BLOCK)):
-        generator.manual_seed(derive_seed("noise", seed, split, epoch, block))
-        # Always draw a whole block, so a shorter split (or a subset) gets the same rows.
-        z = torch.randn((BLOCK, *image_shape), generator=generator, device=device)
-        out[start : start + BLOCK] = z[: n_images - start]
+        # Always a whole block, so a shorter split (or a subset) gets the same rows.
+        out[start : start + BLOCK] = standard_normal_block(block, image_shape, seed, split, epoch, device)[: n_images - start]
     return out
 
 

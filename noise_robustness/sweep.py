@@ -54,6 +54,7 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="Train only this run of the sweep (0-based), e.g. $SLURM_ARRAY_TASK_ID; a plain call afterwards gathers the report.",
     )
+    parser.add_argument("--report_only", type=bool, default=False, help="Train nothing: gather the finished runs into the tables and figures.")
     return parser
 
 
@@ -141,6 +142,33 @@ def run_args(model: str, scale: float, seed: int, args, passed: list[str]) -> li
     ]
 
 
+def check_options(args, passed: list[str]) -> tuple[list[float], dict[str, str]]:
+    """Checks the sweep's options before anything runs; returns (σ list, {class path: model name})."""
+    if not args.scales:
+        raise ValueError("Expected `scales` to be a non-empty list of noise levels, but got []")
+    scales = [check_noise_scale(s, "scales") for s in args.scales]
+    if not args.seeds:
+        raise ValueError("Expected `seeds` to be a non-empty list of integers, but got []")
+    if args.epochs <= 0:
+        raise ValueError(f"Expected `epochs` to be a positive integer, but got {args.epochs}")
+    check_noise_mode(args.noise_mode)
+    if not args.models:
+        raise ValueError("Expected `models` to be a non-empty list of class paths, but got []")
+    models = {path: resolve_model(path).__name__ for path in args.models}
+    runs = len(models) * len(args.seeds) * len(scales)
+    if args.run_index is not None and not 0 <= args.run_index < runs:
+        raise ValueError(f"Expected `run_index` to be in [0, {runs}), the runs of this sweep, but got {args.run_index}")
+    options = dict(token[2:].split("=", 1) for token in passed)
+    for key in ("trainer.devices", "trainer.num_nodes"):
+        if options.get(key, "1") != "1":
+            raise ValueError(
+                f"Expected `{key}` to be 1 in a sweep, which trains its runs one after another in one process, "
+                f"but got {options[key]}. For many devices, run each fit with DDP, or the sweep as a SLURM job "
+                "array (scripts/slurm_sweep_array.sh)"
+            )
+    return scales, models
+
+
 def run_sweep(argv: list[str] | None = None) -> Path:
     """Runs (or resumes) the sweep described by ``argv``; returns its output folder."""
     own, passed = split_passthrough(sys.argv[1:] if argv is None else argv)
@@ -148,33 +176,12 @@ def run_sweep(argv: list[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(own)
     try:
-        if not args.scales:
-            raise ValueError("Expected `scales` to be a non-empty list of noise levels, but got []")
-        scales = [check_noise_scale(s, "scales") for s in args.scales]
-        if not args.seeds:
-            raise ValueError("Expected `seeds` to be a non-empty list of integers, but got []")
-        if args.epochs <= 0:
-            raise ValueError(f"Expected `epochs` to be a positive integer, but got {args.epochs}")
-        check_noise_mode(args.noise_mode)
-        models = {path: resolve_model(path).__name__ for path in args.models}
-        if not models:
-            raise ValueError("Expected `models` to be a non-empty list of class paths, but got []")
-        options = dict(token[2:].split("=", 1) for token in passed)
-        for key in ("trainer.devices", "trainer.num_nodes"):
-            if options.get(key, "1") != "1":
-                raise ValueError(
-                    f"Expected `{key}` to be 1 in a sweep, which trains its runs one after another in one process, "
-                    f"but got {options[key]}. For many devices, run each fit with DDP, or the sweep as a SLURM job "
-                    "array (scripts/slurm_sweep_array.sh)"
-                )
+        scales, models = check_options(args, passed)
     except ValueError as err:
         parser.error(str(err))
-
+    plan = [(path, s, seed) for path in models for seed in args.seeds for s in scales]
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    plan = [(path, s, seed) for path in models for seed in args.seeds for s in scales]
-    if args.run_index is not None and not 0 <= args.run_index < len(plan):
-        parser.error(f"Expected `run_index` to be in [0, {len(plan)}), the runs of this sweep, but got {args.run_index}")
     for number, (path, scale, seed) in enumerate(plan, 1):
         if args.run_index is not None and number - 1 != args.run_index:
             continue
@@ -184,6 +191,9 @@ def run_sweep(argv: list[str] | None = None) -> Path:
         label = f"run {number}/{len(plan)}: {name}, noise_scale={scale:g}, noise_mode={args.noise_mode}, seed={seed}"
         if done.exists():
             print(f"[sweep] {label}: finished earlier, skipped", file=sys.stderr, flush=True)
+            continue
+        if args.report_only:
+            print(f"[sweep] {label}: not finished, left out of the report", file=sys.stderr, flush=True)
             continue
         print(f"[sweep] {label}", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -197,6 +207,7 @@ def run_sweep(argv: list[str] | None = None) -> Path:
         ]
         write_atomic(done, json.dumps({"result": dict(zip(RESULT_COLUMNS, result)), "robustness": robustness}, indent=1))
         gather(out)
+        del cli  # free this run's model and noisy data before the next run makes its own
 
     results, robustness = gather(out)
     if args.run_index is not None:  # one task of a job array: the last, plain `sweep` call draws the figures

@@ -11,6 +11,7 @@ import torch
 
 from noise_robustness import mnist
 from noise_robustness.data import NoisyMNISTDataModule, TensorBatches, shard_batches
+from noise_robustness.noise import add_noise, standard_normal
 
 
 def ready(data_dir, **kwargs) -> NoisyMNISTDataModule:
@@ -59,6 +60,14 @@ def test_noise_of_an_image_is_independent_of_batching_split_and_instance(data_di
     kept = b.splits["train"][1]
     assert torch.equal(a.train_images(0)[kept], b.train_images(0))
     assert torch.equal(a.eval_images["val"], b.eval_images["test"])
+
+
+@pytest.mark.parametrize(("sigma", "clip", "holdout"), [(0.5, False, 0), (2.0, True, 0), (1.0, False, 5000)])
+def test_the_datamodule_serves_exactly_the_pure_noise_function(data_dir, sigma, clip, holdout):
+    dm = ready(data_dir, noise_scale=sigma, clip=clip, val_holdout=holdout, noise_seed=4)
+    images = mnist.load(data_dir, train=True)[0].float() / 255
+    expected = add_noise(images, sigma, standard_normal(60000, (1, 28, 28), seed=4, split="train"), clip)
+    assert torch.equal(dm.train_images(0), expected[dm.splits["train"][1]])
 
 
 def noisy_digest(data_dir: str, noise_mode: str, epoch: int) -> str:

@@ -80,9 +80,25 @@ def test_a_killed_sweep_resumes_without_losing_or_repeating_runs(data_dir, tmp_p
     assert len(rows(out / "robustness.csv")) == 9
 
 
+def test_job_array_tasks_each_train_one_run_and_a_last_call_reports(data_dir, tmp_path, capsys):
+    args = tiny(data_dir, tmp_path / "sweep", scales="[0, 0.5, 1.0]")
+    run_sweep([*args, "--run_index=2"])
+    assert [float(r["noise_scale"]) for r in rows(tmp_path / "sweep" / "results.csv")] == [1.0]
+    assert not (tmp_path / "sweep" / "summary.md").exists()  # a task leaves the report to the last call
+    for index in (1, 0):  # tasks finish in any order
+        run_sweep([*args, f"--run_index={index}"])
+    capsys.readouterr()
+    run_sweep([*args, "--report_only=true"])
+    assert capsys.readouterr().err.count("finished earlier, skipped") == 3
+    assert [float(r["noise_scale"]) for r in rows(tmp_path / "sweep" / "results.csv")] == [0.0, 0.5, 1.0]
+    assert (tmp_path / "sweep" / "accuracy_vs_noise.png").is_file()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--run_index=6"], "Expected `run_index` to be in [0, 6), the runs of this sweep, but got 6"),
+        (["--trainer.devices", "2"], "Expected `trainer.devices` to be 1 in a sweep"),
         (["--scales=[]"], "Expected `scales` to be a non-empty list of noise levels, but got []"),
         (["--scales=[0, -0.5]"], "Expected `scales` to be a finite number >= 0, but got -0.5"),
         (["--models=[noise_robustness.models.Transformer]"], "Expected each of `models` to be the class path of an nn.Module"),
