@@ -84,6 +84,8 @@ def test_val_acc_matches_an_independent_evaluation(data_dir, tmp_path):
         logits = model(dm.eval_images["val"][: 20 * 128])
     expected = (logits.argmax(1) == dm._labels("val")[: 20 * 128]).float().mean()
     assert torch.isclose(cli.trainer.callback_metrics["val/acc"], expected)
+    loss = torch.nn.functional.cross_entropy(logits, dm._labels("val")[: 20 * 128])
+    assert torch.isclose(cli.trainer.callback_metrics["val/loss"], loss, rtol=1e-5)  # batch-size weighted mean
 
 
 BAD_INPUT = [
