@@ -32,8 +32,8 @@ class NoiseClassifier(pl.LightningModule):
         # step and logged once per epoch: logging a Metric every step costs Lightning ~1 ms a step.
         for stage in STAGES:
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes=10, average="micro", validate_args=False))
-            # weighted by batch size; not nan_strategy="disable": torchmetrics 1.9 then drops the weights
-            setattr(self, f"{stage}_loss", MeanMetric())
+            # no NaN check: on a GPU it would wait for every step to finish
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
 
     def on_fit_start(self) -> None:
         self.run_seed = torch.initial_seed()  # set by seed_everything, so the same when a run resumes
@@ -52,7 +52,9 @@ class NoiseClassifier(pl.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         getattr(self, f"{stage}_acc").update(logits, labels)
-        getattr(self, f"{stage}_loss").update(loss.detach(), len(labels))
+        # One value per image weights the mean by batch size (torchmetrics 1.9 ignores `weight`
+        # when nan_strategy="disable", so the weight cannot be passed as such).
+        getattr(self, f"{stage}_loss").update(loss.detach().expand(len(labels)))
         return loss
 
     def log_epoch(self, stage: str) -> None:
