@@ -132,9 +132,9 @@ def main() -> None:
             train, val, dm = lightning_epoch(args.data_dir, tmp, args.batches)
             a_train.append(train)
             a_val.append(val)
-            b_train.append(plain_epoch(dm.train_images(0), dm._labels("train"), args.batches))
+            b_train.append(plain_epoch(dm.train_images(0), dm.split_labels("train"), args.batches))
         gflops = sgemm_gflops()
-        images = 128 * args.batches if args.batches else len(dm._labels("train"))
+        images = 128 * args.batches if args.batches else len(dm.split_labels("train"))
         floor = MLP_FLOP_PER_IMAGE * images / (gflops * 1e9)
 
         fit_command = [sys.executable, "-m", "noise_robustness", "fit", f"--data.data_dir={args.data_dir}", "--trainer.max_epochs=1",

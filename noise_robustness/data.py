@@ -179,18 +179,19 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.current_epoch, trainer.global_rank, trainer.world_size) if trainer else (0, 0, 1)
 
-    def _labels(self, split: str) -> torch.Tensor:
+    def split_labels(self, split: str) -> torch.Tensor:
+        """The labels of the split's images, in the order of ``noisy(split)``."""
         file, idx = self.splits[split]
         return self.labels[file][idx]
 
     def train_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.train_images, self._labels("train"), self.hparams.batch_size, self._position, self.shuffle_seed)
+        return TensorBatches(self.train_images, self.split_labels("train"), self.hparams.batch_size, self._position, self.shuffle_seed)
 
     def val_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.eval_images["val"], self._labels("val"), self.hparams.batch_size, self._position)
+        return TensorBatches(self.eval_images["val"], self.split_labels("val"), self.hparams.batch_size, self._position)
 
     def test_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.eval_images["test"], self._labels("test"), self.hparams.batch_size, self._position)
+        return TensorBatches(self.eval_images["test"], self.split_labels("test"), self.hparams.batch_size, self._position)
 
     def predict_dataloader(self) -> TensorBatches:
         return self.val_dataloader()

@@ -115,7 +115,7 @@ def gather(out: Path) -> tuple[list[dict], list[dict]]:
 
 def evaluate_at(model: nn.Module, dm, noise_scale: float, batch_size: int = 1000) -> float:
     """Accuracy of ``model`` on the validation split with noise at ``noise_scale``."""
-    images, labels = dm.noisy("val", noise_scale), dm._labels("val")
+    images, labels = dm.noisy("val", noise_scale), dm.split_labels("val")
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():

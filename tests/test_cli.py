@@ -82,9 +82,9 @@ def test_val_acc_matches_an_independent_evaluation(data_dir, tmp_path):
     model, dm = cli.model.eval(), cli.datamodule
     with torch.no_grad():
         logits = model(dm.eval_images["val"][: 20 * 128])
-    expected = (logits.argmax(1) == dm._labels("val")[: 20 * 128]).float().mean()
+    expected = (logits.argmax(1) == dm.split_labels("val")[: 20 * 128]).float().mean()
     assert torch.isclose(cli.trainer.callback_metrics["val/acc"], expected)
-    loss = torch.nn.functional.cross_entropy(logits, dm._labels("val")[: 20 * 128])
+    loss = torch.nn.functional.cross_entropy(logits, dm.split_labels("val")[: 20 * 128])
     assert torch.isclose(cli.trainer.callback_metrics["val/loss"], loss, rtol=1e-5)  # batch-size weighted mean
 
 
@@ -117,3 +117,9 @@ def test_bad_input_from_the_shell_exits_non_zero_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().endswith("error: Expected `noise_scale` to be a finite number >= 0, but got -0.5")
     assert "Traceback" not in result.stderr
+
+
+def test_mixed_precision_is_selectable(data_dir, tmp_path):
+    cli = cli_main(short_run(data_dir, tmp_path, "fit", "--trainer.precision=bf16-mixed", batches=20))
+    assert cli.trainer.precision == "bf16-mixed"
+    assert 0.3 < cli.trainer.callback_metrics["val/acc"] <= 1  # it learns under autocast too

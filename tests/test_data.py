@@ -43,11 +43,11 @@ def test_shards_cover_the_split_once_in_equal_batch_counts(n, world_size, batch_
 
 def test_loader_serves_indexed_rows_of_the_whole_tensors(data_dir):
     dm = ready(data_dir, noise_scale=0.5, batch_size=1000)
-    loader = TensorBatches(dm.train_images, dm._labels("train"), 1000, lambda: (3, 0, 1), shuffle_seed=0)
+    loader = TensorBatches(dm.train_images, dm.split_labels("train"), 1000, lambda: (3, 0, 1), shuffle_seed=0)
     idx = torch.cat(loader.batches())
     images, labels = map(torch.cat, zip(*loader))
     assert len(loader) == 60 and len(labels) == 60000
-    assert torch.equal(images, dm.train_images(3)[idx]) and torch.equal(labels, dm._labels("train")[idx])
+    assert torch.equal(images, dm.train_images(3)[idx]) and torch.equal(labels, dm.split_labels("train")[idx])
     assert not torch.equal(idx, torch.arange(60000))  # shuffled ...
     assert torch.equal(idx, torch.cat(loader.batches()))  # ... the same way for the same epoch
 
@@ -96,7 +96,7 @@ def test_splits_and_clean_pixels(data_dir):
     assert torch.equal(dm.train_images(0), dm.clean("train"))
     assert dm.clean("train").min() == 0 and dm.clean("train").max() == 1
     assert len(dm.eval_images["val"]) == 10000  # the MNIST test split, as the original study
-    assert torch.bincount(dm._labels("val")).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert torch.bincount(dm.split_labels("val")).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     held = ready(data_dir, val_holdout=5000)
     train, val = held.splits["train"][1], held.splits["val"][1]
     assert len(train) == 55000 and len(val) == 5000 and not set(train.tolist()) & set(val.tolist())

@@ -43,7 +43,7 @@ def test_two_processes_split_every_epoch_exactly_and_agree_with_one(data_dir, tm
     model = NoiseClassifier.load_from_checkpoint(runs[0] / "checkpoints" / "last.ckpt").eval()
     with torch.no_grad():
         predictions = torch.cat([model(x).argmax(1) for x in single.eval_images["val"].split(5000)])
-        loss = torch.nn.functional.cross_entropy(model(single.eval_images["val"]), single._labels("val"))
+        loss = torch.nn.functional.cross_entropy(model(single.eval_images["val"]), single.split_labels("val"))
     metrics = torch.load(tmp_path / "metrics.pt")
-    assert metrics["val/acc"] == (predictions == single._labels("val")).float().mean().item()
+    assert metrics["val/acc"] == (predictions == single.split_labels("val")).float().mean().item()
     assert abs(metrics["val/loss"] / loss.item() - 1) < 1e-4  # float32 sums in another order
