@@ -13,7 +13,6 @@ epoch, peak memory of a ``fit`` and of a ``sweep``, and the sweep's wall time ag
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys

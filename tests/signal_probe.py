@@ -1,7 +1,6 @@
 """A callback for the interruption tests: sends this process a real signal in the middle of an epoch."""
 
 import os
-import signal
 
 import pytorch_lightning as pl
 

@@ -29,7 +29,7 @@ def rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames is not None
-        return [dict(zip(reader.fieldnames, r.values())) | {"_columns": reader.fieldnames} for r in reader]
+        return [r | {"_columns": reader.fieldnames} for r in reader]
 
 
 def test_a_tiny_sweep_writes_every_table_and_figure_and_resumes(data_dir, tmp_path, capsys):
