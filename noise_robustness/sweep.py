@@ -8,6 +8,7 @@ finished runs, so an interrupted sweep loses at most the run in progress.
 """
 
 import csv
+import gc
 import importlib
 import io
 import json
@@ -208,6 +209,7 @@ def run_sweep(argv: list[str] | None = None) -> Path:
         write_atomic(done, json.dumps({"result": dict(zip(RESULT_COLUMNS, result)), "robustness": robustness}, indent=1))
         gather(out)
         del cli  # free this run's model and noisy data before the next run makes its own
+        gc.collect()  # the Trainer, module and DataModule refer to each other
 
     results, robustness = gather(out)
     if args.run_index is not None:  # one task of a job array: the last, plain `sweep` call draws the figures
