@@ -71,13 +71,6 @@ class NoiseClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_epoch("test")
 
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        # The DataModule indexes batches out of tensors already on the device; skip Lightning's
-        # generic (and per-step costly) walk over the batch when there is nothing to move.
-        if all(t.device == device for t in batch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "train")
 

@@ -195,3 +195,10 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> TensorBatches:
         return self.val_dataloader()
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # Batches are indexed out of tensors that setup() already put on the device: skip
+        # Lightning's generic (and per-step costly) walk over the batch when nothing needs moving.
+        if all(t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
