@@ -52,11 +52,24 @@ def last_checkpoint(save_dir: str, name: str) -> str:
     return str(max(found)[1])
 
 
+def config_files(tokens: list[str]) -> list[str]:
+    """The config files named in ``tokens``: ``-c F``, ``--config F`` or ``--config=F``."""
+    files = [value for flag, value in zip(tokens, tokens[1:]) if flag in ("-c", "--config")]
+    return files + [token.split("=", 1)[1] for token in tokens if token.startswith("--config=")]
+
+
 class NoiseCLI(LightningCLI):
     """LightningCLI that names each run's TensorBoard folder after its config and resolves ``--ckpt_path last``.
 
     Bad values found here or in the constructors end as one parser error, before any data is read.
     """
+
+    def parse_arguments(self, parser, args) -> None:
+        # jsonargparse answers an empty config file with a bare "Unexpected config:"; name the file.
+        for path in config_files(sys.argv[1:] if args is None else args):
+            if os.path.isfile(path) and not Path(path).read_text().strip():
+                parser.error(f"Expected the config file {path} to hold options, but it is empty")
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         try:

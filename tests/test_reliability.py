@@ -48,7 +48,10 @@ def test_bad_input_is_refused_before_training(args, message, tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) in (["blocker"], ["blocker", "data"])  # no run folder
 
 
-@pytest.mark.parametrize(("content", "message"), [("", "Unexpected config"), ("data: [unclosed\n", "Problems parsing config")])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "Expected the config file run.yaml to hold options, but it is empty"), ("data: [unclosed\n", "Problems parsing config")],
+)
 def test_an_empty_or_broken_config_file_is_refused(content, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.yaml").write_text(content)
