@@ -16,6 +16,7 @@ from noise_robustness.callbacks import HParamsSummary, NoisySamples
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
+from noise_robustness.run_logger import run_folders
 
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
 
@@ -46,10 +47,11 @@ def run_name(config: Namespace) -> str:
 
 def last_checkpoint(save_dir: str, name: str) -> str:
     """The newest ``<save_dir>/<name>/version_<n>/checkpoints/last.ckpt``: what ``--ckpt_path last`` resumes."""
-    found = [(int(p.parents[1].name[8:]), p) for p in Path(save_dir, name).glob("version_*/checkpoints/last.ckpt") if p.parents[1].name[8:].isdigit()]
+    found = [folder / "checkpoints" / "last.ckpt" for _, folder in sorted(run_folders(Path(save_dir, name)).items())]
+    found = [path for path in found if path.is_file()]
     if not found:
         raise ValueError(f"Expected a checkpoint to resume with `--ckpt_path last`, but found no {Path(save_dir, name, 'version_*/checkpoints/last.ckpt')}")
-    return str(max(found)[1])
+    return str(found[-1])
 
 
 def config_files(tokens: list[str]) -> list[str]:

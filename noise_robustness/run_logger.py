@@ -7,6 +7,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 
+def run_folders(root: str | Path) -> dict[int, Path]:
+    """The ``<root>/version_<n>`` folders by ``n``."""
+    return {int(p.name[8:]): p for p in Path(root).glob("version_*") if p.name[8:].isdigit()}
+
+
 def claim_run_folder(root: str | Path) -> int:
     """Creates the next free ``<root>/version_<n>`` and returns ``n``.
 
@@ -14,8 +19,7 @@ def claim_run_folder(root: str | Path) -> int:
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    versions = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
-    version = max(versions, default=-1) + 1
+    version = max(run_folders(root), default=-1) + 1
     while True:
         try:
             (root / f"version_{version}").mkdir()
