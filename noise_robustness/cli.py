@@ -87,7 +87,7 @@ class NoiseCLI(LightningCLI):
         if not isinstance(logger, Namespace) or "name" not in logger.init_args:
             return
         args = logger.init_args
-        if args.get("name", DEFAULT_RUN_NAME) == DEFAULT_RUN_NAME:
+        if args.name == DEFAULT_RUN_NAME:
             args.name = run_name(config)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = last_checkpoint(args.save_dir, args.name)

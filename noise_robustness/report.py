@@ -84,11 +84,11 @@ def accuracy_figure(results: list[dict[str, str]]) -> plt.Figure:
 
 def preview_figure(dm, scales: list[float]) -> plt.Figure:
     """The same digits (one of each class) at every σ: rows = σ; pixels shown clipped to [0, 1]."""
-    labels = dm.split_labels("val").cpu()
+    labels = dm.split_labels("val")  # on the data's device, so the picks index the images there
     picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
     fig, axes = plt.subplots(len(scales), len(picks), figsize=(len(picks) * 0.8, len(scales) * 0.85), squeeze=False)
     for row, scale in zip(axes, scales):
-        images = dm.noisy("val", scale)[picks.to(dm.split_labels("val").device)].cpu().clamp(0, 1)
+        images = dm.noisy("val", scale)[picks].cpu().clamp(0, 1)
         for ax, image in zip(row, images):
             ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
