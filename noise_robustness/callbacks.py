@@ -1,71 +1,82 @@
-"""What a run writes to TensorBoard besides its scalars: sample images and the HParams entry."""
+"""What a run writes besides its metrics: sample images, the HParams entry, and a line per epoch."""
 
-import os
+import sys
+import time
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
-from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 
+from noise_robustness.run_logger import RunLogger
 
-def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
-    """The run's TensorBoard logger on rank zero, else None (only rank zero writes)."""
+
+def _run_logger(trainer: pl.Trainer) -> RunLogger | None:
+    """The run's RunLogger on rank zero, else None (only rank zero writes)."""
     if not trainer.is_global_zero:
         return None
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    return next((lg for lg in trainer.loggers if isinstance(lg, RunLogger)), None)
 
 
-def sample_grid(clean: torch.Tensor, noisy: torch.Tensor, n: int = 16) -> torch.Tensor:
-    """A grid of ``n`` clean images (top rows) above the same images with noise (bottom rows).
+def sample_grid(clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    """A grid of clean images (top rows) above the same images with noise (bottom rows).
 
     Noisy pixels are shown clipped to [0, 1]: the picture shows what the network gets, within
     what a screen can show.
     """
-    images = torch.cat([clean[:n], noisy[:n].clamp(0, 1)]).float().cpu()
+    images = torch.cat([clean, noisy.clamp(0, 1)]).float().cpu()
     return make_grid(images, nrow=8, padding=2, pad_value=0.5)
 
 
 class NoisySamples(pl.Callback):
-    """Logs grids of the first ``n`` training and validation images, clean above noisy."""
+    """Logs, into each member's run, grids of its first ``n`` training and validation images, clean above noisy."""
 
     def __init__(self, n: int = 16):
         self.n = n
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = _tensorboard(trainer)
+        logger = _run_logger(trainer)
         if logger is None:
             return
-        dm = trainer.datamodule
-        for split, noisy in (("train", dm.train_images(0)), ("val", dm.eval_images["val"])):
-            grid = sample_grid(dm.clean(split, self.n), noisy[: self.n], self.n)
-            logger.experiment.add_image(f"samples/{split}_clean_above_noisy", grid, global_step=0)
+        members, dm = pl_module.members, trainer.datamodule
+        clean_members = [type(m)(0.0, m.seed) for m in members]
+        for split in ("train", "val"):
+            positions = {m.seed: torch.arange(self.n, device=dm.device) for m in members}  # split order: no shuffle
+            noisy, _ = dm.noisy_images(split, positions, members)
+            clean, _ = dm.noisy_images(split, positions, clean_members)
+            for k, member in enumerate(members):
+                writer = logger.member_writer(member, members)
+                writer.add_image(f"samples/{split}_clean_above_noisy", sample_grid(clean[k], noisy[k]), global_step=0)
 
 
-class HParamsSummary(pl.Callback):
-    """Puts the run's noise settings and final metrics in TensorBoard's HParams view.
-
-    The metric columns point at the logged scalars (``train/acc``, ``val/acc`` ...), whose last
-    value TensorBoard shows, so no placeholder value is ever written to the curves.
-    """
-
-    METRICS = ("train/acc", "val/acc", "train/loss", "val/loss")
+class StudyHParams(pl.Callback):
+    """Puts each member's σ, seed and the study's settings in TensorBoard's HParams view, against its final metrics."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = _tensorboard(trainer)
+        logger = _run_logger(trainer)
         if logger is None:
             return
-        data = dict(trainer.datamodule.hparams)
-        params = {
-            "model": type(getattr(pl_module, "net", pl_module)).__name__,
-            "noise_scale": float(data["noise_scale"]),
+        data = trainer.datamodule.hparams
+        constants = {
+            "network": type(pl_module.net.member(0)).__name__,
             "noise_mode": data["noise_mode"],
             "clip": bool(data["clip"]),
-            "noise_seed": int(data["noise_seed"]),
-            "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
+            "epochs": int(trainer.max_epochs),
             "batch_size": int(data["batch_size"]),
-            "max_epochs": int(trainer.max_epochs),
+            "lr": float(pl_module.lr),
         }
-        writer = logger.experiment._get_file_writer()  # the public add_hparams would start a new run folder
-        for summary in hparams(params, {name: 0.0 for name in self.METRICS}):
-            writer.add_summary(summary)
+        logger.log_member_hparams(pl_module.members, constants)
+
+
+class EpochLines(pl.Callback):
+    """One line per epoch on stderr (for log files, where a progress bar would redraw thousands of times)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        # validation ran before the training epoch ends, so this is this epoch's val/acc
+        val = pl_module.epoch_metrics.get("val/acc")
+        text = f"val/acc {val.mean():.4f} mean of {len(val)} member(s) [{val.min():.4f}, {val.max():.4f}]" if val is not None else ""
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {time.perf_counter() - self.start:.1f} s  {text}", file=sys.stderr, flush=True)

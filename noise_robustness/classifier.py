@@ -1,75 +1,118 @@
-"""The LightningModule: trains any ``net`` with cross-entropy and logs loss and accuracy per stage."""
+"""The LightningModule: K members (one network per (σ, seed)) trained in one step, cross-entropy each."""
+
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse import lazy_instance
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from noise_robustness.models import DropoutMLP
-from noise_robustness.noise import derive_seed
+from noise_robustness.stacked import StackedRMSprop, stack_members
+from noise_robustness.study import study_members
 
 STAGES = ("train", "val", "test")
+METRICS = ("acc", "loss")  # logged as "<stage>/<metric>", per member
+
+
+class MemberMeans(Metric):
+    """The mean of per-image values, one mean per member; summed across DDP processes before dividing."""
+
+    full_state_update = False
+
+    def __init__(self, members: int):
+        super().__init__()
+        self.add_state("total", torch.zeros(members, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor) -> None:
+        """``values``: ``[K, B]``, one value per member and image."""
+        self.total += values.sum(dim=1, dtype=torch.float64)
+        self.count += values.shape[1]
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float()
 
 
 class NoiseClassifier(pl.LightningModule):
-    """A 10-class image classifier trained with RMSprop (Keras defaults).
+    """Trains one 10-class network per study member, side by side, with RMSprop (Keras defaults).
 
     Args:
-        net: the network, chosen in a config by ``class_path`` (default: the dropout MLP).
+        net: the network, chosen in a config by ``class_path``; built once per member, its initial
+            weights drawn from the member's seed (default: the dropout MLP).
         lr: RMSprop learning rate.
         rho: RMSprop decay of the squared-gradient average (PyTorch calls it ``alpha``).
         eps: RMSprop epsilon, added to the root mean square (1e-7 in Keras, 1e-8 in PyTorch).
+        fast: the fast dropout masks and RMSprop step (see ``stacked.py``); false selects torch's own
+            ``bernoulli_`` dropout and ``torch.optim.RMSprop``, the reference to check them against.
+        scales: the study's noise levels σ; set by the study's ``--scales``.
+        seeds: the study's seeds; set by the study's ``--seeds``.
     """
 
-    def __init__(self, net: nn.Module = lazy_instance(DropoutMLP), lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-7):
+    def __init__(
+        self,
+        net: Callable[[], nn.Module] = DropoutMLP,
+        lr: float = 1e-3,
+        rho: float = 0.9,
+        eps: float = 1e-7,
+        fast: bool = True,
+        scales: list[float] = [0.0],
+        seeds: list[int] = [0],
+    ):
         super().__init__()
-        self.save_hyperparameters()
-        self.net = net
-        # One pair of metric objects per stage, so their states never mix. They are updated every
-        # step and logged once per epoch: logging a Metric every step costs Lightning ~1 ms a step.
-        for stage in STAGES:
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes=10, average="micro", validate_args=False))
-            # no NaN check: on a GPU it would wait for every step to finish
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
-
-    def on_fit_start(self) -> None:
-        self.run_seed = torch.initial_seed()  # set by seed_everything, so the same when a run resumes
+        # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
+        # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
+        self.lr, self.rho, self.eps, self.fast = lr, rho, eps, fast
+        self.members = study_members(scales, seeds)
+        self.net = stack_members(net, [m.seed for m in self.members], fast)
+        # One metric pair per stage, so their states never mix; updated every step, logged per epoch.
+        self.metrics = nn.ModuleDict({f"{stage}_{name}": MemberMeans(len(self.members)) for stage in STAGES for name in METRICS})
+        self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K], the last epoch's
 
     def on_train_epoch_start(self) -> None:
-        # Dropout draws from torch's global RNG. Seeding it per (run seed, epoch, rank) gives an epoch
-        # the same masks whether or not the run was interrupted and resumed before it.
-        torch.manual_seed(derive_seed("dropout", self.run_seed, self.current_epoch, self.global_rank))
+        # Dropout streams are reseeded per (member seed, epoch, rank): an epoch draws the same masks
+        # whether or not the run was interrupted and resumed before it.
+        self.net.start_epoch(self.current_epoch, self.global_rank)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[K, B, 1, 28, 28]`` images -> ``[K, B, 10]`` logits, member k on its own images."""
         return self.net(images)
 
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        """Loss of one batch; updates the stage's running loss and accuracy."""
+        """The summed loss of the members on one batch (each member's gradient is its own loss's)."""
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        getattr(self, f"{stage}_acc").update(logits, labels)
-        # One value per image weights the mean by batch size (torchmetrics 1.9 ignores `weight`
-        # when nan_strategy="disable", so the weight cannot be passed as such).
-        getattr(self, f"{stage}_loss").update(loss.detach().expand(len(labels)))
-        return loss
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+        self.metrics[f"{stage}_acc"].update((logits.detach().argmax(-1) == labels).float())
+        self.metrics[f"{stage}_loss"].update(losses.detach())
+        return losses.mean(dim=1).sum()
 
-    def log_epoch(self, stage: str) -> None:
-        """Logs ``<stage>/loss`` and ``<stage>/acc`` over the epoch (reduced across DDP ranks, then reset)."""
-        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
-        self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage != "test")
+    def end_epoch(self, stage: str) -> None:
+        """Reduces the epoch's metrics (across DDP processes too), keeps them per member, resets them."""
+        for name in METRICS:
+            metric = self.metrics[f"{stage}_{name}"]
+            values = metric.compute().reshape(len(self.members))  # torchmetrics squeezes a single member's
+            metric.reset()
+            self.epoch_metrics[f"{stage}/{name}"] = values
+            # the mean over members, for the progress bar and callbacks; each member's goes to its own run
+            self.log(f"{stage}/{name}", values.mean(), logger=False, prog_bar=name == "acc" and stage != "test")
 
     def on_train_epoch_end(self) -> None:
-        self.log_epoch("train")
+        self.end_epoch("train")
+        for logger in self.loggers:
+            if hasattr(logger, "log_members"):
+                logger.log_members(self.epoch_metrics, self.members, step=self.current_epoch + 1)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_epoch("val")
+        if not self.trainer.sanity_checking:
+            self.end_epoch("val")
+        else:
+            self.metrics["val_acc"].reset()
+            self.metrics["val_loss"].reset()
 
     def on_test_epoch_end(self) -> None:
-        self.log_epoch("test")
+        self.end_epoch("test")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "train")
@@ -81,7 +124,21 @@ class NoiseClassifier(pl.LightningModule):
         self.model_step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).argmax(dim=1)
+        """``[K, B]`` predicted digits."""
+        return self(batch[0]).argmax(dim=-1)
+
+    @torch.inference_mode()
+    def accuracy(self, batches) -> torch.Tensor:
+        """``[K]`` accuracy of each member over ``batches`` of ``(images [K, B, ...], labels [K, B])``, dropout off."""
+        training = self.training
+        self.eval()
+        correct, count = 0, 0
+        for images, labels in batches:
+            correct = correct + (self(images).argmax(-1) == labels).sum(dim=1)
+            count += labels.shape[1]
+        self.train(training)
+        return correct.double() / count
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.RMSprop(self.parameters(), lr=self.hparams.lr, alpha=self.hparams.rho, eps=self.hparams.eps)
+        optimizer = StackedRMSprop if self.fast else torch.optim.RMSprop
+        return optimizer(self.parameters(), lr=self.lr, alpha=self.rho, eps=self.eps)

@@ -1,48 +1,70 @@
-"""The command line: LightningCLI over ``NoiseClassifier`` and ``NoisyMNISTDataModule``.
+"""The command line: LightningCLI over ``NoiseClassifier`` and ``NoisyMNISTDataModule``, with ``sweep``.
 
-``python -m noise_robustness fit --config configs/scale_1.0.yaml`` trains one model;
-``validate``, ``test``, ``predict`` and ``--print_config`` are LightningCLI's own.
+``python -m noise_robustness fit --config configs/scale_1.0.yaml`` trains one member;
+``python -m noise_robustness sweep`` trains the whole study (every σ and seed) as one model and
+writes its tables and figures. ``validate``, ``test``, ``predict`` and ``--print_config`` are
+LightningCLI's own. Every subcommand reads the same options; ``--scales`` and ``--seeds`` name the
+study's members.
 """
 
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
+import pytorch_lightning as pl
+import torch
+import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
-from noise_robustness.callbacks import HParamsSummary, NoisySamples
+from noise_robustness.callbacks import EpochLines, NoisySamples, StudyHParams
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
 from noise_robustness.run_logger import run_folders
 
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
+STUDY_SCALES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0]  # the sweep's default noise levels
+STUDY_SEEDS = [0, 1, 2]  # the sweep's default seeds
+
+# Options of the one-run design that the study now sets per member, and what to use instead.
+OWNED = {
+    "data.noise_scale": "`--scales` (the study's noise levels, e.g. --scales '[1.0]')",
+    "data.noise_seed": "`--seeds` (each member's seed draws its weights, noise, shuffle and dropout)",
+    "seed_everything": "`--seeds` (each member's seed draws its weights, noise, shuffle and dropout)",
+    "models": "`--model.net` (a study trains one network; run one study per network)",
+}
 
 
 def trainer_defaults() -> dict:
-    """Trainer settings of the study: 20 epochs, TensorBoard under ``tb_logs/``, checkpoints."""
+    """Trainer settings of the study: 20 epochs, TensorBoard under ``tb_logs/``, a last checkpoint."""
+    interactive = sys.stderr.isatty()
     return {
         "max_epochs": 20,
+        "num_sanity_val_steps": 0,  # the study validates after every epoch anyway
+        "enable_progress_bar": interactive,  # a log file gets one line per epoch instead
         "logger": {
             "class_path": "noise_robustness.run_logger.RunLogger",
             "init_args": {"save_dir": "tb_logs", "default_hp_metric": False},
         },
         "callbacks": [
-            ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{epoch}"),
+            # The last epoch's state, to resume from; no "best" checkpoint: each member has its own best.
+            ModelCheckpoint(save_last=True, save_top_k=0),
             NoisySamples(),
-            HParamsSummary(),
+            StudyHParams(),
+            *([] if interactive else [EpochLines()]),
         ],
     }
 
 
 def run_name(config: Namespace) -> str:
-    """The experiment name of a run: its (last) config file's name, else ``scale_<σ>``."""
+    """The experiment name of a run: its (last) config file's name, else ``scale_<σ>`` (one σ) or ``study``."""
     files = [os.fspath(path) for path in config.get("config") or [] if path is not None]
     if files:
         return os.path.splitext(os.path.basename(files[-1]))[0]
-    return f"scale_{config.data.noise_scale}"
+    return f"scale_{config.scales[0]}" if len(config.scales) == 1 else "study"
 
 
 def last_checkpoint(save_dir: str, name: str) -> str:
@@ -54,24 +76,121 @@ def last_checkpoint(save_dir: str, name: str) -> str:
     return str(found[-1])
 
 
+def check_checkpoint(path: str) -> None:
+    """Raises ValueError unless ``path`` is a Lightning checkpoint file."""
+    if not Path(path).is_file():
+        raise ValueError(f"Expected `ckpt_path` to be a checkpoint file (or `last`), but {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} is not one ({type(err).__name__})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} holds no `state_dict`")
+
+
 def config_files(tokens: list[str]) -> list[str]:
     """The config files named in ``tokens``: ``-c F``, ``--config F`` or ``--config=F``."""
     files = [value for flag, value in zip(tokens, tokens[1:]) if flag in ("-c", "--config")]
     return files + [token.split("=", 1)[1] for token in tokens if token.startswith("--config=")]
 
 
-class NoiseCLI(LightningCLI):
-    """LightningCLI that names each run's TensorBoard folder after its config and resolves ``--ckpt_path last``.
+def flat_keys(tree: dict, prefix: str = "") -> set[str]:
+    """``{"data": {"clip": 1}}`` -> ``{"data.clip"}``."""
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + str(key))
+        if isinstance(value, dict):
+            keys |= flat_keys(value, f"{prefix}{key}.")
+    return keys
 
-    Bad values found here or in the constructors end as one parser error, before any data is read.
+
+def check_owned(tokens: list[str], files: list[str]) -> None:
+    """Raises ValueError naming the study option to use when a study-owned key is given."""
+    given = {token[2:].split("=", 1)[0] for token in tokens if token.startswith("--")}
+    for path in files:
+        given |= {key for key in flat_keys(yaml.safe_load(Path(path).read_text()) or {})}
+    for key, instead in OWNED.items():
+        if key in given:
+            raise ValueError(f"`{key}` is set per member by the study: use {instead} instead")
+
+
+def with_epochs_alias(tokens: list[str]) -> list[str]:
+    """``sweep --epochs N`` is ``--trainer.max_epochs N`` (the sweep's name for it)."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token == "--epochs" and i + 1 < len(tokens):
+            out.append(f"--trainer.max_epochs={tokens[i + 1]}")
+            i += 2
+            continue
+        out.append("--trainer.max_epochs=" + token.split("=", 1)[1] if token.startswith("--epochs=") else token)
+        i += 1
+    return out
+
+
+class StudyTrainer(pl.Trainer):
+    """The Trainer, with the study's ``sweep`` subcommand."""
+
+    def sweep(self, model: pl.LightningModule, datamodule: pl.LightningDataModule, out: str = "sweeps/noise_sweep", task: Optional[int] = None, gather: bool = False) -> None:
+        """Trains the whole study (every σ and seed) as one model, then writes its tables and figures.
+
+        Args:
+            out: the study's folder. Rerunning the same command resumes it; a command with other
+                options stops, naming them. ``--epochs N`` sets ``trainer.max_epochs``.
+            task: train only the members of the seed at this index of ``seeds`` (a cluster job
+                array's ``$SLURM_ARRAY_TASK_ID``) and write no report; ``--gather true`` reports.
+            gather: train nothing: gather every member's results into the tables and figures; exits
+                non-zero, naming the members without results, if any are missing.
+        """
+        from noise_robustness.sweep import run_study  # the report's plotting is imported only here
+
+        run_study(self, model, datamodule, self.study)
+
+
+class NoiseCLI(LightningCLI):
+    """LightningCLI whose options name the study's members, with the ``sweep`` subcommand.
+
+    Bad values found here or in the constructors end as one parser error, before any data is read
+    or any folder is made.
     """
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "sweep": {"model", "datamodule"}}
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # the sweep is the whole study by default; a fit is one member
+            self._subcommand_parsers["sweep"].set_defaults({"scales": STUDY_SCALES, "seeds": STUDY_SEEDS})
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--scales", type=list[float], default=[0.0], help="The study's noise levels σ, in units of the [0, 1] pixel range.")
+        parser.add_argument("--seeds", type=list[int], default=[0], help="The study's seeds: one member per (σ, seed).")
+        for target in ("data", "model"):
+            parser.link_arguments("scales", f"{target}.scales")
+            parser.link_arguments("seeds", f"{target}.seeds")
+
     def parse_arguments(self, parser, args) -> None:
-        # jsonargparse answers an empty config file with a bare "Unexpected config:"; name the file.
-        for path in config_files(sys.argv[1:] if args is None else args):
-            if os.path.isfile(path) and not Path(path).read_text().strip():
+        tokens = list(sys.argv[1:] if args is None else args)
+        files = config_files(tokens)
+        for path in files:
+            if not os.path.isfile(path):
+                continue  # jsonargparse names a missing file itself
+            text = Path(path).read_text()
+            # jsonargparse answers an empty config file with a bare "Unexpected config:"; name the file.
+            if not text.strip():
                 parser.error(f"Expected the config file {path} to hold options, but it is empty")
-        super().parse_arguments(parser, args)
+            try:
+                yaml.safe_load(text)
+            except yaml.YAMLError as err:  # jsonargparse gives line and column, not the file
+                parser.error(f"Expected the config file {path} to be YAML, but it does not parse: {err}".replace("\n", " "))
+        try:
+            check_owned(tokens, [f for f in files if os.path.isfile(f)])
+        except ValueError as err:
+            parser.error(str(err))
+        if tokens and tokens[0] == "sweep":
+            tokens = with_epochs_alias(tokens)
+        super().parse_arguments(parser, tokens)
 
     def before_instantiate_classes(self) -> None:
         try:
@@ -81,22 +200,35 @@ class NoiseCLI(LightningCLI):
 
     def check_and_name_run(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if self.subcommand == "fit" and (config.trainer.max_epochs is None or config.trainer.max_epochs <= 0):
+        if self.subcommand in ("fit", "sweep") and (config.trainer.max_epochs is None or config.trainer.max_epochs <= 0):
             raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}")
-        logger = config.trainer.logger
-        if not isinstance(logger, Namespace) or "name" not in logger.init_args:
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand == "sweep":
+            from noise_robustness.sweep import Study
+
+            if ckpt_path is not None:
+                raise ValueError("`ckpt_path` is chosen by the study: rerun the same sweep command to resume it")
+            self.study = Study.plan(self.parser, self.config)  # checks the folder; creates nothing
+            self.study.configure(config)
+            self.save_config_callback = None  # the study keeps its own config.yaml in its folder
             return
-        args = logger.init_args
-        if args.name == DEFAULT_RUN_NAME:
-            args.name = run_name(config)
-        if config.get("ckpt_path") == "last":
-            config.ckpt_path = last_checkpoint(args.save_dir, args.name)
+        logger = config.trainer.logger
+        if isinstance(logger, Namespace) and "name" in logger.init_args:
+            args = logger.init_args
+            if args.name == DEFAULT_RUN_NAME:
+                args.name = run_name(config)
+            if ckpt_path == "last":
+                config.ckpt_path = ckpt_path = last_checkpoint(args.save_dir, args.name)
+        if ckpt_path is not None:
+            check_checkpoint(ckpt_path)
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except ValueError as err:  # our constructors' argument checks: a user error, not a bug
             self.parser.error(str(err))
+        if self.subcommand == "sweep":
+            self.trainer.study = self.study
         if self.subcommand:
             # Check the data files before the Trainer starts: a bad file then stops one process
             # cleanly, instead of rank zero alone inside DDP while the other ranks wait for it.
@@ -109,8 +241,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
         return NoiseCLI(
             NoiseClassifier,
             NoisyMNISTDataModule,
-            seed_everything_default=0,
+            trainer_class=StudyTrainer,
+            seed_everything_default=False,  # every seed is explicit: `--seeds`
             trainer_defaults=trainer_defaults(),
+            save_config_kwargs={"overwrite": True},  # a run's folder is always new (claimed atomically)
             parser_kwargs={"prog": "python -m noise_robustness"},
             args=args,
             run=run,

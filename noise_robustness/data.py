@@ -1,4 +1,9 @@
-"""Noisy MNIST as a LightningDataModule: whole-split tensors, noise from ``noise.py``."""
+"""Noisy MNIST for a study's members, as a LightningDataModule: whole-split tensors, noise from ``noise.py``.
+
+The clean images are kept once (uint8) and one standard-normal pattern per noise seed (and epoch,
+in ``resample`` mode); a batch for member k is composed when it is served, as
+``clean[idx] + σ_k · z_seed(k)[idx]``, so K members never cost K noisy copies of the data.
+"""
 
 import math
 from collections.abc import Callable, Iterator
@@ -8,10 +13,12 @@ import pytorch_lightning as pl
 import torch
 
 from noise_robustness import mnist
-from noise_robustness.noise import BLOCK, add_noise, check_noise_mode, check_noise_scale, derive_seed, standard_normal_block
+from noise_robustness.noise import add_noise, check_noise_mode, derive_seed, standard_normal
+from noise_robustness.study import Member, study_members
 
 IMAGE_SHAPE = (1, 28, 28)
 N_TRAIN, N_TEST = 60_000, 10_000  # images in the MNIST train and test files
+HOLDOUT_SEED = 0  # one validation hold-out for the whole study, so every member is scored on the same images
 
 
 def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[torch.Tensor]:
@@ -34,80 +41,82 @@ def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: i
     return list(torch.tensor_split(mine, n_batches))  # one image short: spread it, keep the batch count
 
 
-class TensorBatches:
-    """Serves ``(images[idx], labels[idx])`` batches from whole tensors: no per-sample Python, no collate.
+class MemberBatches:
+    """Serves ``(images [K, B, 1, 28, 28], labels [K, B])`` batches of a split: no per-sample Python, no collate.
 
     Args:
-        images: the split's images, or a function of the epoch that returns them (``resample``).
-        labels: the split's labels.
+        compose: ``(positions by seed, epoch) -> (images, labels)`` for every member.
+        size: images in the split.
+        seeds: the study's seeds; each shuffles with its own permutation per epoch.
         batch_size: images per batch and process.
         position: returns ``(epoch, rank, world_size)`` when an epoch starts.
-        shuffle_seed: shuffle each epoch with a permutation seeded by (seed, epoch), the same on
-            every rank; ``None`` keeps the split's order.
+        shuffle: shuffle each epoch (seeded by (seed, epoch), the same on every rank) or keep the order.
     """
 
     def __init__(
         self,
-        images: torch.Tensor | Callable[[int], torch.Tensor],
-        labels: torch.Tensor,
+        compose: Callable[[dict[int, torch.Tensor], int], tuple[torch.Tensor, torch.Tensor]],
+        size: int,
+        seeds: list[int],
         batch_size: int,
         position: Callable[[], tuple[int, int, int]],
-        shuffle_seed: int | None = None,
+        shuffle: bool,
+        device: torch.device,
     ):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.position, self.shuffle_seed = position, shuffle_seed
+        self.compose, self.size, self.seeds, self.batch_size = compose, size, seeds, batch_size
+        self.position, self.shuffle, self.device = position, shuffle, device
 
-    def batches(self) -> list[torch.Tensor]:
-        """This epoch's index batches for this process."""
-        epoch, rank, world_size = self.position()
-        n = len(self.labels)
-        if self.shuffle_seed is None:
-            order = torch.arange(n)
-        else:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("shuffle", self.shuffle_seed, epoch)))
-        return shard_batches(order.to(self.labels.device), rank, world_size, self.batch_size)
+    def batches(self, epoch: int, rank: int, world_size: int) -> dict[int, list[torch.Tensor]]:
+        """This epoch's position batches for this process, per seed."""
+        def order(seed: int) -> torch.Tensor:
+            if not self.shuffle:
+                return torch.arange(self.size)
+            return torch.randperm(self.size, generator=torch.Generator().manual_seed(derive_seed("shuffle", seed, epoch)))
+
+        return {seed: shard_batches(order(seed).to(self.device), rank, world_size, self.batch_size) for seed in self.seeds}
 
     def __len__(self) -> int:
         _, _, world_size = self.position()
-        return math.ceil(math.ceil(len(self.labels) / world_size) / self.batch_size)
+        return math.ceil(math.ceil(self.size / world_size) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.position()[0]
-        images = self.images(epoch) if callable(self.images) else self.images
-        for idx in self.batches():
-            yield images[idx], self.labels[idx]
+        epoch, rank, world_size = self.position()
+        by_seed = self.batches(epoch, rank, world_size)
+        for step in range(len(by_seed[self.seeds[0]])):
+            yield self.compose({seed: batches[step] for seed, batches in by_seed.items()}, epoch)
 
 
 class NoisyMNISTDataModule(pl.LightningDataModule):
-    """MNIST in [0, 1] with additive Gaussian noise of std ``noise_scale`` per image.
+    """MNIST in [0, 1] with additive Gaussian noise, for every (σ, seed) member of a study.
 
     Args:
-        noise_scale: σ, in units of the [0, 1] pixel range (1.0 = the whole black-to-white range).
-            0 gives the clean images. The original study's setting is ``255 * s``.
+        scales: the study's noise levels σ, in units of the [0, 1] pixel range (1.0 = the whole
+            black-to-white range); set by the study's ``--scales``.
+        seeds: the study's seeds; seed s draws the noise pattern and the shuffle order of its
+            members; set by the study's ``--seeds``.
         noise_mode: ``fixed`` draws each image's noise once; ``resample`` draws training noise
             afresh each epoch (validation and test noise stay fixed, so epochs compare).
         clip: clip noisy pixels to [0, 1].
-        noise_seed: seed of the noise; image ``i`` of a split always gets the same draw.
         batch_size: images per batch and process.
         val_holdout: 0 validates on the 10,000-image MNIST test split (as the original study and
-            the Keras example do); N > 0 holds out N training images instead (seeded split).
+            the Keras example do); N > 0 holds out N training images instead (one seeded split).
         data_dir: where MNIST lives in torchvision's layout; the shipped copy is unpacked there.
         download: let torchvision download MNIST into ``data_dir`` if it is missing.
     """
 
     def __init__(
         self,
-        noise_scale: float = 0.0,
+        scales: list[float] = [0.0],
+        seeds: list[int] = [0],
         noise_mode: str = "fixed",
         clip: bool = False,
-        noise_seed: int = 0,
         batch_size: int = 128,
         val_holdout: int = 0,
         data_dir: str = "data",
         download: bool = False,
     ):
         super().__init__()
-        check_noise_scale(noise_scale)
+        self.members = study_members(scales, seeds)
         check_noise_mode(noise_mode)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")
@@ -116,7 +125,8 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         if batch_size > N_TRAIN - val_holdout:
             raise ValueError(f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}")
         self.save_hyperparameters()
-        self._noisy_train: tuple[int, torch.Tensor] | None = None  # (noise epoch, images)
+        self.seeds = list(seeds)
+        self._patterns: dict[tuple[str, int, int], torch.Tensor] = {}  # (file, seed, noise epoch) -> z
 
     # -- the data ---------------------------------------------------------------------------------
 
@@ -126,52 +136,58 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "splits"):
             return
-        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        self.device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         files = {name: mnist.load(str(Path(self.hparams.data_dir)), train=name == "train") for name in ("train", "test")}
-        self.images = {name: x.to(device) for name, (x, _) in files.items()}  # uint8, kept once
-        self.labels = {name: y.to(device) for name, (_, y) in files.items()}
+        self.images = {name: x.to(self.device) for name, (x, _) in files.items()}  # uint8, kept once
+        self.file_labels = {name: y.to(self.device) for name, (_, y) in files.items()}
         train_idx, val_idx = torch.arange(N_TRAIN), None
         if self.hparams.val_holdout:
-            perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(derive_seed("holdout", self.hparams.noise_seed)))
+            perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(derive_seed("holdout", HOLDOUT_SEED)))
             train_idx, val_idx = perm[self.hparams.val_holdout :].sort().values, perm[: self.hparams.val_holdout].sort().values
         # split name -> (MNIST file, indices into it); the noise of an image depends on its file index
         self.splits = {
-            "train": ("train", train_idx.to(device)),
-            "val": ("train", val_idx.to(device)) if val_idx is not None else ("test", torch.arange(N_TEST, device=device)),
-            "test": ("test", torch.arange(N_TEST, device=device)),
+            "train": ("train", train_idx.to(self.device)),
+            "val": ("train", val_idx.to(self.device)) if val_idx is not None else ("test", torch.arange(N_TEST, device=self.device)),
+            "test": ("test", torch.arange(N_TEST, device=self.device)),
         }
-        self.shuffle_seed = torch.initial_seed()  # set by seed_everything, the same on every rank
-        self.eval_images = {"val": self.noisy("val")}
-        same = self.splits["val"][0] == "test"  # validating on the test split: one tensor serves both
-        self.eval_images["test"] = self.eval_images["val"] if same else self.noisy("test")
 
-    def clean(self, split: str, count: int | None = None) -> torch.Tensor:
-        """The split's first ``count`` (default: all) clean images as float32 in [0, 1]."""
+    def patterns(self, file: str, seed: int, noise_epoch: int) -> torch.Tensor:
+        """Standard-normal noise of every image of an MNIST ``file`` for ``seed``, drawn once and kept."""
+        key = (file, seed, noise_epoch)
+        if key not in self._patterns:
+            # keep the fixed draw (epoch 0: validation and test) and this epoch's; free the rest first
+            self._patterns = {k: z for k, z in self._patterns.items() if k[2] in (0, noise_epoch)}
+            self._patterns[key] = standard_normal(len(self.images[file]), IMAGE_SHAPE, seed, file, noise_epoch, self.device)
+        return self._patterns[key]
+
+    def split_size(self, split: str) -> int:
+        return len(self.splits[split][1])
+
+    def labels(self, split: str) -> torch.Tensor:
+        """The split's labels, in split order."""
         file, idx = self.splits[split]
-        return self.images[file][idx[:count]].float().div_(255)
+        return self.file_labels[file][idx]
 
-    def noisy(self, split: str, noise_scale: float | None = None, epoch: int = 0) -> torch.Tensor:
-        """The split's images with noise at ``noise_scale`` (default: this module's σ)."""
-        sigma = self.hparams.noise_scale if noise_scale is None else noise_scale
+    def noisy_images(
+        self, split: str, positions: dict[int, torch.Tensor], members: list[Member] | None = None, epoch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images at split ``positions[seed]`` for each member (default: the study's), noise composed now.
+
+        Returns:
+            ``(images [K, n, 1, 28, 28], labels [K, n])``. Member (σ, s) gets the clean images at
+            ``positions[s]`` plus σ times seed s's pattern (this epoch's for training in ``resample`` mode).
+        """
+        members = self.members if members is None else members
         file, idx = self.splits[split]
-        images = self.images[file]
-        # Block by block, so the whole split never exists as clean floats, noise and sum at once.
-        out = torch.empty(images.shape, device=images.device)
-        for block, start in enumerate(range(0, len(images), BLOCK)):
-            clean = images[start : start + BLOCK].float().div_(255)
-            z = None
-            if sigma != 0:  # σ = 0 needs no draw: the clean images, exactly
-                z = standard_normal_block(block, IMAGE_SHAPE, self.hparams.noise_seed, file, epoch, images.device)[: len(clean)]
-            out[start : start + BLOCK] = add_noise(clean, sigma, z, self.hparams.clip)
-        return out if len(idx) == len(images) else out[idx]  # a split is the whole file or a sorted subset
-
-    def train_images(self, epoch: int) -> torch.Tensor:
-        """Noisy training images for ``epoch``: one draw in ``fixed`` mode, a new draw per epoch in ``resample``."""
-        noise_epoch = epoch if self.hparams.noise_mode == "resample" else 0
-        if self._noisy_train is None or self._noisy_train[0] != noise_epoch:
-            self._noisy_train = None  # free the old draw before making the new one
-            self._noisy_train = (noise_epoch, self.noisy("train", epoch=noise_epoch))
-        return self._noisy_train[1]
+        noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
+        rows = {seed: idx[p] for seed, p in positions.items()}
+        clean = {seed: self.images[file][r].float().div_(255) for seed, r in rows.items()}
+        images = []
+        for m in members:
+            z = self.patterns(file, m.seed, noise_epoch)[rows[m.seed]] if m.noise_scale else None  # σ = 0: no draw
+            images.append(add_noise(clean[m.seed], m.noise_scale, z, self.hparams.clip))
+        labels = torch.stack([self.file_labels[file][rows[m.seed]] for m in members])
+        return torch.stack(images), labels
 
     # -- the loaders ------------------------------------------------------------------------------
 
@@ -179,25 +195,26 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.current_epoch, trainer.global_rank, trainer.world_size) if trainer else (0, 0, 1)
 
-    def split_labels(self, split: str) -> torch.Tensor:
-        """The labels of the split's images, in the order of ``noisy(split)``."""
-        file, idx = self.splits[split]
-        return self.labels[file][idx]
+    def loader(self, split: str, members: list[Member] | None = None, shuffle: bool = False) -> MemberBatches:
+        """Batches of ``split`` for ``members`` (default: the study's)."""
+        seeds = sorted({m.seed for m in (members or self.members)})
+        compose = lambda positions, epoch: self.noisy_images(split, positions, members, epoch)  # noqa: E731
+        return MemberBatches(compose, self.split_size(split), seeds, self.hparams.batch_size, self._position, shuffle, self.device)
 
-    def train_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.train_images, self.split_labels("train"), self.hparams.batch_size, self._position, self.shuffle_seed)
+    def train_dataloader(self) -> MemberBatches:
+        return self.loader("train", shuffle=True)
 
-    def val_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.eval_images["val"], self.split_labels("val"), self.hparams.batch_size, self._position)
+    def val_dataloader(self) -> MemberBatches:
+        return self.loader("val")
 
-    def test_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.eval_images["test"], self.split_labels("test"), self.hparams.batch_size, self._position)
+    def test_dataloader(self) -> MemberBatches:
+        return self.loader("test")
 
-    def predict_dataloader(self) -> TensorBatches:
-        return self.val_dataloader()
+    def predict_dataloader(self) -> MemberBatches:
+        return self.loader("val")
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        # Batches are indexed out of tensors that setup() already put on the device: skip
+        # Batches are composed from tensors that setup() already put on the device: skip
         # Lightning's generic (and per-step costly) walk over the batch when nothing needs moving.
         if all(t.device == device for t in batch):
             return batch

@@ -1,15 +1,14 @@
-"""A sweep's report: ``summary.md``, ``accuracy_vs_noise.png``, ``noise_preview.png``, ``robustness.png``."""
+"""A study's report: ``summary.md``, ``accuracy_vs_noise.png``, ``noise_preview.png``, ``robustness.png``."""
 
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # a Figure of its own needs no pyplot and no display backend
+from torch.utils.tensorboard import SummaryWriter
 
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from noise_robustness.study import Member
 
 PREVIEW_DIGITS = 10  # the first validation image of each digit 0-9: a fixed choice
 
@@ -19,11 +18,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(results: list[dict[str, str]]) -> dict[str, dict[float, dict[str, list[float]]]]:
-    """model -> σ -> {"train_acc": [per seed], "val_acc": [...], "gap": [...]}."""
+def aggregate(results: list[dict]) -> dict[str, dict[float, dict[str, list[float]]]]:
+    """network -> σ -> {"train_acc": [per seed], "val_acc": [...], "gap": [...]}."""
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for row in results:
-        cell = table[row["model"]][float(row["noise_scale"])]
+        cell = table[row["network"]][float(row["noise_scale"])]
         train, val = float(row["train_acc"]), float(row["val_acc"])
         cell["train_acc"].append(train)
         cell["val_acc"].append(val)
@@ -36,17 +35,16 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def summary_markdown(results: list[dict[str, str]]) -> str:
-    """One table per model: rows = σ (clean first), train and validation accuracy (%) and their gap."""
+def summary_markdown(results: list[dict]) -> str:
+    """One table per network: rows = σ (clean first), train and validation accuracy (%) and their gap."""
     lines = []
-    for model, by_scale in sorted(aggregate(results).items()):
-        rows = [r for r in results if r["model"] == model]
+    for network, by_scale in sorted(aggregate(results).items()):
+        rows = [r for r in results if r["network"] == network]
         seeds = sorted({int(r["seed"]) for r in rows})
-        epochs = sorted({int(r["epochs"]) for r in rows})
-        modes = sorted({r["noise_mode"] for r in rows})
-        spread = " (mean ± std over seeds)" if len(seeds) > 1 else ""
+        settings = ", ".join(f"{key} {', '.join(sorted({str(r[key]) for r in rows}))}" for key in ("epochs", "noise_mode", "clip"))
+        spread = f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
         lines += [
-            f"### {model}: {', '.join(map(str, epochs))} epochs, noise_mode {', '.join(modes)}, seeds {seeds}{spread}",
+            f"### {network}: {settings}, seeds {seeds}{spread}",
             "",
             "| σ | train acc (%) | val acc (%) | train − val (points) |",
             "| ---: | ---: | ---: | ---: |",
@@ -58,38 +56,44 @@ def summary_markdown(results: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_figure(results: list[dict[str, str]]) -> plt.Figure:
-    """Train (dashed) and validation (solid) accuracy against σ, one colour per model, ± std shaded."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for colour, (model, by_scale) in zip(plt.cm.tab10.colors, sorted(aggregate(results).items())):
+def accuracy_figure(results: list[dict], majority: float) -> Figure:
+    """Train (dashed) and validation (solid) accuracy against σ, one colour per network, ± std shaded.
+
+    ``majority``: the share of the commonest digit among the validation labels, what a network that
+    always answers it scores.
+    """
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for colour, (network, by_scale) in zip(colours, sorted(aggregate(results).items())):
         scales = sorted(by_scale)
         for split, style in (("train_acc", "--"), ("val_acc", "-")):
             stats = [mean_std([100 * v for v in by_scale[s][split]]) for s in scales]
             means = [m for m, _ in stats]
-            ax.plot(scales, means, style, marker="o", color=colour, label=f"{model} {split.split('_')[0]}")
+            ax.plot(scales, means, style, marker="o", color=colour, label=f"{network} {split.split('_')[0]}")
             ax.fill_between(scales, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.15)
     ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)  # shows σ = 0 and 0.1 ... 4 (or 255 x that) alike
     all_scales = sorted({float(r["noise_scale"]) for r in results})
     ax.set_xticks(all_scales, [f"{s:g}" for s in all_scales])
     ax.minorticks_off()
-    ax.axhline(11.35, color="grey", lw=0.8, ls=":")
-    ax.annotate('always "1": 11.35%', (0, 11.35), xytext=(2, 3), textcoords="offset points", fontsize=8, color="grey")
+    ax.axhline(100 * majority, color="grey", lw=0.8, ls=":")
+    ax.annotate(f"always the commonest digit: {100 * majority:.2f}%", (0, 100 * majority), xytext=(2, 3), textcoords="offset points", fontsize=8, color="grey")
     ax.set(xlabel="noise std σ (units of the [0, 1] pixel range)", ylabel="accuracy (%)", ylim=(0, 101))
-    ax.set_title("Accuracy after training at noise σ (train: dropout on, running over the last epoch)", fontsize=9)
+    seeds = len({r["seed"] for r in results})
+    ax.set_title(f"Accuracy after training at noise σ, mean ± std over {seeds} seed(s) (train: dropout on, over the last epoch)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def preview_figure(dm, scales: list[float]) -> plt.Figure:
-    """The same digits (one of each class) at every σ: rows = σ; pixels shown clipped to [0, 1]."""
-    labels = dm.split_labels("val")  # on the data's device, so the picks index the images there
-    picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
-    fig, axes = plt.subplots(len(scales), len(picks), figsize=(len(picks) * 0.8, len(scales) * 0.85), squeeze=False)
-    for row, scale in zip(axes, scales):
-        images = dm.noisy("val", scale)[picks].cpu().clamp(0, 1)
-        for ax, image in zip(row, images):
+def preview_figure(images: torch.Tensor, scales: list[float]) -> Figure:
+    """The same digits at every σ: ``images`` ``[σ, digit, 1, H, W]``; pixels shown clipped to [0, 1]."""
+    n = images.shape[1]
+    fig = Figure(figsize=(n * 0.8, len(scales) * 0.85))
+    axes = fig.subplots(len(scales), n, squeeze=False)
+    for row, scale, digits in zip(axes, scales, images.cpu().clamp(0, 1)):
+        for ax, image in zip(row, digits):
             ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -99,14 +103,15 @@ def preview_figure(dm, scales: list[float]) -> plt.Figure:
     return fig
 
 
-def robustness_figure(robustness: list[dict[str, str]]) -> plt.Figure:
-    """Heatmap per model: rows = training σ, columns = evaluation σ, cells = val accuracy (%), mean over seeds."""
-    models = sorted({r["model"] for r in robustness})
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+def robustness_figure(robustness: list[dict]) -> Figure:
+    """Heatmap per network: rows = training σ, columns = evaluation σ, cells = val accuracy (%), mean over seeds."""
+    networks = sorted({r["network"] for r in robustness})
+    fig = Figure(figsize=(5.5 * len(networks), 4.5))
+    axes = fig.subplots(1, len(networks), squeeze=False)
+    for ax, network in zip(axes[0], networks):
         cells = defaultdict(list)
         for r in robustness:
-            if r["model"] == model:
+            if r["network"] == network:
                 cells[float(r["train_noise_scale"]), float(r["eval_noise_scale"])].append(100 * float(r["acc"]))
         train_scales = sorted({t for t, _ in cells})
         eval_scales = sorted({e for _, e in cells})
@@ -117,21 +122,22 @@ def robustness_figure(robustness: list[dict[str, str]]) -> plt.Figure:
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color="white" if value < 60 else "black")
         ax.set_xticks(range(len(eval_scales)), [f"{s:g}" for s in eval_scales])
         ax.set_yticks(range(len(train_scales)), [f"{s:g}" for s in train_scales])
-        ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{model}: validation accuracy (%)")
+        ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
     fig.tight_layout()
     return fig
 
 
-def write_report(out: Path, results: list[dict[str, str]], robustness: list[dict[str, str]], dm, scales: list[float]) -> None:
-    """Writes the sweep's table and figures into ``out``, and the figures into TensorBoard too."""
+def write_report(out: Path, results: list[dict], robustness: list[dict], datamodule, scales: list[float]) -> None:
+    """Writes the study's table and figures into ``out``, and the figures into its TensorBoard root run."""
     (out / "summary.md").write_text(summary_markdown(results))
-    figures = {"noise_preview": preview_figure(dm, scales)}
-    if results:
-        figures["accuracy_vs_noise"] = accuracy_figure(results)
-    if robustness:
-        figures["robustness"] = robustness_figure(robustness)
-    writer = SummaryWriter(str(out / "tb_logs" / "sweep_report"))
+    labels = datamodule.labels("val")
+    majority = torch.bincount(labels).max().item() / len(labels)
+    seed = int(results[0]["seed"])
+    picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
+    preview, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed) for s in scales])
+    figures = {"accuracy_vs_noise": accuracy_figure(results, majority), "noise_preview": preview_figure(preview, scales), "robustness": robustness_figure(robustness)}
+    writer = SummaryWriter(str(out / "tensorboard"))
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=120)
-        writer.add_figure(f"sweep/{name}", fig)  # closes the figure
+        writer.add_figure(f"study/{name}", fig)
     writer.close()

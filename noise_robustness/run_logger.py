@@ -1,10 +1,17 @@
-"""The TensorBoard logger of a run: its own ``version_<n>`` folder, never shared, never overwritten."""
+"""The TensorBoard logger of a run: its own ``version_<n>`` folder, and one TensorBoard run per member."""
 
 import os
 from pathlib import Path
 
+import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from tensorboard.plugins.hparams import summary_v2 as hp
+from torch.utils.tensorboard import SummaryWriter
+
+from noise_robustness.study import Member
+
+FINAL_METRICS = ("val/acc", "train/acc", "val/loss", "train/loss")  # the HParams table's metric columns
 
 
 def run_folders(root: str | Path) -> dict[int, Path]:
@@ -37,13 +44,60 @@ def check_writable(folder: str | Path, argument: str) -> None:
 
 
 class RunLogger(TensorBoardLogger):
-    """TensorBoardLogger that checks its folder up front and claims each new ``version_<n>`` atomically."""
+    """TensorBoardLogger that claims each new ``version_<n>`` atomically and gives every member its own run.
 
-    def __init__(self, save_dir: str = "tb_logs", name: str | None = "lightning_logs", **kwargs):
+    Member ``sigma=0.5/seed=0`` of a study writes to ``<log_dir>/sigma=0.5/seed=0/`` (a study of one
+    member writes to ``<log_dir>`` itself), so TensorBoard overlays the members per tag.
+    """
+
+    def __init__(self, save_dir: str = "tb_logs", name: str | None = "lightning_logs", version: int | str | None = None, **kwargs):
         check_writable(save_dir, "trainer.logger.init_args.save_dir")
-        super().__init__(save_dir, name, **kwargs)
+        if version is None and rank_zero_only.rank == 0:  # other DDP ranks write nothing
+            version = claim_run_folder(Path(save_dir, name or ""))
+        super().__init__(save_dir, name, version, **kwargs)
+        self._member_writers: dict[str, SummaryWriter] = {}
 
-    def _get_next_version(self) -> int:
-        if rank_zero_only.rank != 0:  # other DDP ranks write nothing; Lightning hands them rank zero's folder
-            return super()._get_next_version()
-        return claim_run_folder(self.root_dir)
+    def member_writer(self, member: Member, members: list[Member]) -> SummaryWriter:
+        """The SummaryWriter of ``member``'s run."""
+        if member.name not in self._member_writers:
+            folder = Path(self.log_dir) / member.name if len(members) > 1 else Path(self.log_dir)
+            self._member_writers[member.name] = SummaryWriter(str(folder))
+        return self._member_writers[member.name]
+
+    @rank_zero_only
+    def log_members(self, metrics: dict[str, torch.Tensor], members: list[Member], step: int) -> None:
+        """Writes ``metrics`` (tag -> one value per member) into each member's run at ``step`` (the epoch)."""
+        for k, member in enumerate(members):
+            writer = self.member_writer(member, members)
+            for tag, values in metrics.items():
+                writer.add_scalar(tag, float(values[k]), step)
+            writer.flush()
+
+    @rank_zero_only
+    def log_member_hparams(self, members: list[Member], constants: dict[str, object]) -> None:
+        """The HParams view: σ and seed first, then the study's other settings, against the final metrics.
+
+        An experiment summary at the root lists the columns in that order (with every value, so
+        TensorBoard knows σ and seed differ); each member's run holds its own values. Its metric
+        columns show the last value of each member's ``train/*`` and ``val/*`` curves.
+        """
+        columns = {
+            "sigma": sorted({m.noise_scale for m in members}),
+            "seed": sorted({m.seed for m in members}),
+            **{name: [value] for name, value in constants.items()},
+        }
+        config = hp.hparams_config_pb(hparams=[hp.HParam(n, hp.Discrete(v)) for n, v in columns.items()], metrics=[hp.Metric(t) for t in FINAL_METRICS])
+        root = SummaryWriter(self.log_dir)
+        root.file_writer.add_summary(config)
+        root.close()
+        for member in members:
+            writer = self.member_writer(member, members)
+            writer.file_writer.add_summary(hp.hparams_pb({"sigma": member.noise_scale, "seed": member.seed, **constants}))
+            writer.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        for writer in self._member_writers.values():
+            writer.close()
+        self._member_writers.clear()
+        super().finalize(status)

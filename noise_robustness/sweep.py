@@ -1,93 +1,59 @@
-"""``python -m noise_robustness sweep``: the whole study in one command, resumable.
+"""``python -m noise_robustness sweep``: the whole study as one model, in a folder whose identity is its config.
 
-Trains every (model, σ, seed) as an ordinary ``fit`` run under ``<out>/tb_logs/``, one after the
-other in this process (MNIST is read once), evaluates each trained model at every σ of the sweep,
-and writes ``results.csv``, ``robustness.csv``, ``summary.md`` and the figures into ``<out>``.
-Each run's rows are written atomically as soon as it finishes; rerunning the same command skips
-finished runs, so an interrupted sweep loses at most the run in progress.
+The folder ``--out`` holds ``study.yaml`` (every option that decides a result), ``config.yaml`` (the
+full resolved config of the last command), one result file per finished member under ``members/``,
+the checkpoint of the training in progress under ``checkpoints/``, TensorBoard runs under
+``tensorboard/`` and the tables and figures. Rerunning the same command resumes it; a command with
+other options stops before training and names them. Members are trained side by side in one fit;
+a cluster job array trains one seed per task (``--task``) and ``--gather true`` reports.
 """
 
 import csv
-import gc
-import importlib
+import fcntl
+import hashlib
 import io
 import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Optional
 
-import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
-from torch import nn
+import pytorch_lightning as pl
+import yaml
 
-from noise_robustness.cli import cli_main
-from noise_robustness.noise import check_noise_mode, check_noise_scale
-from noise_robustness.report import write_report
+from noise_robustness.run_logger import check_writable
+from noise_robustness.study import Member, study_members
 
-RESULT_COLUMNS = ["model", "noise_scale", "noise_mode", "seed", "epochs", "train_acc", "val_acc", "train_loss", "val_loss", "seconds"]
-ROBUSTNESS_COLUMNS = ["model", "seed", "train_noise_scale", "eval_noise_scale", "acc"]
-PASSTHROUGH = ("--trainer.", "--data.", "--model.", "--seed_everything", "--optimizer", "--lr_scheduler")
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m noise_robustness sweep",
-        description=(
-            "Train every model at every noise level and seed, then tabulate and plot train and validation "
-            "accuracy against σ. Any other fit option (--trainer.*, --data.*, --model.*) is passed to every run, "
-            "e.g. --trainer.limit_train_batches 20."
-        ),
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="A sweep YAML holding any of the options below.")
-    parser.add_argument("--scales", type=list[float], default=[0.0, 0.1, 0.5, 1.0, 2.0, 4.0], help="Noise levels σ, in units of the [0, 1] pixel range.")
-    parser.add_argument("--seeds", type=list[int], default=[0], help="Seeds; each sets the run's seed_everything and noise_seed.")
-    parser.add_argument("--epochs", type=int, default=20, help="Epochs per run.")
-    parser.add_argument("--models", type=list[str], default=["noise_robustness.models.DropoutMLP"], help="Networks (class paths of nn.Modules).")
-    parser.add_argument("--noise_mode", type=str, default="fixed", help="fixed (one draw per image) or resample (a new draw each epoch).")
-    parser.add_argument("--clip", type=bool, default=False, help="Clip noisy pixels to [0, 1].")
-    parser.add_argument("--out", type=str, default="sweeps/noise_sweep", help="Output folder; rerun with the same one to resume.")
-    parser.add_argument(
-        "--run_index",
-        type=Optional[int],
-        default=None,
-        help="Train only this run of the sweep (0-based), e.g. $SLURM_ARRAY_TASK_ID; a plain call afterwards gathers the report.",
-    )
-    parser.add_argument("--report_only", type=bool, default=False, help="Train nothing: gather the finished runs into the tables and figures.")
-    return parser
+RESULT_COLUMNS = ["network", "noise_scale", "seed", "noise_mode", "clip", "epochs", "train_acc", "val_acc", "train_loss", "val_loss", "study_id"]
+ROBUSTNESS_COLUMNS = ["network", "seed", "train_noise_scale", "eval_noise_scale", "acc"]
+# Keys that name where or how a study runs, not what it computes; they may differ between commands.
+NOT_IDENTITY = {
+    "config", "out", "task", "gather", "ckpt_path", "scales", "seeds", "data.scales", "data.seeds", "model.scales", "model.seeds",
+    "data.data_dir", "data.download", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+}  # fmt: skip
 
 
-def resolve_model(path: str) -> type[nn.Module]:
-    """The ``nn.Module`` class at ``path`` (``package.module.Class``, or a class of ``noise_robustness.models``)."""
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name or "noise_robustness.models"), class_name)
-    except (ImportError, AttributeError):
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"Expected each of `models` to be the class path of an nn.Module, but got {path!r}")
-    return cls
+class StudyIncomplete(ValueError):
+    """A gather found members without results."""
 
 
-def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Splits ``argv`` into (sweep options, ``--key=value`` options passed to every run)."""
-    own, passed = [], []
-    tokens = iter(argv)
-    for token in tokens:
-        if not token.startswith(PASSTHROUGH):
-            own.append(token)
-        elif "=" in token:
-            passed.append(token)
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"data": {"clip": False}}`` -> ``{"data.clip": False}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and "class_path" not in value:
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
-            passed.append(f"{token}={next(tokens, '')}")
-    return own, passed
+            flat[prefix + key] = value
+    return flat
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically: a crash leaves the old file or the new one, never half of one."""
+    """Writes ``text`` to ``path`` atomically (a crash leaves the old file or the new one), readable as the umask allows."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; colleagues in a shared folder should read them
     with os.fdopen(fd, "w", newline="") as f:
         f.write(text)
         f.flush()
@@ -103,121 +69,179 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def gather(out: Path) -> tuple[list[dict], list[dict]]:
-    """Rebuilds ``results.csv`` and ``robustness.csv`` from the finished runs' files; returns their rows."""
-    runs = [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*.json"))]
-    runs.sort(key=lambda run: (run["result"]["model"], run["result"]["seed"], run["result"]["noise_scale"]))
-    results = [run["result"] for run in runs]
-    robustness = [row for run in runs for row in run["robustness"]]
-    write_atomic(out / "results.csv", csv_text(RESULT_COLUMNS, results))
-    write_atomic(out / "robustness.csv", csv_text(ROBUSTNESS_COLUMNS, robustness))
-    return results, robustness
+def result_file(out: Path, member: Member) -> Path:
+    return out / "members" / f"sigma={member.noise_scale:g}" / f"seed={member.seed}.json"
 
 
-def evaluate_at(model: nn.Module, dm, noise_scale: float, batch_size: int = 1000) -> float:
-    """Accuracy of ``model`` on the validation split with noise at ``noise_scale``."""
-    images, labels = dm.noisy("val", noise_scale), dm.split_labels("val")
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.inference_mode():
-        correct = sum((model(images[i : i + batch_size].to(device)).argmax(1) == labels[i : i + batch_size].to(device)).sum().item() for i in range(0, len(labels), batch_size))
-    return correct / len(labels)
+class Study:
+    """A study's folder and plan: which members it has, which are finished, which this command trains.
+
+    Args:
+        out: the folder.
+        identity: every option that decides a result (``study.yaml``).
+        resolved: the command's full resolved config (``config.yaml``).
+        members: every member of the study.
+        task: train only the members of ``seeds[task]``; None: every member.
+        gather: train nothing, only gather and report.
+    """
+
+    def __init__(self, out: Path, identity: dict, resolved: dict, members: list[Member], task: int | None, gather: bool):
+        self.out, self.identity, self.resolved, self.members = out, identity, resolved, members
+        self.task, self.gather_only = task, gather
+        self.study_id = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
+        seeds = sorted({m.seed for m in members}, key=[m.seed for m in members].index)
+        mine = [m for m in members if task is None or m.seed == seeds[task]]
+        self.to_train = [] if gather else [m for m in mine if not result_file(out, m).is_file()]
+        self._locks: list = []
+
+    @classmethod
+    def plan(cls, parser, config) -> "Study":
+        """Checks the command against its folder, creating nothing.
+
+        Raises:
+            ValueError: bad study options, or a folder that holds another study or no study.
+        """
+        options = config.sweep
+        resolved = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False))["sweep"]
+        identity = {k: v for k, v in flatten(resolved).items() if k not in NOT_IDENTITY}
+        members = study_members(options.scales, options.seeds)
+        if options.task is not None and not 0 <= options.task < len(options.seeds):
+            raise ValueError(f"Expected `task` to be in [0, {len(options.seeds)}), one task per seed of {options.seeds}, but got {options.task}")
+        out = Path(options.out)
+        if out.exists():
+            if not out.is_dir():
+                raise ValueError(f"Expected `out` to be a study folder, but {out} is a file")
+            if not (out / "study.yaml").is_file() and any(out.iterdir()):
+                raise ValueError(f"Expected `out` to be a new folder or a study folder, but {out} holds other files and no study.yaml; choose another --out")
+            if (out / "study.yaml").is_file():
+                recorded = yaml.safe_load((out / "study.yaml").read_text())
+                differ = sorted(k for k in set(recorded) | set(identity) if recorded.get(k, "<unset>") != identity.get(k, "<unset>"))
+                if differ:
+                    changes = "; ".join(f"{k}: {recorded.get(k, '<unset>')!r} there, {identity.get(k, '<unset>')!r} now" for k in differ)
+                    raise ValueError(
+                        f"{out} holds a study made with other options ({changes}). Its results cannot mix with this "
+                        "command's: use a new --out, or rerun with the options it was made with to resume or extend it"
+                    )
+        check_writable(out, "out")
+        study = cls(out, identity, resolved, members, options.task, options.gather)
+        if options.gather:
+            study.missing()  # nothing to train: a gather needs no GPU time to say what is missing
+        return study
+
+    def configure(self, config) -> None:
+        """Sets the model and data to the members this command trains, and TensorBoard and checkpoints to the folder."""
+        train = self.to_train or self.members  # nothing to train: the classes are built, never fitted
+        scales = sorted({m.noise_scale for m in train}, key=[m.noise_scale for m in train].index)
+        seeds = sorted({m.seed for m in train}, key=[m.seed for m in train].index)
+        for target in (config.data, config.model):
+            target.scales, target.seeds = scales, seeds  # a product of σ and seeds covering them
+        config.trainer.logger = {
+            "class_path": "noise_robustness.run_logger.RunLogger",
+            "init_args": {"save_dir": str(self.out), "name": "tensorboard", "version": "", "default_hp_metric": False},
+        }
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """One folder per group of members trained together: a rerun resumes the group it interrupted."""
+        names = ",".join(m.name for m in self.to_train)
+        return self.out / "checkpoints" / hashlib.blake2b(names.encode(), digest_size=6).hexdigest()
+
+    def start(self) -> None:
+        """Creates the folder, records the study, and locks the members this command trains.
+
+        Raises:
+            ValueError: another command is training one of them.
+        """
+        (self.out / "locks").mkdir(parents=True, exist_ok=True)
+        if not (self.out / "study.yaml").is_file():
+            write_atomic(self.out / "study.yaml", yaml.safe_dump(self.identity, sort_keys=True))
+        write_atomic(self.out / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+        for member in self.to_train:
+            lock = open(self.out / "locks" / f"{member.name.replace('/', ',')}.lock", "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"Another command is training member {member.name} of {self.out}; let it finish (rerun this one afterwards to resume)") from None
+            self._locks.append(lock)  # held until this process ends
+
+    def write_results(self, network: str, epochs: int, model, datamodule) -> None:
+        """Writes each trained member's final metrics and its accuracy at every σ of the study."""
+        data = datamodule.hparams
+        for k, member in enumerate(model.members):
+            if member not in self.to_train:
+                continue  # trained alongside to make a product of σ and seeds; its result exists
+            result = {
+                "network": network, "noise_scale": member.noise_scale, "seed": member.seed, "noise_mode": data.noise_mode,
+                "clip": data.clip, "epochs": epochs, "study_id": self.study_id,
+                **{f"{stage}_{name}": float(model.epoch_metrics[f"{stage}/{name}"][k]) for stage in ("train", "val") for name in ("acc", "loss")},
+            }  # fmt: skip
+            robustness = [
+                {"network": network, "seed": member.seed, "train_noise_scale": member.noise_scale, "eval_noise_scale": scale, "acc": float(acc[k])}
+                for scale, acc in self.robustness.items()
+            ]
+            path = result_file(self.out, member)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps({"result": result, "robustness": robustness}, indent=1))
+
+    def missing(self) -> list[Member]:
+        """The study's members without results. Raises StudyIncomplete naming them, if any."""
+        missing = [m for m in self.members if not result_file(self.out, m).is_file()]
+        if missing:
+            names = ", ".join(m.name for m in missing)
+            raise StudyIncomplete(f"{len(missing)} of {len(self.members)} members of {self.out} have no results: {names}. Train them (rerun the sweep, or its failed tasks), then gather again")
+        return missing
+
+    def gather(self) -> tuple[list[dict], list[dict]]:
+        """Writes ``results.csv`` and ``robustness.csv`` from the members' files; returns their rows."""
+        self.missing()
+        runs = [json.loads(result_file(self.out, m).read_text()) for m in self.members]
+        results = [run["result"] for run in runs]
+        robustness = [row for run in runs for row in run["robustness"] if row["eval_noise_scale"] in {m.noise_scale for m in self.members}]
+        write_atomic(self.out / "results.csv", csv_text(RESULT_COLUMNS, results))
+        write_atomic(self.out / "robustness.csv", csv_text(ROBUSTNESS_COLUMNS, robustness))
+        return results, robustness
 
 
-def run_args(model: str, scale: float, seed: int, args, passed: list[str]) -> list[str]:
-    """The ``fit`` arguments of one run of the sweep."""
-    name = f"{model.rpartition('.')[2]}_scale_{scale:g}_seed_{seed}"
-    return [
-        "fit",
-        f"--model.net={model}",
-        f"--data.noise_scale={scale}",
-        f"--data.noise_mode={args.noise_mode}",
-        f"--data.clip={args.clip}",
-        f"--data.noise_seed={seed}",
-        f"--seed_everything={seed}",
-        f"--trainer.max_epochs={args.epochs}",
-        "--trainer.devices=1",  # one process: "auto" would start DDP on a many-GPU machine
-        f"--trainer.logger.init_args.save_dir={Path(args.out) / 'tb_logs'}",
-        f"--trainer.logger.init_args.name={name}",
-        *passed,
-    ]
+def robustness(model, datamodule, scales: list[float]) -> dict[float, object]:
+    """Each member's validation accuracy with the noise of every σ in ``scales`` (its own seed's pattern)."""
+    return {scale: model.accuracy(datamodule.loader("val", [Member(scale, m.seed) for m in model.members])) for scale in scales}
 
 
-def check_options(args, passed: list[str]) -> tuple[list[float], dict[str, str]]:
-    """Checks the sweep's options before anything runs; returns (σ list, {class path: model name})."""
-    if not args.scales:
-        raise ValueError("Expected `scales` to be a non-empty list of noise levels, but got []")
-    scales = [check_noise_scale(s, "scales") for s in args.scales]
-    if not args.seeds:
-        raise ValueError("Expected `seeds` to be a non-empty list of integers, but got []")
-    if args.epochs <= 0:
-        raise ValueError(f"Expected `epochs` to be a positive integer, but got {args.epochs}")
-    check_noise_mode(args.noise_mode)
-    if not args.models:
-        raise ValueError("Expected `models` to be a non-empty list of class paths, but got []")
-    models = {path: resolve_model(path).__name__ for path in args.models}
-    runs = len(models) * len(args.seeds) * len(scales)
-    if args.run_index is not None and not 0 <= args.run_index < runs:
-        raise ValueError(f"Expected `run_index` to be in [0, {runs}), the runs of this sweep, but got {args.run_index}")
-    options = dict(token[2:].split("=", 1) for token in passed)
-    for key in ("trainer.devices", "trainer.num_nodes"):
-        if options.get(key, "1") != "1":
-            raise ValueError(
-                f"Expected `{key}` to be 1 in a sweep, which trains its runs one after another in one process, "
-                f"but got {options[key]}. For many devices, run each fit with DDP, or the sweep as a SLURM job "
-                "array (scripts/slurm_sweep_array.sh)"
-            )
-    return scales, models
+def say(text: str) -> None:
+    print(f"[sweep] {text}", file=sys.stderr, flush=True)
 
 
-def run_sweep(argv: list[str] | None = None) -> Path:
-    """Runs (or resumes) the sweep described by ``argv``; returns its output folder."""
-    own, passed = split_passthrough(sys.argv[1:] if argv is None else argv)
-    sys.argv[1:] = []  # each run gets its arguments from the sweep, not from this command line
-    parser = build_parser()
-    args = parser.parse_args(own)
+def run_study(trainer: pl.Trainer, model, datamodule, study: Study) -> None:
+    """Trains the members ``study`` has not finished, in one fit (resuming an interrupted one), and reports."""
+    if study.gather_only:
+        return report(study, datamodule)
+    done = len(study.members) - len([m for m in study.members if not result_file(study.out, m).is_file()])
+    if study.to_train:
+        study.start()
+        say(f"{study.out}: training {len(study.to_train)} member(s) side by side ({done} of {len(study.members)} finished earlier)")
+        checkpoint = study.checkpoint_dir / "last.ckpt"
+        trainer.checkpoint_callback.dirpath = str(study.checkpoint_dir)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
+        network = type(model.net.member(0)).__name__
+        study.robustness = robustness(model, datamodule, sorted({m.noise_scale for m in study.members}))
+        study.write_results(network, trainer.max_epochs, model, datamodule)
+    else:
+        say(f"{study.out}: every member of this command finished earlier")
+    if study.task is None:
+        report(study, datamodule)
+    else:
+        say(f"task {study.task} done; gather the study with the same command and --gather true")
+
+
+def report(study: Study, datamodule) -> None:
+    """Gathers the members' results into the tables and figures (and TensorBoard)."""
+    from noise_robustness.report import write_report
+
     try:
-        scales, models = check_options(args, passed)
-    except ValueError as err:
-        parser.error(str(err))
-    plan = [(path, s, seed) for path in models for seed in args.seeds for s in scales]
-    out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    for number, (path, scale, seed) in enumerate(plan, 1):
-        if args.run_index is not None and number - 1 != args.run_index:
-            continue
-        name = models[path]
-        # One file per finished run, written last and atomically: it is the run's "finished" mark.
-        done = out / "runs" / f"{name}_scale_{scale:g}_{args.noise_mode}_seed_{seed}_epochs_{args.epochs}.json"
-        label = f"run {number}/{len(plan)}: {name}, noise_scale={scale:g}, noise_mode={args.noise_mode}, seed={seed}"
-        if done.exists():
-            print(f"[sweep] {label}: finished earlier, skipped", file=sys.stderr, flush=True)
-            continue
-        if args.report_only:
-            print(f"[sweep] {label}: not finished, left out of the report", file=sys.stderr, flush=True)
-            continue
-        print(f"[sweep] {label}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        cli = cli_main(run_args(path, scale, seed, args, passed))
-        seconds = time.perf_counter() - start
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-        result = [name, scale, args.noise_mode, seed, args.epochs, *(metrics[k] for k in ("train/acc", "val/acc", "train/loss", "val/loss")), round(seconds, 2)]
-        robustness = [
-            {"model": name, "seed": seed, "train_noise_scale": scale, "eval_noise_scale": s, "acc": evaluate_at(cli.model, cli.datamodule, s)}
-            for s in scales
-        ]
-        write_atomic(done, json.dumps({"result": dict(zip(RESULT_COLUMNS, result)), "robustness": robustness}, indent=1))
-        gather(out)
-        del cli  # free this run's model and noisy data before the next run makes its own
-        gc.collect()  # the Trainer, module and DataModule refer to each other
-
-    results, robustness = gather(out)
-    if args.run_index is not None:  # one task of a job array: the last, plain `sweep` call draws the figures
-        return out
-    # The preview's DataModule is built exactly as the runs' are (data options included), not trained.
-    dm = cli_main(run_args(args.models[0], 0.0, args.seeds[0], args, passed)[1:], run=False).datamodule
-    dm.prepare_data()
-    dm.setup("fit")
-    write_report(out, results, robustness, dm, scales)
-    print(f"[sweep] done: {out}/summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png", file=sys.stderr)
-    return out
+        results, robustness_rows = study.gather()
+    except StudyIncomplete as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    datamodule.setup("validate")
+    write_report(study.out, results, robustness_rows, datamodule, [m.noise_scale for m in study.members if m.seed == study.members[0].seed])
+    say(f"done: {study.out}/results.csv, summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png")
