@@ -44,14 +44,16 @@ def trainer_defaults() -> dict:
     return {
         "max_epochs": 20,
         "num_sanity_val_steps": 0,  # the study validates after every epoch anyway
+        "log_every_n_steps": 1,  # nothing is logged per step; this only silences a warning about short epochs
         "enable_progress_bar": interactive,  # a log file gets one line per epoch instead
         "logger": {
             "class_path": "noise_robustness.run_logger.RunLogger",
             "init_args": {"save_dir": "tb_logs", "default_hp_metric": False},
         },
         "callbacks": [
-            # The last epoch's state, to resume from; no "best" checkpoint: each member has its own best.
-            ModelCheckpoint(save_last=True, save_top_k=0),
+            # The newest epoch's state, to resume from, and `last.ckpt` linking to it (one write per
+            # epoch); no "best" checkpoint: each member has its own best.
+            ModelCheckpoint(save_top_k=1, save_last="link"),
             NoisySamples(),
             StudyHParams(),
             *([] if interactive else [EpochLines()]),
@@ -112,6 +114,8 @@ def check_owned(tokens: list[str], files: list[str]) -> None:
     for key, instead in OWNED.items():
         if key in given:
             raise ValueError(f"`{key}` is set per member by the study: use {instead} instead")
+    if tokens and tokens[0] == "sweep" and "ckpt_path" in given:
+        raise ValueError("`ckpt_path` is chosen by the study: rerun the same sweep command to resume it")
 
 
 def with_epochs_alias(tokens: list[str]) -> list[str]:
@@ -190,7 +194,13 @@ class NoiseCLI(LightningCLI):
             parser.error(str(err))
         if tokens and tokens[0] == "sweep":
             tokens = with_epochs_alias(tokens)
-        super().parse_arguments(parser, tokens)
+        self.config = parser.parse_args(tokens)  # what LightningCLI does, with the alias resolved
+        ckpt_path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
+        if ckpt_path not in (None, "last"):  # before LightningCLI reads it, which fails with a traceback
+            try:
+                check_checkpoint(ckpt_path)
+            except ValueError as err:
+                parser.error(str(err))
 
     def before_instantiate_classes(self) -> None:
         try:
@@ -202,12 +212,9 @@ class NoiseCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if self.subcommand in ("fit", "sweep") and (config.trainer.max_epochs is None or config.trainer.max_epochs <= 0):
             raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}")
-        ckpt_path = config.get("ckpt_path")
         if self.subcommand == "sweep":
             from noise_robustness.sweep import Study
 
-            if ckpt_path is not None:
-                raise ValueError("`ckpt_path` is chosen by the study: rerun the same sweep command to resume it")
             self.study = Study.plan(self.parser, self.config)  # checks the folder; creates nothing
             self.study.configure(config)
             self.save_config_callback = None  # the study keeps its own config.yaml in its folder
@@ -217,10 +224,8 @@ class NoiseCLI(LightningCLI):
             args = logger.init_args
             if args.name == DEFAULT_RUN_NAME:
                 args.name = run_name(config)
-            if ckpt_path == "last":
-                config.ckpt_path = ckpt_path = last_checkpoint(args.save_dir, args.name)
-        if ckpt_path is not None:
-            check_checkpoint(ckpt_path)
+            if config.get("ckpt_path") == "last":
+                config.ckpt_path = last_checkpoint(args.save_dir, args.name)
 
     def instantiate_classes(self) -> None:
         try:

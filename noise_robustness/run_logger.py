@@ -52,10 +52,16 @@ class RunLogger(TensorBoardLogger):
 
     def __init__(self, save_dir: str = "tb_logs", name: str | None = "lightning_logs", version: int | str | None = None, **kwargs):
         check_writable(save_dir, "trainer.logger.init_args.save_dir")
-        if version is None and rank_zero_only.rank == 0:  # other DDP ranks write nothing
-            version = claim_run_folder(Path(save_dir, name or ""))
         super().__init__(save_dir, name, version, **kwargs)
         self._member_writers: dict[str, SummaryWriter] = {}
+
+    @property
+    def version(self) -> int | str:
+        """The run's ``version_<n>``, claimed atomically when first asked for (never at construction, which
+        may still end in a bad-input error); other DDP ranks write nothing and take Lightning's default."""
+        if self._version is None and rank_zero_only.rank == 0:
+            self._version = claim_run_folder(self.root_dir)
+        return super().version
 
     def member_writer(self, member: Member, members: list[Member]) -> SummaryWriter:
         """The SummaryWriter of ``member``'s run."""

@@ -164,7 +164,7 @@ class StackedSequential(nn.Module):
                     out = layer.out_channels
                     layer.weight.copy_(w[k * out : (k + 1) * out])
                     layer.bias.copy_(b[k * out : (k + 1) * out])
-        return net
+        return net.train(self.training)
 
 
 class MemberLoop(nn.Module):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from noise_robustness import mnist
-from noise_robustness.data import NoisyMNISTDataModule, TensorBatches, shard_batches
+from noise_robustness.data import NoisyMNISTDataModule, shard_batches
 from noise_robustness.noise import add_noise, standard_normal
 
 
@@ -46,38 +46,48 @@ def test_shards_cover_the_split_once_in_equal_batch_counts(n, world_size, batch_
         assert torch.equal(seen, order)
 
 
-def test_loader_serves_indexed_rows_of_the_whole_tensors(data_dir):
-    dm = ready(data_dir, noise_scale=0.5, batch_size=1000)
-    loader = TensorBatches(dm.train_images, dm.split_labels("train"), 1000, lambda: (3, 0, 1), shuffle_seed=0)
-    idx = torch.cat(loader.batches())
-    images, labels = map(torch.cat, zip(*loader))
-    assert len(loader) == 60 and len(labels) == 60000
-    assert torch.equal(images, dm.train_images(3)[idx]) and torch.equal(labels, dm.split_labels("train")[idx])
-    assert not torch.equal(idx, torch.arange(60000))  # shuffled ...
-    assert torch.equal(idx, torch.cat(loader.batches()))  # ... the same way for the same epoch
+def all_positions(dm, split: str) -> dict[int, torch.Tensor]:
+    return {seed: torch.arange(dm.split_size(split)) for seed in dm.seeds}
 
 
-def test_noise_of_an_image_is_independent_of_batching_split_and_instance(data_dir):
-    a = ready(data_dir, noise_scale=1.0, batch_size=32)
-    b = ready(data_dir, noise_scale=1.0, batch_size=1000, val_holdout=5000)
+def test_loader_serves_each_member_its_own_composed_rows(data_dir):
+    dm = ready(data_dir, scales=[0.0, 0.5], seeds=[0, 1], batch_size=1000)
+    loader = dm.loader("train", shuffle=True)
+    by_seed = loader.batches(3, 0, 1)
+    images, labels = map(lambda t: torch.cat(t, dim=1), zip(*(dm.noisy_images("train", {s: b[i] for s, b in by_seed.items()}, epoch=3) for i in range(60))))
+    assert len(loader) == 60 and images.shape == (4, 60000, 1, 28, 28) and labels.shape == (4, 60000)
+    full, full_labels = dm.noisy_images("train", all_positions(dm, "train"))
+    for k, member in enumerate(dm.members):  # member k's batches are rows of its own noisy split
+        order = torch.cat(by_seed[member.seed])
+        assert torch.equal(images[k], full[k][order]) and torch.equal(labels[k], full_labels[k][order])
+    assert not torch.equal(torch.cat(by_seed[0]), torch.cat(by_seed[1]))  # each seed shuffles its own way
+    assert all(torch.equal(a, b) for a, b in zip(by_seed[0], loader.batches(3, 0, 1)[0]))  # the same way per epoch
+    assert not torch.equal(torch.cat(by_seed[0]), torch.arange(60000))
+
+
+def test_noise_of_an_image_is_independent_of_batching_split_and_study(data_dir):
+    a = ready(data_dir, scales=[1.0], batch_size=32)
+    b = ready(data_dir, scales=[0.0, 1.0], seeds=[5, 0], batch_size=1000, val_holdout=5000)
+    full = a.noisy_images("train", all_positions(a, "train"))[0][0]
     held_out = b.splits["val"][1]
-    assert torch.equal(a.train_images(0)[held_out], b.eval_images["val"])
+    assert torch.equal(full[held_out], b.noisy_images("val", all_positions(b, "val"))[0][3])  # member (1.0, seed 0)
     kept = b.splits["train"][1]
-    assert torch.equal(a.train_images(0)[kept], b.train_images(0))
-    assert torch.equal(a.eval_images["val"], b.eval_images["test"])
+    assert torch.equal(full[kept], b.noisy_images("train", all_positions(b, "train"))[0][3])
+    assert torch.equal(a.noisy_images("val", all_positions(a, "val"))[0], b.noisy_images("test", all_positions(b, "test"))[0][3:])
 
 
 @pytest.mark.parametrize(("sigma", "clip", "holdout"), [(0.5, False, 0), (2.0, True, 0), (1.0, False, 5000)])
 def test_the_datamodule_serves_exactly_the_pure_noise_function(data_dir, sigma, clip, holdout):
-    dm = ready(data_dir, noise_scale=sigma, clip=clip, val_holdout=holdout, noise_seed=4)
+    dm = ready(data_dir, scales=[sigma], seeds=[4], clip=clip, val_holdout=holdout)
     images = mnist.load(data_dir, train=True)[0].float() / 255
     expected = add_noise(images, sigma, standard_normal(60000, (1, 28, 28), seed=4, split="train"), clip)
-    assert torch.equal(dm.train_images(0), expected[dm.splits["train"][1]])
+    assert torch.equal(dm.noisy_images("train", all_positions(dm, "train"))[0][0], expected[dm.splits["train"][1]])
 
 
 def noisy_digest(data_dir: str, noise_mode: str, epoch: int) -> str:
-    dm = ready(data_dir, noise_scale=0.5, noise_mode=noise_mode)
-    return hashlib.sha256(dm.train_images(epoch).numpy().tobytes()).hexdigest()
+    dm = ready(data_dir, scales=[0.5], noise_mode=noise_mode)
+    images = dm.noisy_images("train", all_positions(dm, "train"), epoch=epoch)[0]
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest()
 
 
 def test_noise_is_identical_across_processes(data_dir):
@@ -87,21 +97,26 @@ def test_noise_is_identical_across_processes(data_dir):
 
 
 def test_fixed_noise_stays_and_resampled_noise_changes_per_epoch(data_dir):
-    fixed = ready(data_dir, noise_scale=0.5)
-    assert torch.equal(fixed.train_images(0), fixed.train_images(5))
-    resample = ready(data_dir, noise_scale=0.5, noise_mode="resample")
-    first = resample.train_images(0).clone()
-    assert torch.equal(first, fixed.train_images(0))
-    assert not torch.isclose(resample.train_images(1), first).all(dim=(1, 2, 3)).any()
-    assert torch.equal(resample.eval_images["val"], fixed.eval_images["val"])  # validation stays fixed
+    def train(dm, epoch):
+        return dm.noisy_images("train", all_positions(dm, "train"), epoch=epoch)[0][0]
+
+    fixed = ready(data_dir, scales=[0.5])
+    assert torch.equal(train(fixed, 0), train(fixed, 5))
+    resample = ready(data_dir, scales=[0.5], noise_mode="resample")
+    first = train(resample, 0).clone()
+    assert torch.equal(first, train(fixed, 0))
+    assert not torch.isclose(train(resample, 1), first).all(dim=(1, 2, 3)).any()
+    val = all_positions(fixed, "val")
+    assert torch.equal(resample.noisy_images("val", val, epoch=3)[0], fixed.noisy_images("val", val)[0])  # validation stays fixed
 
 
 def test_splits_and_clean_pixels(data_dir):
-    dm = ready(data_dir, noise_scale=0.0)
-    assert torch.equal(dm.train_images(0), dm.clean("train"))
-    assert dm.clean("train").min() == 0 and dm.clean("train").max() == 1
-    assert len(dm.eval_images["val"]) == 10000  # the MNIST test split, as the original study
-    assert torch.bincount(dm.split_labels("val")).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    dm = ready(data_dir)
+    clean = dm.noisy_images("train", all_positions(dm, "train"))[0][0]
+    assert torch.equal(clean, mnist.load(data_dir, train=True)[0].float() / 255)
+    assert clean.min() == 0 and clean.max() == 1
+    assert dm.split_size("val") == 10000  # the MNIST test split, as the original study
+    assert torch.bincount(dm.labels("val")).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     held = ready(data_dir, val_holdout=5000)
     train, val = held.splits["train"][1], held.splits["val"][1]
     assert len(train) == 55000 and len(val) == 5000 and not set(train.tolist()) & set(val.tolist())
@@ -110,8 +125,11 @@ def test_splits_and_clean_pixels(data_dir):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"noise_scale": -1.0}, "`noise_scale`"),
-        ({"noise_scale": float("nan")}, "`noise_scale`"),
+        ({"scales": [0.0, -1.0]}, "Expected `scales` to be a finite number >= 0, but got -1.0"),
+        ({"scales": [float("nan")]}, "`scales`"),
+        ({"scales": []}, "Expected `scales` to be a non-empty list"),
+        ({"seeds": [1, 1]}, "Expected `seeds` to hold each value once"),
+        ({"seeds": [-1]}, "Expected `seeds` to be integers >= 0"),
         ({"noise_mode": "sometimes"}, "`noise_mode`"),
         ({"batch_size": 0}, "`batch_size`"),
         ({"val_holdout": 60000}, "`val_holdout`"),
@@ -145,4 +163,4 @@ def test_unwritable_data_dir_is_named(tmp_path):
 def test_a_users_own_mnist_copy_is_used(tmp_path, data_dir):
     shutil.copytree(f"{data_dir}/MNIST", tmp_path / "MNIST")
     dm = ready(str(tmp_path))
-    assert dm.images["train"].shape == (60000, 1, 28, 28)
+    assert dm.images["train"].shape == (60000, 1, 28, 28) and dm.images["train"].dtype == torch.uint8  # kept once, as bytes

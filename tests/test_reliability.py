@@ -23,42 +23,68 @@ def fails_cleanly(args: list[str], cwd: Path) -> str:
     return result.stderr
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model.net=noise_robustness.models.Transformer"], "model.net"),
-        (["--optimizer=torch.optim.Nonesuch"], "optimizer"),
-        (["--data.noise_scle=1"], "unrecognized arguments: --data.noise_scle=1"),
-        (["--data.batch_size=60001"], "Expected `batch_size` to be at most the 60000 training images, but got 60001"),
-        (["--data.val_holdout=-5"], "Expected `val_holdout` to be in [0, 60000), but got -5"),
-        (["--data.val_holdout=60000"], "Expected `val_holdout` to be in [0, 60000), but got 60000"),
-        (["--trainer.max_epochs=0"], "Expected `trainer.max_epochs` to be a positive integer, but got 0"),
-        (["--trainer.logger.init_args.save_dir=blocker/tb_logs"], "Expected `trainer.logger.init_args.save_dir` to be a folder this user can write"),
-        (["--data.data_dir=blocker/data"], "is `data_dir` writable?"),
-        (["--ckpt_path=last"], "Expected a checkpoint to resume with `--ckpt_path last`, but found no"),
-    ],
-)
-def test_bad_input_is_refused_before_training(args, message, tmp_path, monkeypatch, capsys):
+# Every bad input: (subcommand and options, a part of the one message it must give). Each is refused
+# before any data is read or any folder is made, in `fit` and in `sweep` alike where both take it.
+BAD_INPUT = [
+    (["fit", "--scales=[-1]"], "Expected `scales` to be a finite number >= 0, but got -1.0"),
+    (["fit", "--scales=[.nan]"], "Expected `scales` to be a finite number >= 0, but got nan"),
+    (["fit", "--scales=[.inf]"], "Expected `scales` to be a finite number >= 0, but got inf"),
+    (["fit", "--scales=[lots]"], "scales"),
+    (["sweep", "--scales=[]"], "Expected `scales` to be a non-empty list of noise levels, but got []"),
+    (["sweep", "--seeds=[0, 0]"], "Expected `seeds` to hold each value once, but got [0, 0]"),
+    (["fit", "--data.noise_mode=often"], "Expected `noise_mode` to be one of ('fixed', 'resample'), but got 'often'"),
+    (["fit", "--data.batch_size=0"], "Expected `batch_size` to be a positive integer, but got 0"),
+    (["fit", "--data.batch_size=60001"], "Expected `batch_size` to be at most the 60000 training images, but got 60001"),
+    (["fit", "--data.val_holdout=-5"], "Expected `val_holdout` to be in [0, 60000), but got -5"),
+    (["fit", "--data.val_holdout=60000"], "Expected `val_holdout` to be in [0, 60000), but got 60000"),
+    (["fit", "--trainer.max_epochs=0"], "Expected `trainer.max_epochs` to be a positive integer, but got 0"),
+    (["sweep", "--epochs=0"], "Expected `trainer.max_epochs` to be a positive integer, but got 0"),
+    (["fit", "--model.net=noise_robustness.models.Transformer"], "model.net"),
+    (["sweep", "--model.net=noise_robustness.models.Transformer"], "model.net"),
+    (["fit", "--optimizer=torch.optim.Nonesuch"], "optimizer"),
+    (["fit", "--data.noise_scle=1"], "unrecognized arguments: --data.noise_scle=1"),
+    # options the study sets per member: named, with the study option to use instead
+    (["fit", "--data.noise_scale=0.5"], "`data.noise_scale` is set per member by the study: use `--scales`"),
+    (["sweep", "--data.noise_seed=3"], "`data.noise_seed` is set per member by the study: use `--seeds`"),
+    (["sweep", "--seed_everything=3"], "`seed_everything` is set per member by the study: use `--seeds`"),
+    (["sweep", "--models=[noise_robustness.models.KerasCNN]"], "`models` is set per member by the study: use `--model.net`"),
+    (["sweep", "--data.scales=[1]"], 'Linked "data.scales" must be given via "scales"'),
+    (["fit", "--model.seeds=[1]"], 'Linked "model.seeds" must be given via "seeds"'),
+    (["sweep", "--task=3"], "Expected `task` to be in [0, 3), one task per seed of [0, 1, 2], but got 3"),
+    (["sweep", "--ckpt_path=x.ckpt"], "`ckpt_path` is chosen by the study: rerun the same sweep command to resume it"),
+    # files and folders
+    (["fit", "--trainer.logger.init_args.save_dir=blocker/tb_logs"], "Expected `trainer.logger.init_args.save_dir` to be a folder this user can write"),
+    (["sweep", "--out=blocker"], "Expected `out` to be a study folder, but blocker is a file"),
+    (["sweep", "--out=blocker/study"], "Expected `out` to be a folder this user can write"),
+    (["sweep", "--out=."], "Expected `out` to be a new folder or a study folder, but . holds other files and no study.yaml"),
+    (["fit", "--data.data_dir=blocker/data"], "is `data_dir` writable?"),
+    (["fit", "--ckpt_path=last"], "Expected a checkpoint to resume with `--ckpt_path last`, but found no"),
+    (["test", "--ckpt_path=missing.ckpt"], "Expected `ckpt_path` to be a checkpoint file (or `last`), but missing.ckpt does not exist"),
+    (["validate", "--ckpt_path=blocker"], "Expected `ckpt_path` to be a checkpoint file, but blocker is not one"),
+    (["fit", "--config=no_such.yaml"], "no_such.yaml"),
+    (["fit", "--config=empty.yaml"], "Expected the config file empty.yaml to hold options, but it is empty"),
+    (["sweep", "--config=broken.yaml"], "Expected the config file broken.yaml to be YAML, but it does not parse"),
+    (["fit", "--config=old.yaml"], "`data.noise_scale` is set per member by the study: use `--scales`"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_error_before_anything_starts(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "blocker").write_text("a file where a folder should be")
+    files = {"blocker": "a file where a folder should be", "empty.yaml": "", "broken.yaml": "data: [unclosed\n", "old.yaml": "data:\n  noise_scale: 0.5\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
     with pytest.raises(SystemExit) as exit:
-        cli_main(["fit", *args])
+        cli_main(args)
     assert exit.value.code not in (0, None)
     assert message in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) in (["blocker"], ["blocker", "data"])  # no run folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no data unpacked, no run or study folder
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [("", "Expected the config file run.yaml to hold options, but it is empty"), ("data: [unclosed\n", "Problems parsing config")],
-)
-def test_an_empty_or_broken_config_file_is_refused(content, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "run.yaml").write_text(content)
-    with pytest.raises(SystemExit) as exit:
-        cli_main(["fit", "--config=run.yaml"])
-    assert exit.value.code != 0 and message in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+def test_bad_input_from_the_shell_exits_non_zero_without_a_traceback(tmp_path):
+    stderr = fails_cleanly(["fit", "--scales=[-0.5]"], tmp_path)
+    assert stderr.strip().endswith("error: Expected `scales` to be a finite number >= 0, but got -0.5")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "wrong_shape"])
@@ -80,7 +106,7 @@ def test_a_damaged_data_file_is_named_with_its_fix(damage, data_dir, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupted_fit_resumes_to_the_same_result(signum, data_dir, tmp_path):
-    args = ["--data.noise_scale=0.5", "--data.noise_mode=resample", "--trainer.max_epochs=3"]
+    args = ["--scales=[0.5]", "--data.noise_mode=resample", "--trainer.max_epochs=3"]
     reference = cli_main(short_run(data_dir, tmp_path / "reference", "fit", *args, batches=10))
     interrupted = tmp_path / "interrupted"
     stop = ["--trainer.callbacks+=tests.signal_probe.SignalAt", f"--trainer.callbacks.signum={int(signum)}", "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=4"]
@@ -95,7 +121,7 @@ def test_an_interrupted_fit_resumes_to_the_same_result(signum, data_dir, tmp_pat
 
 
 def test_the_same_config_gives_identical_metrics(data_dir, tmp_path):
-    runs = [cli_main(short_run(data_dir, tmp_path, "fit", "--data.noise_scale=1.0", batches=10)) for _ in range(2)]
+    runs = [cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[1.0]", batches=10)) for _ in range(2)]
     first, second = (dict((k, v.item()) for k, v in run.trainer.callback_metrics.items()) for run in runs)
     assert first == second
 
