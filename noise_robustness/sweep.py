@@ -14,12 +14,14 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from noise_robustness.run_logger import check_writable
 from noise_robustness.study import Member, study_members
@@ -217,11 +219,19 @@ def run_study(trainer: pl.Trainer, model, datamodule, study: Study) -> None:
         return report(study, datamodule)
     done = len(study.members) - len([m for m in study.members if not result_file(study.out, m).is_file()])
     if study.to_train:
-        study.start()
+        try:
+            study.start()
+        except ValueError as err:  # a member is locked by another command
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
         say(f"{study.out}: training {len(study.to_train)} member(s) side by side ({done} of {len(study.members)} finished earlier)")
         checkpoint = study.checkpoint_dir / "last.ckpt"
         trainer.checkpoint_callback.dirpath = str(study.checkpoint_dir)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
+        except SIGTERMException:  # a cluster's time limit or pre-emption: say so, and fail visibly
+            say(f"stopped: rerun the same command to resume {study.out} from its last finished epoch")
+            sys.exit(128 + signal.SIGTERM)
         network = type(model.net.member(0)).__name__
         study.robustness = robustness(model, datamodule, sorted({m.noise_scale for m in study.members}))
         study.write_results(network, trainer.max_epochs, model, datamodule)

@@ -1,6 +1,9 @@
-"""The sweep, in-process and as a killed subprocess, on real MNIST with few batches."""
+"""The study as one model: its folder, identity, resume, extension, cluster tasks and report, on real MNIST."""
 
 import csv
+import fcntl
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,19 +12,28 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
-from noise_robustness.sweep import RESULT_COLUMNS, ROBUSTNESS_COLUMNS, run_sweep
+from noise_robustness.cli import cli_main
+from noise_robustness.sweep import RESULT_COLUMNS, ROBUSTNESS_COLUMNS
+
+REPO = Path(__file__).parents[1]
+METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
 
 
-def tiny(data_dir, out: Path, scales: str = "[0, 1.0]") -> list[str]:
+def tiny(data_dir, out: Path, *args: str, scales: str = "[0, 1.0]", seeds: str = "[0]", batches: int | None = 5) -> list[str]:
     return [
+        "sweep",
         f"--scales={scales}",
+        f"--seeds={seeds}",
         "--epochs=1",
         f"--out={out}",
         f"--data.data_dir={data_dir}",
-        "--trainer.limit_train_batches=5",
+        *([f"--trainer.limit_train_batches={batches}"] if batches else []),
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
+        *args,
     ]
 
 
@@ -32,84 +44,160 @@ def rows(path: Path) -> list[dict[str, str]]:
         return [r | {"_columns": reader.fieldnames} for r in reader]
 
 
-def test_a_tiny_sweep_writes_every_table_and_figure_and_resumes(data_dir, tmp_path, capsys):
-    out = run_sweep(tiny(data_dir, tmp_path / "sweep"))
+def member_rows(out: Path) -> dict[tuple[float, int], dict[str, str]]:
+    return {(float(r["noise_scale"]), int(r["seed"])): r for r in rows(out / "results.csv")}
+
+
+def sweep_fails(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit:
+        cli_main(args)
+    assert exit.value.code not in (0, None)
+    return capsys.readouterr().err
+
+
+def test_a_tiny_study_writes_every_table_figure_and_tensorboard_run_and_resumes(data_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    cli_main(tiny(data_dir, out, "--data.noise_mode=resample", seeds="[0, 1]"))
     results = rows(out / "results.csv")
-    assert [r["_columns"] for r in results] == [RESULT_COLUMNS] * 2
-    assert [(r["model"], float(r["noise_scale"]), r["noise_mode"], r["seed"], r["epochs"]) for r in results] == [
-        ("DropoutMLP", 0.0, "fixed", "0", "1"),
-        ("DropoutMLP", 1.0, "fixed", "0", "1"),
-    ]
+    assert [r["_columns"] for r in results] == [RESULT_COLUMNS] * 4
+    assert [(r["network"], float(r["noise_scale"]), int(r["seed"]), r["noise_mode"], r["epochs"]) for r in results] == [
+        ("DropoutMLP", 0.0, 0, "resample", "1"),
+        ("DropoutMLP", 1.0, 0, "resample", "1"),
+        ("DropoutMLP", 0.0, 1, "resample", "1"),
+        ("DropoutMLP", 1.0, 1, "resample", "1"),
+    ]  # the options it ran with, never a second copy of them
     for r in results:
-        assert all(0 <= float(r[k]) <= 1 for k in ("train_acc", "val_acc")) and float(r["seconds"]) > 0
+        assert all(0 <= float(r[k]) <= 1 for k in ("train_acc", "val_acc"))
     robustness = rows(out / "robustness.csv")
-    assert robustness[0]["_columns"] == ROBUSTNESS_COLUMNS and len(robustness) == 4
-    for r in results:  # the matrix's diagonal is the run's own val/acc, computed independently
-        own = next(m for m in robustness if m["train_noise_scale"] == m["eval_noise_scale"] == r["noise_scale"])
+    assert robustness[0]["_columns"] == ROBUSTNESS_COLUMNS and len(robustness) == 8
+    for r in results:  # the matrix's diagonal is the member's own val/acc, computed independently
+        own = next(m for m in robustness if m["seed"] == r["seed"] and m["train_noise_scale"] == m["eval_noise_scale"] == r["noise_scale"])
         assert float(own["acc"]) == pytest.approx(float(r["val_acc"]), abs=1e-6)
     for name in ("accuracy_vs_noise", "noise_preview", "robustness"):
         with Image.open(out / f"{name}.png") as image:
             assert image.format == "PNG" and image.size[0] > 300
     summary = (out / "summary.md").read_text()
-    assert "| 0 (clean) |" in summary and summary.index("| 0 (clean) |") < summary.index("| 1 |")
-    assert (out / "tb_logs" / "DropoutMLP_scale_1_seed_0" / "version_0" / "config.yaml").is_file()
-    assert "run 2/2: DropoutMLP, noise_scale=1" in capsys.readouterr().err
+    assert "seeds [0, 1] (mean ± std over 2 seeds)" in summary and summary.index("| 0 (clean) |") < summary.index("| 1 |")
+    config = (out / "config.yaml").read_text()
+    assert "noise_mode: resample" in config and "scales:" in config
 
-    run_sweep(tiny(data_dir, tmp_path / "sweep"))  # again: nothing to train
-    assert "run 2/2: DropoutMLP, noise_scale=1, noise_mode=fixed, seed=0: finished earlier, skipped" in capsys.readouterr().err
-    assert rows(out / "results.csv") == results
-    assert not (out / "tb_logs" / "DropoutMLP_scale_1_seed_0" / "version_1").exists()
+    runs = sorted(str(p.parent.relative_to(out / "tensorboard")) for p in (out / "tensorboard").glob("sigma=*/seed=*/events.*"))
+    assert sorted(set(runs)) == ["sigma=0/seed=0", "sigma=0/seed=1", "sigma=1/seed=0", "sigma=1/seed=1"]
+    member = EventAccumulator(str(out / "tensorboard" / "sigma=1" / "seed=1"))
+    member.Reload()
+    assert set(member.Tags()["scalars"]) == {"train/acc", "train/loss", "val/acc", "val/loss"}
+    assert [s.step for s in member.Scalars("val/acc")] == [1]  # against the epoch
+    assert member.Scalars("val/acc")[0].value == pytest.approx(float(results[3]["val_acc"]))
+    session = plugin_data_pb2.HParamsPluginData.FromString(member.SummaryMetadata("_hparams_/session_start_info").plugin_data.content)
+    values = session.session_start_info.hparams
+    assert (values["sigma"].number_value, values["seed"].number_value) == (1.0, 1.0)
+    assert values["clip"].HasField("bool_value") and values["network"].string_value == "DropoutMLP"
+    root = EventAccumulator(str(out / "tensorboard"))
+    root.Reload()
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(root.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
+    assert [h.name for h in experiment.hparam_infos][:2] == ["sigma", "seed"]  # the columns that differ come first
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "train/acc", "val/loss", "train/loss"]
+    assert set(root.Tags()["images"]) == {"study/accuracy_vs_noise", "study/noise_preview", "study/robustness"}
 
-
-def test_a_killed_sweep_resumes_without_losing_or_repeating_runs(data_dir, tmp_path):
-    out = tmp_path / "sweep"
-    args = tiny(data_dir, out, scales="[0, 0.5, 1.0]")
-    sweep = subprocess.Popen([sys.executable, "-m", "noise_robustness", "sweep", *args], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not ((out / "results.csv").exists() and len(rows(out / "results.csv")) == 1):
-        assert sweep.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    sweep.send_signal(signal.SIGKILL)  # while the second run trains
-    sweep.wait()
-    first = rows(out / "results.csv")
-    assert len(first) == 1
-    run_sweep(args)
-    results = rows(out / "results.csv")
-    assert results[0] == first[0]
-    assert [float(r["noise_scale"]) for r in results] == [0.0, 0.5, 1.0]
-    assert len(rows(out / "robustness.csv")) == 9
-
-
-def test_job_array_tasks_each_train_one_run_and_a_last_call_reports(data_dir, tmp_path, capsys):
-    args = tiny(data_dir, tmp_path / "sweep", scales="[0, 0.5, 1.0]")
-    run_sweep([*args, "--run_index=2"])
-    assert [float(r["noise_scale"]) for r in rows(tmp_path / "sweep" / "results.csv")] == [1.0]
-    assert not (tmp_path / "sweep" / "summary.md").exists()  # a task leaves the report to the last call
-    for index in (1, 0):  # tasks finish in any order
-        run_sweep([*args, f"--run_index={index}"])
     capsys.readouterr()
-    run_sweep([*args, "--report_only=true"])
-    assert capsys.readouterr().err.count("finished earlier, skipped") == 3
-    assert [float(r["noise_scale"]) for r in rows(tmp_path / "sweep" / "results.csv")] == [0.0, 0.5, 1.0]
-    assert (tmp_path / "sweep" / "accuracy_vs_noise.png").is_file()
+    cli_main(tiny(data_dir, out, "--data.noise_mode=resample", seeds="[0, 1]"))  # again: nothing to train
+    assert "every member of this command finished earlier" in capsys.readouterr().err
+    assert rows(out / "results.csv") == results
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--run_index=6"], "Expected `run_index` to be in [0, 6), the runs of this sweep, but got 6"),
-        (["--trainer.devices", "2"], "Expected `trainer.devices` to be 1 in a sweep"),
-        (["--scales=[]"], "Expected `scales` to be a non-empty list of noise levels, but got []"),
-        (["--scales=[0, -0.5]"], "Expected `scales` to be a finite number >= 0, but got -0.5"),
-        (["--models=[noise_robustness.models.Transformer]"], "Expected each of `models` to be the class path of an nn.Module"),
-        (["--models=[os.path]"], "but got 'os.path'"),
-        (["--epochs=0"], "Expected `epochs` to be a positive integer, but got 0"),
-        (["--noise_mode=sometimes"], "`noise_mode`"),
-    ],
-)
-def test_bad_sweep_options_fail_before_any_training(args, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit:
-        run_sweep([*args, f"--out={tmp_path / 'sweep'}"])
-    assert exit.value.code != 0
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "sweep").exists()
+@pytest.mark.parametrize("change", ["--data.clip=true", "--data.val_holdout=5000", "--model.lr=0.01", "--trainer.limit_train_batches=7"])
+def test_a_changed_option_is_refused_naming_the_keys(change, data_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    cli_main(tiny(data_dir, out))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    message = sweep_fails(tiny(data_dir, out, change), capsys)
+    key = change[2:].split("=")[0]
+    assert f"{out} holds a study made with other options ({key}: " in message and "use a new --out" in message
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing trained, nothing written
+
+
+def test_added_seeds_and_levels_train_only_the_new_members(data_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    cli_main(tiny(data_dir, out))
+    first = member_rows(out)
+    finished = {p: p.stat().st_mtime_ns for p in (out / "members").rglob("*.json")}
+    capsys.readouterr()
+    cli_main(tiny(data_dir, out, scales="[0, 1.0, 2.0]", seeds="[0, 1]"))
+    assert "training 4 member(s) side by side (2 of 6 finished earlier)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # reused, not retrained
+    both = member_rows(out)
+    assert set(both) == {(s, seed) for s in (0.0, 1.0, 2.0) for seed in (0, 1)}
+    assert all(both[key] == first[key] for key in first)
+
+
+def test_cluster_tasks_train_one_seed_each_and_the_gather_names_what_is_missing(data_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = tiny(data_dir, out, seeds="[0, 1, 2]")
+    for task in (2, 0):  # tasks finish in any order; task 1 "failed"
+        cli_main([*args, f"--task={task}"])
+    assert not (out / "summary.md").exists()  # a task leaves the report to the gather
+    message = sweep_fails([*args, "--gather=true"], capsys)
+    assert "2 of 6 members of" in message and "have no results: sigma=0/seed=1, sigma=1/seed=1" in message
+    assert not (out / "summary.md").exists() and not (out / "results.csv").exists()  # never a report over missing rows
+    cli_main([*args, "--task=1"])
+    cli_main([*args, "--gather=true"])
+    assert sorted(member_rows(out)) == [(s, seed) for s in (0.0, 1.0) for seed in (0, 1, 2)]
+    assert (out / "accuracy_vs_noise.png").is_file()
+
+
+def test_a_member_in_training_elsewhere_is_not_trained_twice(data_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    cli_main(tiny(data_dir, out, scales="[0]"))
+    (out / "locks").mkdir(exist_ok=True)
+    with open(out / "locks" / "sigma=1,seed=0.lock", "a") as lock:  # another command holds this member
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = sweep_fails(tiny(data_dir, out, scales="[0, 1.0]"), capsys)
+    assert f"Another command is training member sigma=1/seed=0 of {out}" in message
+    assert not (out / "members" / "sigma=1").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_result_files_are_as_readable_as_the_umask_allows(umask, data_dir, tmp_path):
+    old = os.umask(umask)
+    try:
+        cli_main(tiny(data_dir, tmp_path / "study", scales="[0]"))
+    finally:
+        os.umask(old)
+    for name in ("results.csv", "robustness.csv", "study.yaml", "config.yaml", "members/sigma=0/seed=0.json"):
+        assert (tmp_path / "study" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def start_sweep(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "noise_robustness", *args], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def test_a_study_stopped_by_sigterm_resumes_to_the_same_numbers(data_dir, tmp_path):
+    args = ["--epochs=4", "--data.noise_mode=resample"]
+    reference = tmp_path / "reference"
+    cli_main(tiny(data_dir, reference, *args, seeds="[0, 1]", batches=40))
+    out = tmp_path / "stopped"
+    study = start_sweep(tiny(data_dir, out, *args, seeds="[0, 1]", batches=40))
+    deadline = time.monotonic() + 120
+    while not list(out.glob("checkpoints/*/last.ckpt")):  # the end of epoch 1
+        assert study.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    study.send_signal(signal.SIGTERM)  # during epoch 2, as a cluster's time limit would
+    _, stderr = study.communicate(timeout=120)
+    assert study.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped: rerun the same command to resume" in stderr
+    assert not (out / "members").exists()  # it really stopped mid-study
+    cli_main(tiny(data_dir, out, *args, seeds="[0, 1]", batches=40))
+    resumed, uninterrupted = member_rows(out), member_rows(reference)
+    for key, row in uninterrupted.items():
+        assert {m: resumed[key][m] for m in METRICS} == {m: row[m] for m in METRICS}, key  # bit for bit on the CPU
+
+
+@pytest.mark.slow
+def test_a_member_after_one_epoch_scores_as_its_fit_alone(data_dir, tmp_path):
+    cli_main(tiny(data_dir, tmp_path / "study", scales="[0, 0.5, 2.0]", seeds="[0, 4]", batches=None))
+    alone = cli_main(["fit", "--scales=[0.5]", "--seeds=[4]", "--trainer.max_epochs=1", f"--data.data_dir={data_dir}",
+                      f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    member = member_rows(tmp_path / "study")[(0.5, 4)]
+    assert abs(float(member["val_acc"]) - alone.trainer.callback_metrics["val/acc"].item()) < 0.003
+    record = json.loads((tmp_path / "study" / "members" / "sigma=0.5" / "seed=4.json").read_text())
+    assert record["result"]["study_id"] == member["study_id"]
