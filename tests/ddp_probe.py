@@ -1,4 +1,4 @@
-"""A callback for the DDP tests: saves what each rank trained on, and rank zero's final metrics."""
+"""A callback for the DDP tests: saves what each rank trained on, and rank zero's final metrics per member."""
 
 from pathlib import Path
 
@@ -7,21 +7,22 @@ import torch
 
 
 class RecordBatches(pl.Callback):
-    """Saves ``<out>/rank<r>_epoch<e>.pt``: this rank's training index batches and the images it was served."""
+    """Saves ``<out>/rank<r>_epoch<e>.pt``: this rank's position batches per seed and the images it was served."""
 
     def __init__(self, out: str):
         self.out = Path(out)
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.indices, self.images = trainer.train_dataloader.batches(), []
+        self.positions = trainer.train_dataloader.batches(trainer.current_epoch, trainer.global_rank, trainer.world_size)
+        self.images = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.images.append(batch[0].clone())
 
     def on_train_epoch_end(self, trainer, pl_module):
-        record = {"indices": self.indices, "images": self.images, "world_size": trainer.world_size}
+        record = {"positions": self.positions, "images": self.images, "world_size": trainer.world_size}
         torch.save(record, self.out / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.pt")
 
     def on_fit_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            torch.save({k: v.item() for k, v in trainer.callback_metrics.items()}, self.out / "metrics.pt")
+            torch.save({k: v.tolist() for k, v in pl_module.epoch_metrics.items()}, self.out / "metrics.pt")
