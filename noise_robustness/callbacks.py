@@ -45,7 +45,7 @@ class NoisySamples(pl.Callback):
             clean, _ = dm.noisy_images(split, positions, clean_members)
             for k, member in enumerate(members):
                 writer = logger.member_writer(member, members)
-                writer.add_image(f"samples/{split}_clean_above_noisy", sample_grid(clean[k], noisy[k]), global_step=0)
+                writer.add_image(f"{split}/samples_clean_above_noisy", sample_grid(clean[k], noisy[k]), global_step=0)
 
 
 class StudyHParams(pl.Callback):

@@ -9,7 +9,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
-from noise_robustness.study import Member
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from noise_robustness.study import Member, run_names
 
 FINAL_METRICS = ("val/acc", "train/acc", "val/loss", "train/loss")  # the HParams table's metric columns
 
@@ -46,7 +48,7 @@ def check_writable(folder: str | Path, argument: str) -> None:
 class RunLogger(TensorBoardLogger):
     """TensorBoardLogger that claims each new ``version_<n>`` atomically and gives every member its own run.
 
-    Member ``sigma=0.5/seed=0`` of a study writes to ``<log_dir>/sigma=0.5/seed=0/`` (a study of one
+    Member (σ = 0.5, seed 0) of a study writes to ``<log_dir>/sigma=0.5/seed=0/`` (a study of one
     member writes to ``<log_dir>`` itself), so TensorBoard overlays the members per tag.
     """
 
@@ -66,7 +68,8 @@ class RunLogger(TensorBoardLogger):
     def member_writer(self, member: Member, members: list[Member]) -> SummaryWriter:
         """The SummaryWriter of ``member``'s run."""
         if member.name not in self._member_writers:
-            folder = Path(self.log_dir) / member.name if len(members) > 1 else Path(self.log_dir)
+            name = run_names(members)[members.index(member)]
+            folder = Path(self.log_dir) / name if len(members) > 1 else Path(self.log_dir)
             self._member_writers[member.name] = SummaryWriter(str(folder))
         return self._member_writers[member.name]
 
@@ -87,18 +90,23 @@ class RunLogger(TensorBoardLogger):
         TensorBoard knows σ and seed differ); each member's run holds its own values. Its metric
         columns show the last value of each member's ``train/*`` and ``val/*`` curves.
         """
-        columns = {
-            "sigma": sorted({m.noise_scale for m in members}),
-            "seed": sorted({m.seed for m in members}),
-            **{name: [value] for name, value in constants.items()},
-        }
+        # TensorBoard shows numbers with five digits ("128.00"): integers go as text, to read as such.
+        shown = {name: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for name, v in constants.items()}
+        values = {m: {"sigma": m.noise_scale, "seed": str(m.seed), **shown} for m in members}
+        columns = {name: sorted({v[name] for v in values.values()}) for name in values[members[0]]}
         config = hp.hparams_config_pb(hparams=[hp.HParam(n, hp.Discrete(v)) for n, v in columns.items()], metrics=[hp.Metric(t) for t in FINAL_METRICS])
+        # TensorBoard lists the columns that differ first (and shows only the first few by default).
+        content = config.value[0].metadata.plugin_data
+        data = plugin_data_pb2.HParamsPluginData.FromString(content.content)
+        for info in data.experiment.hparam_infos:
+            info.differs = len(columns[info.name]) > 1
+        content.content = data.SerializeToString()
         root = SummaryWriter(self.log_dir)
         root.file_writer.add_summary(config)
         root.close()
         for member in members:
             writer = self.member_writer(member, members)
-            writer.file_writer.add_summary(hp.hparams_pb({"sigma": member.noise_scale, "seed": member.seed, **constants}))
+            writer.file_writer.add_summary(hp.hparams_pb(values[member]))
             writer.flush()
 
     @rank_zero_only

@@ -14,8 +14,22 @@ class Member:
 
     @property
     def name(self) -> str:
-        """``sigma=0.5/seed=0``: its TensorBoard run, sorting by σ then seed."""
+        """``sigma=0.5/seed=0``: how results and messages name it."""
         return f"sigma={self.noise_scale:g}/seed={self.seed}"
+
+
+def run_names(members: list[Member]) -> list[str]:
+    """Each member's TensorBoard run, ``sigma=0.5/seed=0``, written so that they sort numerically as text.
+
+    TensorBoard sorts runs as strings ("0.5/" before "0/", "1020" before "25.5"), so σ gets the
+    study's widest integer part and most decimals ("sigma=0.0" ... "sigma=4.0"; "sigma=0025.5"),
+    and seeds the widest seed.
+    """
+    decimals = max(len(f"{m.noise_scale:g}".partition(".")[2]) for m in members)
+    sigmas = [f"{m.noise_scale:.{decimals}f}" for m in members]
+    width = max(len(s) for s in sigmas)
+    seed_width = max(len(str(m.seed)) for m in members)
+    return [f"sigma={s.zfill(width)}/seed={m.seed:0{seed_width}d}" for s, m in zip(sigmas, members)]
 
 
 def study_members(scales: list[float], seeds: list[int]) -> list[Member]:

@@ -42,14 +42,14 @@ def test_every_config_fits_and_writes_a_tensorboard_run(config, data_dir, tmp_pa
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     tags = events(run_dir).Tags()
     assert set(tags["scalars"]) == METRIC_TAGS  # per epoch; no `epoch` ramp, no per-step noise
-    assert set(tags["images"]) == {"samples/train_clean_above_noisy", "samples/val_clean_above_noisy"}
+    assert set(tags["images"]) == {"train/samples_clean_above_noisy", "val/samples_clean_above_noisy"}
 
 
 def test_a_run_logs_per_epoch_metrics_noisy_samples_and_its_hparams(data_dir, tmp_path):
     cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[0.5]", "--seeds=[2]", "--data.noise_mode=resample", "--trainer.max_epochs=2"))
     run_dir = tmp_path / "tb_logs" / "scale_0.5" / "version_0"
     acc = events(run_dir)
-    grid = acc.Images("samples/train_clean_above_noisy")[0]
+    grid = acc.Images("train/samples_clean_above_noisy")[0]
     assert (grid.width, grid.height) >= (8 * 30, 4 * 30)  # 16 clean above 16 noisy, 8 a row
     assert [s.step for s in acc.Scalars("val/acc")] == [1, 2]  # plotted against the epoch
     hparams = acc.summary_metadata

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from noise_robustness.classifier import NoiseClassifier
@@ -14,6 +15,7 @@ HOLDOUT = 58_001  # leaves 1,999 training images: shards of 1,000 and 999, and 5
 SCALES, SEEDS = [0.0, 0.5], [0, 1]
 
 
+@pytest.mark.slow
 def test_two_processes_split_every_epoch_exactly_and_agree_with_one(data_dir, tmp_path):
     command = [
         sys.executable, "-m", "noise_robustness", "fit",

@@ -87,6 +87,7 @@ def test_bad_input_from_the_shell_exits_non_zero_without_a_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "wrong_shape"])
 def test_a_damaged_data_file_is_named_with_its_fix(damage, data_dir, tmp_path):
     shutil.copytree(f"{data_dir}/MNIST", tmp_path / "data" / "MNIST")
@@ -104,6 +105,7 @@ def test_a_damaged_data_file_is_named_with_its_fix(damage, data_dir, tmp_path):
     assert not (tmp_path / "tb_logs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupted_fit_resumes_to_the_same_result(signum, data_dir, tmp_path):
     args = ["--scales=[0.5]", "--data.noise_mode=resample", "--trainer.max_epochs=3"]

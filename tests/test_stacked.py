@@ -138,3 +138,14 @@ def test_the_fast_rmsprop_step_is_torchs(data_dir, batches):
     for fast, reference in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(fast, reference, rtol=1e-6, atol=1e-9)
     assert not torch.equal(next(models[0].parameters()), next(NoiseClassifier(scales=[0.5], seeds=[1]).parameters()))  # it trained
+
+
+def test_member_run_names_sort_as_numbers():
+    from noise_robustness.study import run_names, study_members
+
+    main = run_names(study_members([0, 0.1, 0.5, 1, 2, 4], [0, 1]))
+    assert main[:6] == ["sigma=0.0/seed=0", "sigma=0.1/seed=0", "sigma=0.5/seed=0", "sigma=1.0/seed=0", "sigma=2.0/seed=0", "sigma=4.0/seed=0"]
+    for scales, seeds in (([0, 0.1, 0.5, 1, 2, 4], [0, 2, 10]), ([0, 25.5, 127.5, 255, 510, 1020], [0])):
+        members = study_members(scales, seeds)
+        by_name = [m for _, m in sorted(zip(run_names(members), members))]
+        assert by_name == sorted(members, key=lambda m: (m.noise_scale, m.seed))

@@ -1,0 +1,171 @@
+"""How fast is the study? Our member-epoch against a plain PyTorch loop, the FLOP floor, and whole studies.
+
+Times, interleaved (A B A B ...):
+  (A) one training epoch of the default study's 6 members side by side, through the real CLI
+      (``fit --scales [0, 0.1, 0.5, 1, 2, 4]``: our DataModule, LightningModule and Trainer, the fast
+      dropout and RMSprop), divided by 6: one member-epoch;
+  (B) the obvious hand-written loop for one network: ``DropoutMLP`` with torch's own ``nn.Dropout``
+      and ``torch.optim.RMSprop``, the same noisy images, ``randperm`` batches of 128.
+Then the FLOP floor of a member-epoch at this machine's measured SGEMM rate, and whole studies run
+as users run them (``python -m noise_robustness sweep ...`` in a child process): wall time, from
+the command to the figures, and peak memory.
+
+    python benchmarks/study_speed.py                  # pairs, the 1-seed and the 3-seed study (~16 min)
+    python benchmarks/study_speed.py --studies one    # pairs and the 1-seed study (~6 min)
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_timer by its class path
+
+from benchmarks.epoch_timer import EpochTimer  # noqa: E402
+from noise_robustness.cli import STUDY_SCALES, cli_main  # noqa: E402
+from noise_robustness.models import DropoutMLP, KerasCNN  # noqa: E402
+
+MLP_FLOP_PER_IMAGE = 3 * 2 * (784 * 512 + 512 * 512 + 512 * 10)  # forward + backward (2x forward), multiply-adds x 2
+CNN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10)
+SIGMA = 1.0  # the plain loop's noise level
+STUDIES = {  # name: (extra sweep options, target seconds)
+    "one": (["--seeds=[0]"], 240),
+    "three": ([], 720),
+}
+
+
+def member_epoch(data_dir: str, out: str, net: str = "noise_robustness.models.DropoutMLP", batches: int | None = None) -> tuple[float, float]:
+    """(A): one training epoch of the default study's members; returns (seconds per member-epoch, validation seconds)."""
+    cli = cli_main(
+        [
+            "fit",
+            f"--scales={STUDY_SCALES}",
+            f"--model.net={net}",
+            f"--data.data_dir={data_dir}",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.callbacks+=benchmarks.epoch_timer.EpochTimer",
+            *([f"--trainer.limit_train_batches={batches}"] if batches else []),
+        ]
+    )
+    timer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EpochTimer))
+    return timer.epochs[0]["train"] / len(STUDY_SCALES), timer.epochs[0]["val"]
+
+
+def plain_epoch(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
+    """(B): one epoch of the obvious eager loop; returns its seconds."""
+    torch.manual_seed(seed)
+    model = DropoutMLP().train()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    start = time.perf_counter()
+    correct, loss_sum = torch.zeros(()), torch.zeros(())
+    for idx in torch.randperm(len(labels)).split(128):
+        x, y = images[idx], labels[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        correct += (logits.argmax(1) == y).sum()  # the running train accuracy and loss, as (A) keeps
+        loss_sum += loss.detach() * len(y)
+    (correct / len(labels)).item(), (loss_sum / len(labels)).item()
+    return time.perf_counter() - start
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+# Linux counts the memory a process had when it was forked into its child's peak, so a child of this
+# (large) process would report this process's size. A small launcher forks the command instead.
+LAUNCHER = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(process.pid, 0)
+wall = time.perf_counter() - start
+if os.waitstatus_to_exitcode(status):
+    sys.exit(process.stderr.read().decode()[-3000:])
+print(wall, usage.ru_maxrss)
+"""
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """Runs ``command``; returns (wall seconds, peak resident memory in GB) of that process."""
+    result = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *command], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr}")
+    wall, kib = result.stdout.split()
+    return float(wall), int(kib) / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):7.3f} s  [{min(values):.3f}, {max(values):.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved (A, B) pairs")
+    parser.add_argument("--studies", default="one,three", help="whole studies to time: one (1 seed), three (3 seeds), or none")
+    parser.add_argument("--cnn_batches", type=int, default=100, help="training batches of the timed CNN member-epoch (0: skip)")
+    parser.add_argument("--data_dir", default=str(REPO / "data"))
+    args = parser.parse_args()
+    sys.argv[1:] = []  # the in-process fits take their arguments from cli_main's list
+
+    from noise_robustness.data import NoisyMNISTDataModule
+
+    dm = NoisyMNISTDataModule(scales=[SIGMA], data_dir=args.data_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    images, labels = dm.noisy_images("train", {0: torch.arange(dm.split_size("train"))})
+    images, labels = images[0], labels[0]
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; {len(labels)} images an epoch", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a_train, a_val, b_train = [], [], []
+        for _ in range(args.pairs):
+            train, val = member_epoch(args.data_dir, tmp)
+            a_train.append(train)
+            a_val.append(val)
+            b_train.append(plain_epoch(images, labels))
+        gflops = sgemm_gflops()
+        floor = MLP_FLOP_PER_IMAGE * len(labels) / (gflops * 1e9)
+        a, b = statistics.median(a_train), statistics.median(b_train)
+        ratios = [x / y for x, y in zip(a_train, b_train)]  # per pair: both halves saw the same machine state
+        print(f"A  our member-epoch (6 members / 6)  {spread(a_train)}")
+        print(f"B  plain PyTorch loop, one network   {spread(b_train)}")
+        print(f"A/B                                  {statistics.median(ratios):.3f}   median of per-pair ratios [{min(ratios):.3f}, {max(ratios):.3f}]  (target <= 1.0)")
+        print(f"FLOP floor of a member-epoch         {floor:.3f} s at {gflops:.0f} GFLOP/s SGEMM;  A/floor {a / floor:.2f}  B/floor {b / floor:.2f}")
+        print(f"validation of 6 members (A)          {spread(a_val)}  = {statistics.median(a_val) / (6 * a):.1%} of their training epoch", flush=True)
+        if args.cnn_batches:
+            cnn, _ = member_epoch(args.data_dir, tmp, "noise_robustness.models.KerasCNN", args.cnn_batches)
+            cnn_floor = CNN_FLOP_PER_IMAGE * 128 * args.cnn_batches / (gflops * 1e9)
+            epoch = cnn * len(labels) / (128 * args.cnn_batches)
+            print(f"CNN member-epoch (from {args.cnn_batches} batches)     {epoch:.1f} s; floor {cnn_floor * len(labels) / (128 * args.cnn_batches):.1f} s, ratio {cnn / cnn_floor:.2f}; "
+                  f"a 6 σ x 3 seed x 20 epoch study ~ {18 * 20 * epoch / 60:.0f} min", flush=True)  # fmt: skip
+
+        for name in [s for s in args.studies.split(",") if s in STUDIES]:
+            options, target = STUDIES[name]
+            command = [sys.executable, "-m", "noise_robustness", "sweep", *options, f"--out={tmp}/{name}", f"--data.data_dir={args.data_dir}"]
+            wall, rss = run_measured(command)
+            verdict = "met" if wall <= target else "NOT met"
+            print(f"study, {name} seed(s), 6 σ x 20 epochs   wall {wall:.1f} s (target <= {target}: {verdict}), peak memory {rss:.2f} GB (target <= 2)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
