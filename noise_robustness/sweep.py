@@ -32,6 +32,7 @@ ROBUSTNESS_COLUMNS = ["network", "seed", "train_noise_scale", "eval_noise_scale"
 NOT_IDENTITY = {
     "config", "out", "task", "gather", "ckpt_path", "scales", "seeds", "data.scales", "data.seeds", "model.scales", "model.seeds",
     "data.data_dir", "data.download", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes",  # a study's tasks may run on GPUs, its gather on a CPU
 }  # fmt: skip
 
 
@@ -109,6 +110,12 @@ class Study:
         members = study_members(options.scales, options.seeds)
         if options.task is not None and not 0 <= options.task < len(options.seeds):
             raise ValueError(f"Expected `task` to be in [0, {len(options.seeds)}), one task per seed of {options.seeds}, but got {options.task}")
+        if str(options.trainer.devices) not in ("auto", "1") or options.trainer.num_nodes != 1:
+            raise ValueError(
+                f"Expected `trainer.devices` and `trainer.num_nodes` to be 1 in a study, which trains its members side by side "
+                f"in one process, but got {options.trainer.devices} and {options.trainer.num_nodes}; spread a study over devices "
+                "as tasks, one seed each (--task, scripts/slurm_study.sh)"
+            )
         out = Path(options.out)
         if out.exists():
             if not out.is_dir():
@@ -137,6 +144,7 @@ class Study:
         seeds = sorted({m.seed for m in train}, key=[m.seed for m in train].index)
         for target in (config.data, config.model):
             target.scales, target.seeds = scales, seeds  # a product of σ and seeds covering them
+        config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
         config.trainer.logger = {
             "class_path": "noise_robustness.run_logger.RunLogger",
             "init_args": {"save_dir": str(self.out), "name": "tensorboard", "version": "", "default_hp_metric": False},

@@ -50,6 +50,7 @@ BAD_INPUT = [
     (["sweep", "--models=[noise_robustness.models.KerasCNN]"], "`models` is set per member by the study: use `--model.net`"),
     (["sweep", "--data.scales=[1]"], 'Linked "data.scales" must be given via "scales"'),
     (["fit", "--model.seeds=[1]"], 'Linked "model.seeds" must be given via "seeds"'),
+    (["sweep", "--trainer.devices=2"], "Expected `trainer.devices` and `trainer.num_nodes` to be 1 in a study"),
     (["sweep", "--task=3"], "Expected `task` to be in [0, 3), one task per seed of [0, 1, 2], but got 3"),
     (["sweep", "--ckpt_path=x.ckpt"], "`ckpt_path` is chosen by the study: rerun the same sweep command to resume it"),
     # files and folders
