@@ -100,7 +100,8 @@ class StackedSequential(nn.Module):
                 self.weights.append(torch.stack([layer.weight.detach().t() for layer in layers]))
                 self.biases.append(torch.stack([layer.bias.detach()[None] for layer in layers]))
             elif isinstance(layers[0], nn.Conv2d):  # [K * out, in, kh, kw]: group k is member k
-                self.weights.append(torch.cat([layer.weight.detach() for layer in layers]))
+                # channels-last: oneDNN's grouped convolutions run ~1.5x faster so on a CPU
+                self.weights.append(torch.cat([layer.weight.detach() for layer in layers]).contiguous(memory_format=torch.channels_last))
                 self.biases.append(torch.cat([layer.bias.detach() for layer in layers]))
 
     def start_epoch(self, epoch: int, rank: int) -> None:
@@ -125,7 +126,7 @@ class StackedSequential(nn.Module):
             layer = layers[i]
             if isinstance(layer, nn.Conv2d):
                 if not conv:
-                    x, conv = x.transpose(0, 1).reshape(batch, -1, *x.shape[-2:]), True
+                    x, conv = x.transpose(0, 1).reshape(batch, -1, *x.shape[-2:]).contiguous(memory_format=torch.channels_last), True
                 w, b = self.weights[param], self.biases[param]
                 x = F.conv2d(x, w, b, layer.stride, layer.padding, groups=k)
                 param += 1
@@ -139,6 +140,11 @@ class StackedSequential(nn.Module):
                 x = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding)
             elif isinstance(layer, nn.ReLU):
                 following = layers[i + 1] if i + 1 < len(layers) else None
+                if isinstance(following, nn.MaxPool2d):
+                    # max-pool first, then ReLU on a quarter of the values: the same numbers and
+                    # gradients (ReLU is monotone, so it commutes with max)
+                    layers[i], layers[i + 1] = following, layer
+                    continue
                 if self.training and isinstance(following, nn.Dropout) and following.p > 0:
                     x = self._dropout(x, following.p, relu=True, conv=conv)
                     i += 1  # the dropout is done
