@@ -5,7 +5,9 @@ Times, interleaved (A B A B ...):
       (``fit --scales [0, 0.1, 0.5, 1, 2, 4]``: our DataModule, LightningModule and Trainer, the fast
       dropout and RMSprop), divided by 6: one member-epoch;
   (B) the obvious hand-written loop for one network: ``DropoutMLP`` with torch's own ``nn.Dropout``
-      and ``torch.optim.RMSprop``, the same noisy images, ``randperm`` batches of 128.
+      and ``torch.optim.RMSprop``, the same noisy images, ``randperm`` batches of 128;
+  (C) when a Python with TensorFlow is given (``--keras_python``), the original notebook's Keras
+      recipe on the same images (``benchmarks/keras_epoch.py``, in a child process).
 Then the FLOP floor of a member-epoch at this machine's measured SGEMM rate, and whole studies run
 as users run them (``python -m noise_robustness sweep ...`` in a child process): wall time, from
 the command to the figures, and peak memory.
@@ -82,6 +84,21 @@ def plain_epoch(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> fl
     return time.perf_counter() - start
 
 
+def keras_epoch(python: str, images: torch.Tensor, labels: torch.Tensor, folder: str) -> float:
+    """(C): one epoch of the Keras recipe (after a warm-up epoch), in a child process; returns its seconds."""
+    import numpy as np
+
+    paths = [Path(folder, "keras_images.npy"), Path(folder, "keras_labels.npy")]
+    if not paths[0].exists():
+        np.save(paths[0], images.flatten(1).numpy())
+        np.save(paths[1], labels.numpy())
+    command = [python, str(REPO / "benchmarks" / "keras_epoch.py"), *map(str, paths), "1"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if result.returncode:
+        raise RuntimeError(f"the Keras recipe failed:\n{result.stderr[-3000:]}")
+    return float(result.stdout.split()[-1])
+
+
 def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -124,6 +141,7 @@ def main() -> None:
     parser.add_argument("--studies", default="one,three", help="whole studies to time: one (1 seed), three (3 seeds), or none")
     parser.add_argument("--cnn_batches", type=int, default=100, help="training batches of the timed CNN member-epoch (0: skip)")
     parser.add_argument("--data_dir", default=str(REPO / "data"))
+    parser.add_argument("--keras_python", default=None, help="a Python with TensorFlow: also time the original Keras recipe (C)")
     args = parser.parse_args()
     sys.argv[1:] = []  # the in-process fits take their arguments from cli_main's list
 
@@ -137,18 +155,24 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; {len(labels)} images an epoch", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        a_train, a_val, b_train = [], [], []
+        a_train, a_val, b_train, c_train = [], [], [], []
         for _ in range(args.pairs):
             train, val = member_epoch(args.data_dir, tmp)
             a_train.append(train)
             a_val.append(val)
             b_train.append(plain_epoch(images, labels))
+            if args.keras_python:
+                c_train.append(keras_epoch(args.keras_python, images, labels, tmp))
         gflops = sgemm_gflops()
         floor = MLP_FLOP_PER_IMAGE * len(labels) / (gflops * 1e9)
         a, b = statistics.median(a_train), statistics.median(b_train)
         ratios = [x / y for x, y in zip(a_train, b_train)]  # per pair: both halves saw the same machine state
         print(f"A  our member-epoch (6 members / 6)  {spread(a_train)}")
         print(f"B  plain PyTorch loop, one network   {spread(b_train)}")
+        if c_train:
+            print(f"C  the original Keras recipe         {spread(c_train)}   A/C {statistics.median([x / y for x, y in zip(a_train, c_train)]):.3f}")
+        else:
+            print("C  the original Keras recipe         not timed: pass --keras_python (a Python with TensorFlow)")
         print(f"A/B                                  {statistics.median(ratios):.3f}   median of per-pair ratios [{min(ratios):.3f}, {max(ratios):.3f}]  (target <= 1.0)")
         print(f"FLOP floor of a member-epoch         {floor:.3f} s at {gflops:.0f} GFLOP/s SGEMM;  A/floor {a / floor:.2f}  B/floor {b / floor:.2f}")
         print(f"validation of 6 members (A)          {spread(a_val)}  = {statistics.median(a_val) / (6 * a):.1%} of their training epoch", flush=True)
