@@ -96,21 +96,22 @@ def config_files(tokens: list[str]) -> list[str]:
     return files + [token.split("=", 1)[1] for token in tokens if token.startswith("--config=")]
 
 
-def flat_keys(tree: dict, prefix: str = "") -> set[str]:
-    """``{"data": {"clip": 1}}`` -> ``{"data.clip"}``."""
-    keys = set()
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"data": {"clip": False}}`` -> ``{"data.clip": False}``; a ``class_path`` entry stays one value."""
+    flat = {}
     for key, value in tree.items():
-        keys.add(prefix + str(key))
-        if isinstance(value, dict):
-            keys |= flat_keys(value, f"{prefix}{key}.")
-    return keys
+        if isinstance(value, dict) and value and "class_path" not in value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def check_owned(tokens: list[str], files: list[str]) -> None:
     """Raises ValueError naming the study option to use when a study-owned key is given."""
     given = {token[2:].split("=", 1)[0] for token in tokens if token.startswith("--")}
     for path in files:
-        given |= {key for key in flat_keys(yaml.safe_load(Path(path).read_text()) or {})}
+        given |= set(flatten(yaml.safe_load(Path(path).read_text()) or {}))
     for key, instead in OWNED.items():
         if key in given:
             raise ValueError(f"`{key}` is set per member by the study: use {instead} instead")
@@ -148,7 +149,7 @@ class StudyTrainer(pl.Trainer):
         """
         from noise_robustness.sweep import run_study  # the report's plotting is imported only here
 
-        run_study(self, model, datamodule, self.study)
+        run_study(self, model, datamodule, self.study)  # the plan NoiseCLI made from the config and the folder
 
 
 class NoiseCLI(LightningCLI):

@@ -5,6 +5,7 @@ in ``resample`` mode); a batch for member k is composed when it is served, as
 ``clean[idx] + σ_k · z_seed(k)[idx]``, so K members never cost K noisy copies of the data.
 """
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,12 +46,13 @@ class MemberBatches:
     """Serves ``(images [K, B, 1, 28, 28], labels [K, B])`` batches of a split: no per-sample Python, no collate.
 
     Args:
-        compose: ``(positions by seed, epoch) -> (images, labels)`` for every member.
+        compose: ``(positions by seed, epoch=...) -> (images, labels)`` for every member.
         size: images in the split.
         seeds: the study's seeds; each shuffles with its own permutation per epoch.
         batch_size: images per batch and process.
         position: returns ``(epoch, rank, world_size)`` when an epoch starts.
         shuffle: shuffle each epoch (seeded by (seed, epoch), the same on every rank) or keep the order.
+        device: where the position batches go (the device the data lives on).
     """
 
     def __init__(
@@ -83,7 +85,7 @@ class MemberBatches:
         epoch, rank, world_size = self.position()
         by_seed = self.batches(epoch, rank, world_size)
         for step in range(len(by_seed[self.seeds[0]])):
-            yield self.compose({seed: batches[step] for seed, batches in by_seed.items()}, epoch)
+            yield self.compose({seed: batches[step] for seed, batches in by_seed.items()}, epoch=epoch)
 
 
 class NoisyMNISTDataModule(pl.LightningDataModule):
@@ -198,7 +200,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
     def loader(self, split: str, members: list[Member] | None = None, shuffle: bool = False) -> MemberBatches:
         """Batches of ``split`` for ``members`` (default: the study's)."""
         seeds = sorted({m.seed for m in (members or self.members)})
-        compose = lambda positions, epoch: self.noisy_images(split, positions, members, epoch)  # noqa: E731
+        compose = functools.partial(self.noisy_images, split, members=members)
         return MemberBatches(compose, self.split_size(split), seeds, self.hparams.batch_size, self._position, shuffle, self.device)
 
     def train_dataloader(self) -> MemberBatches:

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from noise_robustness.cli import flatten
 from noise_robustness.run_logger import check_writable
 from noise_robustness.study import Member, study_members
 
@@ -38,17 +39,6 @@ NOT_IDENTITY = {
 
 class StudyIncomplete(ValueError):
     """A gather found members without results."""
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"data": {"clip": False}}`` -> ``{"data.clip": False}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and "class_path" not in value:
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -92,7 +82,7 @@ class Study:
         self.out, self.identity, self.resolved, self.members = out, identity, resolved, members
         self.task, self.gather_only = task, gather
         self.study_id = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
-        seeds = sorted({m.seed for m in members}, key=[m.seed for m in members].index)
+        seeds = list(dict.fromkeys(m.seed for m in members))
         mine = [m for m in members if task is None or m.seed == seeds[task]]
         self.to_train = [] if gather else [m for m in mine if not result_file(out, m).is_file()]
         self._locks: list = []
@@ -140,8 +130,7 @@ class Study:
     def configure(self, config) -> None:
         """Sets the model and data to the members this command trains, and TensorBoard and checkpoints to the folder."""
         train = self.to_train or self.members  # nothing to train: the classes are built, never fitted
-        scales = sorted({m.noise_scale for m in train}, key=[m.noise_scale for m in train].index)
-        seeds = sorted({m.seed for m in train}, key=[m.seed for m in train].index)
+        scales, seeds = list(dict.fromkeys(m.noise_scale for m in train)), list(dict.fromkeys(m.seed for m in train))
         for target in (config.data, config.model):
             target.scales, target.seeds = scales, seeds  # a product of σ and seeds covering them
         config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
@@ -225,7 +214,7 @@ def run_study(trainer: pl.Trainer, model, datamodule, study: Study) -> None:
     """Trains the members ``study`` has not finished, in one fit (resuming an interrupted one), and reports."""
     if study.gather_only:
         return report(study, datamodule)
-    done = len(study.members) - len([m for m in study.members if not result_file(study.out, m).is_file()])
+    done = sum(result_file(study.out, m).is_file() for m in study.members)
     if study.to_train:
         try:
             study.start()
@@ -261,5 +250,5 @@ def report(study: Study, datamodule) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     datamodule.setup("validate")
-    write_report(study.out, results, robustness_rows, datamodule, [m.noise_scale for m in study.members if m.seed == study.members[0].seed])
+    write_report(study.out, results, robustness_rows, datamodule, list(dict.fromkeys(m.noise_scale for m in study.members)))
     say(f"done: {study.out}/results.csv, summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png")
