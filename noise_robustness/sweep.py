@@ -128,7 +128,7 @@ class Study:
         return study
 
     def configure(self, config) -> None:
-        """Sets the model and data to the members this command trains, and TensorBoard and checkpoints to the folder."""
+        """Sets the model and data to the members this command trains, one process, and TensorBoard into the folder."""
         train = self.to_train or self.members  # nothing to train: the classes are built, never fitted
         scales, seeds = list(dict.fromkeys(m.noise_scale for m in train)), list(dict.fromkeys(m.seed for m in train))
         for target in (config.data, config.model):
