@@ -8,6 +8,7 @@ import torch
 from torchvision.utils import make_grid
 
 from noise_robustness.run_logger import RunLogger
+from noise_robustness.study import Member
 
 
 def _run_logger(trainer: pl.Trainer) -> RunLogger | None:
@@ -38,7 +39,7 @@ class NoisySamples(pl.Callback):
         if logger is None:
             return
         members, dm = pl_module.members, trainer.datamodule
-        clean_members = [type(m)(0.0, m.seed) for m in members]
+        clean_members = [Member(0.0, m.seed) for m in members]
         for split in ("train", "val"):
             positions = {m.seed: torch.arange(self.n, device=dm.device) for m in members}  # split order: no shuffle
             noisy, _ = dm.noisy_images(split, positions, members)

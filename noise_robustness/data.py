@@ -184,10 +184,9 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
         rows = {seed: idx[p] for seed, p in positions.items()}
         clean = {seed: self.images[file][r].float().div_(255) for seed, r in rows.items()}
-        images = []
-        for m in members:
-            z = self.patterns(file, m.seed, noise_epoch)[rows[m.seed]] if m.noise_scale else None  # σ = 0: no draw
-            images.append(add_noise(clean[m.seed], m.noise_scale, z, self.hparams.clip))
+        noisy_seeds = {m.seed for m in members if m.noise_scale}  # σ = 0 needs no draw
+        z = {seed: self.patterns(file, seed, noise_epoch)[r] for seed, r in rows.items() if seed in noisy_seeds}  # once per seed
+        images = [add_noise(clean[m.seed], m.noise_scale, z.get(m.seed), self.hparams.clip) for m in members]
         labels = torch.stack([self.file_labels[file][rows[m.seed]] for m in members])
         return torch.stack(images), labels
 

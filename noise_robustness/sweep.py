@@ -163,8 +163,8 @@ class Study:
                 raise ValueError(f"Another command is training member {member.name} of {self.out}; let it finish (rerun this one afterwards to resume)") from None
             self._locks.append(lock)  # held until this process ends
 
-    def write_results(self, network: str, epochs: int, model, datamodule) -> None:
-        """Writes each trained member's final metrics and its accuracy at every σ of the study."""
+    def write_results(self, network: str, epochs: int, model, datamodule, accuracy: dict[float, object]) -> None:
+        """Writes each trained member's final metrics and its accuracy at every σ of the study (``accuracy``: σ -> [K])."""
         data = datamodule.hparams
         for k, member in enumerate(model.members):
             if member not in self.to_train:
@@ -176,7 +176,7 @@ class Study:
             }  # fmt: skip
             robustness = [
                 {"network": network, "seed": member.seed, "train_noise_scale": member.noise_scale, "eval_noise_scale": scale, "acc": float(acc[k])}
-                for scale, acc in self.robustness.items()
+                for scale, acc in accuracy.items()
             ]
             path = result_file(self.out, member)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +230,8 @@ def run_study(trainer: pl.Trainer, model, datamodule, study: Study) -> None:
             say(f"stopped: rerun the same command to resume {study.out} from its last finished epoch")
             sys.exit(128 + signal.SIGTERM)
         network = type(model.net.member(0)).__name__
-        study.robustness = robustness(model, datamodule, sorted({m.noise_scale for m in study.members}))
-        study.write_results(network, trainer.max_epochs, model, datamodule)
+        accuracy = robustness(model, datamodule, sorted({m.noise_scale for m in study.members}))
+        study.write_results(network, trainer.max_epochs, model, datamodule, accuracy)
     else:
         say(f"{study.out}: every member of this command finished earlier")
     if study.task is None:
