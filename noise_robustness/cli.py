@@ -233,6 +233,10 @@ class NoiseCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as err:  # our constructors' argument checks: a user error, not a bug
             self.parser.error(str(err))
+        # cuDNN's fastest convolution gradients add with atomics, in a new order on every run; its
+        # deterministic algorithms make a rerun on one machine type give the same numbers bit for bit
+        # (docs/reproducibility.md). No effect on a CPU.
+        torch.backends.cudnn.deterministic = True
         if self.subcommand == "sweep":
             self.trainer.study = self.study
         if self.subcommand:

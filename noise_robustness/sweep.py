@@ -203,6 +203,7 @@ class Study:
 
 def robustness(model, datamodule, scales: list[float]) -> dict[float, object]:
     """Each member's validation accuracy with the noise of every σ in ``scales`` (its own seed's pattern)."""
+    model.to(datamodule.device)  # the end of a fit moves the model to the CPU; the images stay on the trainer's device
     return {scale: model.accuracy(datamodule.loader("val", [Member(scale, m.seed) for m in model.members])) for scale in scales}
 
 
