@@ -136,7 +136,15 @@ def with_epochs_alias(tokens: list[str]) -> list[str]:
 class StudyTrainer(pl.Trainer):
     """The Trainer, with the study's ``sweep`` subcommand."""
 
-    def sweep(self, model: pl.LightningModule, datamodule: pl.LightningDataModule, out: str = "sweeps/noise_sweep", task: Optional[int] = None, gather: bool = False) -> None:
+    def sweep(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        out: str = "sweeps/noise_sweep",
+        task: Optional[int] = None,
+        gather: bool = False,
+        compare: Optional[list[str]] = None,
+    ) -> None:
         """Trains the whole study (every σ and seed) as one model, then writes its tables and figures.
 
         Args:
@@ -146,6 +154,9 @@ class StudyTrainer(pl.Trainer):
                 array's ``$SLURM_ARRAY_TASK_ID``) and write no report; ``--gather true`` reports.
             gather: train nothing: gather every member's results into the tables and figures; exits
                 non-zero, naming the members without results, if any are missing.
+            compare: finished study folders of other networks trained on the same noisy data (e.g.
+                ``docs/results/cnn``): their results join this study's summary and figures, side by
+                side; its csv files keep its own members.
         """
         from noise_robustness.sweep import run_study  # the report's plotting is imported only here
 

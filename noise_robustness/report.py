@@ -19,7 +19,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(results: list[dict]) -> dict[str, dict[float, dict[str, list[float]]]]:
-    """network -> σ -> {"train_acc": [per seed], "val_acc": [...], "gap": [...]}."""
+    """network (in the order of ``results``) -> σ -> {"train_acc": [per seed], "val_acc": [...], "gap": [...]}."""
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for row in results:
         cell = table[row["network"]][float(row["noise_scale"])]
@@ -35,10 +35,30 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def side_by_side(table: dict) -> list[str]:
+    """Validation accuracy (%) of every network at every σ, one column per network."""
+    networks = list(table)
+    scales = sorted({s for by_scale in table.values() for s in by_scale})
+    lines = [
+        "### Validation accuracy (%) by network",
+        "",
+        f"| σ | {' | '.join(networks)} |",
+        f"| ---: |{' ---: |' * len(networks)}",
+    ]
+    for scale in scales:
+        cells = [_fmt(table[n][scale]["val_acc"]) if scale in table[n] else "" for n in networks]
+        lines.append(f"| {scale:g}{' (clean)' if scale == 0 else ''} | {' | '.join(cells)} |")
+    return [*lines, ""]
+
+
 def summary_markdown(results: list[dict]) -> str:
-    """One table per network: rows = σ (clean first), train and validation accuracy (%) and their gap."""
-    lines = []
-    for network, by_scale in sorted(aggregate(results).items()):
+    """One table per network: rows = σ (clean first), train and validation accuracy (%) and their gap.
+
+    With several networks, a table of their validation accuracy side by side comes first.
+    """
+    table = aggregate(results)
+    lines = side_by_side(table) if len(table) > 1 else []
+    for network, by_scale in table.items():
         rows = [r for r in results if r["network"] == network]
         seeds = sorted({int(r["seed"]) for r in rows})
         settings = ", ".join(f"{key} {', '.join(sorted({str(r[key]) for r in rows}))}" for key in ("epochs", "noise_mode", "clip"))
@@ -65,7 +85,7 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
-    for colour, (network, by_scale) in zip(colours, sorted(aggregate(results).items())):
+    for colour, (network, by_scale) in zip(colours, aggregate(results).items()):
         scales = sorted(by_scale)
         for split, style in (("train_acc", "--"), ("val_acc", "-")):
             stats = [mean_std([100 * v for v in by_scale[s][split]]) for s in scales]
@@ -79,7 +99,7 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     ax.axhline(100 * majority, color="grey", lw=0.8, ls=":")
     ax.annotate(f"always the commonest digit: {100 * majority:.2f}%", (0, 100 * majority), xytext=(2, 3), textcoords="offset points", fontsize=8, color="grey")
     ax.set(xlabel="noise std σ (units of the [0, 1] pixel range)", ylabel="accuracy (%)", ylim=(0, 101))
-    seeds = len({r["seed"] for r in results})
+    seeds = len({int(r["seed"]) for r in results})
     ax.set_title(f"Accuracy after training at noise σ, mean ± std over {seeds} seed(s) (train: dropout on, over the last epoch)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -105,7 +125,7 @@ def preview_figure(images: torch.Tensor, scales: list[float]) -> Figure:
 
 def robustness_figure(robustness: list[dict]) -> Figure:
     """Heatmap per network: rows = training σ, columns = evaluation σ, cells = val accuracy (%), mean over seeds."""
-    networks = sorted({r["network"] for r in robustness})
+    networks = list(dict.fromkeys(r["network"] for r in robustness))
     fig = Figure(figsize=(5.5 * len(networks), 4.5))
     axes = fig.subplots(1, len(networks), squeeze=False)
     for ax, network in zip(axes[0], networks):

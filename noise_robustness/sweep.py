@@ -31,7 +31,7 @@ RESULT_COLUMNS = ["network", "noise_scale", "seed", "noise_mode", "clip", "epoch
 ROBUSTNESS_COLUMNS = ["network", "seed", "train_noise_scale", "eval_noise_scale", "acc"]
 # Keys that name where or how a study runs, not what it computes; they may differ between commands.
 NOT_IDENTITY = {
-    "config", "out", "task", "gather", "ckpt_path", "scales", "seeds", "data.scales", "data.seeds", "model.scales", "model.seeds",
+    "config", "out", "task", "gather", "compare", "ckpt_path", "scales", "seeds", "data.scales", "data.seeds", "model.scales", "model.seeds",
     "data.data_dir", "data.download", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes",  # a study's tasks may run on GPUs, its gather on a CPU
 }  # fmt: skip
@@ -76,11 +76,12 @@ class Study:
         members: every member of the study.
         task: train only the members of ``seeds[task]``; None: every member.
         gather: train nothing, only gather and report.
+        compare: finished studies of other networks, reported beside this one.
     """
 
-    def __init__(self, out: Path, identity: dict, resolved: dict, members: list[Member], task: int | None, gather: bool):
+    def __init__(self, out: Path, identity: dict, resolved: dict, members: list[Member], task: int | None, gather: bool, compare: list[Path]):
         self.out, self.identity, self.resolved, self.members = out, identity, resolved, members
-        self.task, self.gather_only = task, gather
+        self.task, self.gather_only, self.compare = task, gather, compare
         self.study_id = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
         seeds = list(dict.fromkeys(m.seed for m in members))
         mine = [m for m in members if task is None or m.seed == seeds[task]]
@@ -121,8 +122,11 @@ class Study:
                         f"{out} holds a study made with other options ({changes}). Its results cannot mix with this "
                         "command's: use a new --out, or rerun with the options it was made with to resume or extend it"
                     )
+        compare = [Path(folder) for folder in options.compare or []]
+        for folder in compare:
+            check_compared(folder, identity)
         check_writable(out, "out")
-        study = cls(out, identity, resolved, members, options.task, options.gather)
+        study = cls(out, identity, resolved, members, options.task, options.gather, compare)
         if options.gather:
             study.missing()  # nothing to train: a gather needs no GPU time to say what is missing
         return study
@@ -201,6 +205,31 @@ class Study:
         return results, robustness
 
 
+def check_compared(folder: Path, identity: dict) -> None:
+    """A study to report beside one of ``identity``: finished, of another network, on the same noisy data.
+
+    Raises:
+        ValueError: naming the folder and what is wrong with it.
+    """
+    if not (folder / "study.yaml").is_file():
+        raise ValueError(f"Expected each `compare` folder to be a study folder (with study.yaml), but {folder} is not one")
+    if not (folder / "results.csv").is_file() or not (folder / "robustness.csv").is_file():
+        raise ValueError(f"Expected the study in {folder} (`compare`) to be finished, but it has no results.csv and robustness.csv; finish or gather it first")
+    recorded = yaml.safe_load((folder / "study.yaml").read_text())
+    network = recorded.get("model.net", {}).get("class_path")
+    if network == identity.get("model.net", {}).get("class_path"):
+        raise ValueError(f"Expected `compare` to name studies of other networks, but {folder} is a study of {network} too")
+    keys = sorted(k for k in set(recorded) | set(identity) if k.startswith("data."))
+    differ = [f"{k}: {recorded.get(k, '<unset>')!r} there, {identity.get(k, '<unset>')!r} here" for k in keys if recorded.get(k, "<unset>") != identity.get(k, "<unset>")]
+    if differ:
+        raise ValueError(f"Expected the study in {folder} (`compare`) to train on the same noisy data as this one, but {'; '.join(differ)}")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def robustness(model, datamodule, scales: list[float]) -> dict[float, object]:
     """Each member's validation accuracy with the noise of every σ in ``scales`` (its own seed's pattern)."""
     model.to(datamodule.device)  # the end of a fit moves the model to the CPU; the images stay on the trainer's device
@@ -242,14 +271,17 @@ def run_study(trainer: pl.Trainer, model, datamodule, study: Study) -> None:
 
 
 def report(study: Study, datamodule) -> None:
-    """Gathers the members' results into the tables and figures (and TensorBoard)."""
+    """Gathers the members' results into the tables and figures (and TensorBoard), beside the compared studies'."""
     from noise_robustness.report import write_report
 
     try:
-        results, robustness_rows = study.gather()
+        results, robustness_rows = study.gather()  # this study's own rows: its csv files
     except StudyIncomplete as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    for folder in study.compare:  # their rows join the summary and the figures only
+        results = results + read_csv(folder / "results.csv")
+        robustness_rows = robustness_rows + read_csv(folder / "robustness.csv")
     datamodule.setup("validate")
     write_report(study.out, results, robustness_rows, datamodule, list(dict.fromkeys(m.noise_scale for m in study.members)))
     say(f"done: {study.out}/results.csv, summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png")

@@ -146,6 +146,45 @@ def test_cluster_tasks_train_one_seed_each_and_the_gather_names_what_is_missing(
     assert (out / "accuracy_vs_noise.png").is_file()
 
 
+def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_path, capsys):
+    small = "--data.val_holdout=500"  # both studies: the compared one must see the same noisy data
+    cnn, mlp = tmp_path / "cnn", tmp_path / "mlp"
+    cli_main(tiny(data_dir, cnn, small, "--model.net=noise_robustness.models.KerasCNN", batches=2))
+    cli_main(tiny(data_dir, mlp, small, f"--compare=[{cnn}]"))
+    assert {r["network"] for r in rows(mlp / "results.csv")} == {"DropoutMLP"}  # its csv files: its own members
+    assert {r["network"] for r in rows(mlp / "robustness.csv")} == {"DropoutMLP"}
+    summary = (mlp / "summary.md").read_text()
+    cnn_clean = 100 * float(member_rows(cnn)[0.0, 0]["val_acc"])
+    mlp_clean = 100 * float(member_rows(mlp)[0.0, 0]["val_acc"])
+    assert f"| σ | DropoutMLP | KerasCNN |\n| ---: | ---: | ---: |\n| 0 (clean) | {mlp_clean:.2f} | {cnn_clean:.2f} |" in summary
+    assert summary.index("### DropoutMLP:") < summary.index("### KerasCNN:")  # this study first
+    assert Image.open(mlp / "robustness.png").size[0] > Image.open(cnn / "robustness.png").size[0]  # a heatmap per network
+    capsys.readouterr()
+    cli_main(tiny(data_dir, mlp, small))  # `compare` is not part of the study's identity: the same study, reported alone
+    assert "every member of this command finished earlier" in capsys.readouterr().err
+    assert "KerasCNN" not in (mlp / "summary.md").read_text()
+
+
+def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp_path, capsys):
+    cnn, mlp, unfinished = tmp_path / "cnn", tmp_path / "mlp", tmp_path / "unfinished"
+    cli_main(tiny(data_dir, cnn, "--model.net=noise_robustness.models.KerasCNN", batches=2, scales="[0]"))
+    cli_main(tiny(data_dir, mlp, scales="[0]"))
+    unfinished.mkdir()
+    (unfinished / "study.yaml").write_text((cnn / "study.yaml").read_text())  # a study whose tasks have not been gathered
+    cases = [
+        ([f"--compare=[{mlp}]"], f"Expected `compare` to name studies of other networks, but {mlp} is a study of noise_robustness.models.DropoutMLP too"),
+        ([f"--compare=[{unfinished}]"], f"Expected the study in {unfinished} (`compare`) to be finished, but it has no results.csv"),
+        (
+            ["--data.noise_mode=resample", f"--compare=[{cnn}]"],
+            f"Expected the study in {cnn} (`compare`) to train on the same noisy data as this one, but data.noise_mode: 'fixed' there, 'resample' here",
+        ),
+    ]
+    for args, message in cases:
+        new = tmp_path / "new"
+        assert message in sweep_fails(tiny(data_dir, new, *args), capsys)
+        assert not new.exists()
+
+
 def test_a_member_in_training_elsewhere_is_not_trained_twice(data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out, scales="[0]"))
