@@ -78,14 +78,14 @@ def test_a_short_clean_run_learns_and_test_validate_predict_work(data_dir, tmp_p
 def test_val_acc_matches_an_independent_evaluation(data_dir, tmp_path):
     cli = cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[1.0]", batches=20))
     dm = cli.datamodule
-    net = cli.model.net.member(0).eval()  # the member as a plain DropoutMLP
-    images, labels = dm.noisy_images("val", {0: torch.arange(20 * 128)})
+    net = cli.model.net.member(0).to(dm.device).eval()  # the member as a plain DropoutMLP, where the images are (a GPU too)
+    images, labels = dm.noisy_images("val", {0: torch.arange(20 * 128, device=dm.device)})
     with torch.no_grad():
         logits = net(images[0])
-    expected = (logits.argmax(1) == labels[0]).float().mean()
-    assert torch.isclose(cli.trainer.callback_metrics["val/acc"], expected)
-    loss = torch.nn.functional.cross_entropy(logits, labels[0])
-    assert torch.isclose(cli.trainer.callback_metrics["val/loss"], loss, rtol=1e-5)  # batch-size weighted mean
+    expected = (logits.argmax(1) == labels[0]).float().mean().cpu()
+    assert torch.isclose(cli.trainer.callback_metrics["val/acc"].cpu(), expected)
+    loss = torch.nn.functional.cross_entropy(logits, labels[0]).cpu()
+    assert torch.isclose(cli.trainer.callback_metrics["val/loss"].cpu(), loss, rtol=1e-5)  # batch-size weighted mean
 
 
 def test_the_reference_path_is_a_switch(data_dir, tmp_path):
