@@ -5,7 +5,8 @@ full resolved config of the last command), one result file per finished member u
 the checkpoint of the training in progress under ``checkpoints/``, TensorBoard runs under
 ``tensorboard/`` and the tables and figures. Rerunning the same command resumes it; a command with
 other options stops before training and names them. Members are trained side by side in one fit;
-a cluster job array trains one seed per task (``--task``) and ``--gather true`` reports.
+a cluster job array trains one seed per task (``--task``) and ``--gather true`` reports;
+``--compare`` reports finished studies of other networks beside this one.
 """
 
 import csv

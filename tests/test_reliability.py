@@ -115,7 +115,10 @@ def test_an_interrupted_fit_resumes_to_the_same_result(signum, data_dir, tmp_pat
     reference = cli_main(short_run(data_dir, tmp_path / "reference", "fit", *args, batches=10))
     interrupted = tmp_path / "interrupted"
     stop = ["--trainer.callbacks+=tests.signal_probe.SignalAt", f"--trainer.callbacks.signum={int(signum)}", "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=4"]
-    result = subprocess.run([sys.executable, "-m", "noise_robustness", *short_run(data_dir, interrupted, "fit", *args, *stop, batches=10)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "noise_robustness", *short_run(data_dir, interrupted, "fit", *args, *stop, batches=10)]
+    # A terminal's Ctrl-C: a test suite started in the background (`cmd &`) ignores SIGINT, and Python
+    # keeps that ignored in its children; the default disposition lets Python raise KeyboardInterrupt.
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     checkpoints = interrupted / "tb_logs" / "scale_0.5" / "version_0" / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file()  # saved at the end of epoch 0, before the signal
