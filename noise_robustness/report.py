@@ -76,33 +76,49 @@ def summary_markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _shaded(ax, scales: list[float], per_seed: list[list[float]], style: str, colour: str, label: str) -> None:
+    """A line through the means over seeds at each σ, with ± one std shaded."""
+    stats = [mean_std(values) for values in per_seed]
+    ax.plot(scales, [m for m, _ in stats], style, marker="o", color=colour, label=label)
+    ax.fill_between(scales, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.15)
+
+
 def accuracy_figure(results: list[dict], majority: float) -> Figure:
-    """Train (dashed) and validation (solid) accuracy against σ, one colour per network, ± std shaded.
+    """Left: train (dashed) and validation (solid) accuracy against σ; right: their gap. One colour per
+    network, mean over seeds, ± std shaded.
 
     ``majority``: the share of the commonest digit among the validation labels, what a network that
     always answers it scores.
     """
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
+    fig = Figure(figsize=(11, 4.5))
+    accuracy, gap = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
     for colour, (network, by_scale) in zip(colours, aggregate(results).items()):
         scales = sorted(by_scale)
         for split, style in (("train_acc", "--"), ("val_acc", "-")):
-            stats = [mean_std([100 * v for v in by_scale[s][split]]) for s in scales]
-            means = [m for m, _ in stats]
-            ax.plot(scales, means, style, marker="o", color=colour, label=f"{network} {split.split('_')[0]}")
-            ax.fill_between(scales, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.15)
-    ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)  # shows σ = 0 and 0.1 ... 4 (or 255 x that) alike
+            _shaded(accuracy, scales, [[100 * v for v in by_scale[s][split]] for s in scales], style, colour, f"{network} {split.split('_')[0]}")
+        _shaded(gap, scales, [[100 * v for v in by_scale[s]["gap"]] for s in scales], "-", colour, network)
     all_scales = sorted({float(r["noise_scale"]) for r in results})
-    ax.set_xticks(all_scales, [f"{s:g}" for s in all_scales])
-    ax.minorticks_off()
-    ax.axhline(100 * majority, color="grey", lw=0.8, ls=":")
-    ax.annotate(f"always the commonest digit: {100 * majority:.2f}%", (0, 100 * majority), xytext=(2, 3), textcoords="offset points", fontsize=8, color="grey")
-    ax.set(xlabel="noise std σ (units of the [0, 1] pixel range)", ylabel="accuracy (%)", ylim=(0, 101))
+    noisy = [s for s in all_scales if s > 0]
+    for ax in (accuracy, gap):
+        # linear up to the smallest noisy σ, logarithmic above: σ = 0 and 0.1 ... 4 (or 255 x that) alike
+        ax.set_xscale("symlog", linthresh=noisy[0] if noisy else 1.0, linscale=0.5)
+        ax.set_xticks(all_scales, [f"{s:g}" for s in all_scales])
+        ax.tick_params(axis="x", labelsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("noise std σ (units of the [0, 1] pixel range)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    accuracy.axhline(100 * majority, color="grey", lw=0.8, ls=":")
+    accuracy.annotate(  # below the line, at the right: no network scores below it
+        f"always the commonest digit: {100 * majority:.2f}%", (1, 100 * majority), xycoords=("axes fraction", "data"),
+        xytext=(-3, -3), textcoords="offset points", ha="right", va="top", fontsize=8, color="grey",
+    )
+    accuracy.set(ylabel="accuracy (%)", ylim=(0, 101), title="Accuracy after training at noise σ")
+    gap.axhline(0, color="grey", lw=0.8)
+    gap.set(ylabel="train − val (points)", title="Train − validation gap")
     seeds = len({int(r["seed"]) for r in results})
-    ax.set_title(f"Accuracy after training at noise σ, mean ± std over {seeds} seed(s) (train: dropout on, over the last epoch)", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.suptitle(f"Mean ± std over {seeds} seed(s); train accuracy with dropout on, over the last epoch", fontsize=9)
     fig.tight_layout()
     return fig
 
