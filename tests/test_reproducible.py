@@ -17,8 +17,16 @@ import torch
 
 from noise_robustness.cli import cli_main
 
-REFERENCE = Path(__file__).parent / "reference" / "short_study.json"
-STUDY = ["--scales=[0, 0.5, 2.0]", "--seeds=[0, 1]", "--epochs=2", "--trainer.limit_train_batches=30", "--data.noise_mode=resample"]
+REFERENCES = Path(__file__).parent / "reference"
+STUDIES = {
+    # the MLP's stacked matrix products, resampled noise, two epochs
+    "short_study": ["--scales=[0, 0.5, 2.0]", "--seeds=[0, 1]", "--epochs=2", "--trainer.limit_train_batches=30", "--data.noise_mode=resample"],
+    # the CNN's grouped convolutions and pooling; its committed results were made on a GPU, this pins the CPU path
+    "short_cnn_study": [
+        "--model.net=noise_robustness.models.KerasCNN", "--scales=[0, 1.0]", "--seeds=[0, 1]", "--epochs=1",
+        "--trainer.limit_train_batches=10", "--data.val_holdout=1000",
+    ],
+}  # fmt: skip
 
 
 def machine() -> str:
@@ -27,15 +35,17 @@ def machine() -> str:
     return f"{platform.machine()} {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def test_a_short_fixed_study_reproduces_its_committed_numbers(data_dir, tmp_path):
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_a_short_fixed_study_reproduces_its_committed_numbers(name, data_dir, tmp_path):
+    study, reference_file = STUDIES[name], REFERENCES / f"{name}.json"
     out = tmp_path / "study"
-    cli_main(["sweep", *STUDY, f"--out={out}", f"--data.data_dir={data_dir}", "--trainer.enable_progress_bar=false"])
+    cli_main(["sweep", *study, f"--out={out}", f"--data.data_dir={data_dir}", "--trainer.enable_progress_bar=false"])
     with open(out / "results.csv", newline="") as f:
         rows = [{k: r[k] for k in ("noise_scale", "seed", "train_acc", "val_acc", "train_loss", "val_loss")} for r in csv.DictReader(f)]
     if os.environ.get("UPDATE_REFERENCE"):
-        REFERENCE.write_text(json.dumps({"machine": machine(), "study": STUDY, "results": rows}, indent=1) + "\n")
-    reference = json.loads(REFERENCE.read_text())
-    assert reference["study"] == STUDY
+        reference_file.write_text(json.dumps({"machine": machine(), "study": study, "results": rows}, indent=1) + "\n")
+    reference = json.loads(reference_file.read_text())
+    assert reference["study"] == study
     if reference["machine"] != machine():
         pytest.skip(f"the reference was made on {reference['machine']}; this is {machine()}")
     assert rows == reference["results"]
