@@ -40,8 +40,8 @@ class NoisySamples(pl.Callback):
             return
         members, dm = pl_module.members, trainer.datamodule
         clean_members = [Member(0.0, m.seed) for m in members]
+        positions = {m.seed: torch.arange(self.n, device=dm.device) for m in members}  # split order: no shuffle
         for split in ("train", "val"):
-            positions = {m.seed: torch.arange(self.n, device=dm.device) for m in members}  # split order: no shuffle
             noisy, _ = dm.noisy_images(split, positions, members)
             clean, _ = dm.noisy_images(split, positions, clean_members)
             for k, member in enumerate(members):

@@ -107,11 +107,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def check_owned(tokens: list[str], files: list[str]) -> None:
-    """Raises ValueError naming the study option to use when a study-owned key is given."""
+def check_owned(tokens: list[str], configs: list[dict | None]) -> None:
+    """Raises ValueError naming the study option to use when a study-owned key is given (in ``tokens`` or a parsed config file)."""
     given = {token[2:].split("=", 1)[0] for token in tokens if token.startswith("--")}
-    for path in files:
-        given |= set(flatten(yaml.safe_load(Path(path).read_text()) or {}))
+    for config in configs:
+        given |= set(flatten(config or {}))
     for key, instead in OWNED.items():
         if key in given:
             raise ValueError(f"`{key}` is set per member by the study: use {instead} instead")
@@ -188,8 +188,8 @@ class NoiseCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         tokens = list(sys.argv[1:] if args is None else args)
-        files = config_files(tokens)
-        for path in files:
+        configs = []
+        for path in config_files(tokens):
             if not os.path.isfile(path):
                 continue  # jsonargparse names a missing file itself
             text = Path(path).read_text()
@@ -197,11 +197,11 @@ class NoiseCLI(LightningCLI):
             if not text.strip():
                 parser.error(f"Expected the config file {path} to hold options, but it is empty")
             try:
-                yaml.safe_load(text)
+                configs.append(yaml.safe_load(text))
             except yaml.YAMLError as err:  # jsonargparse gives line and column, not the file
                 parser.error(f"Expected the config file {path} to be YAML, but it does not parse: {err}".replace("\n", " "))
         try:
-            check_owned(tokens, [f for f in files if os.path.isfile(f)])
+            check_owned(tokens, configs)
         except ValueError as err:
             parser.error(str(err))
         if tokens and tokens[0] == "sweep":

@@ -127,7 +127,6 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         if batch_size > N_TRAIN - val_holdout:
             raise ValueError(f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}")
         self.save_hyperparameters()
-        self.seeds = list(seeds)
         self._patterns: dict[tuple[str, int, int], torch.Tensor] = {}  # (file, seed, noise epoch) -> z
 
     # -- the data ---------------------------------------------------------------------------------

@@ -6,10 +6,9 @@ from pathlib import Path
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
-
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from noise_robustness.study import Member, run_names
 

@@ -18,6 +18,16 @@ class Member:
         return f"sigma={self.noise_scale:g}/seed={self.seed}"
 
 
+def scales_of(members: list[Member]) -> list[float]:
+    """The σ values of ``members``, each once, in the order they first appear."""
+    return list(dict.fromkeys(m.noise_scale for m in members))
+
+
+def seeds_of(members: list[Member]) -> list[int]:
+    """The seeds of ``members``, each once, in the order they first appear."""
+    return list(dict.fromkeys(m.seed for m in members))
+
+
 def run_names(members: list[Member]) -> list[str]:
     """Each member's TensorBoard run, ``sigma=0.5/seed=0``, written so that they sort numerically as text.
 

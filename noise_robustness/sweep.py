@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from noise_robustness.cli import flatten
 from noise_robustness.run_logger import check_writable
-from noise_robustness.study import Member, study_members
+from noise_robustness.study import Member, scales_of, seeds_of, study_members
 
 RESULT_COLUMNS = ["network", "noise_scale", "seed", "noise_mode", "clip", "epochs", "train_acc", "val_acc", "train_loss", "val_loss", "study_id"]
 ROBUSTNESS_COLUMNS = ["network", "seed", "train_noise_scale", "eval_noise_scale", "acc"]
@@ -36,6 +36,9 @@ NOT_IDENTITY = {
     "data.data_dir", "data.download", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes",  # a study's tasks may run on GPUs, its gather on a CPU
 }  # fmt: skip
+
+
+UNSET = "<unset>"  # how a key that one of two configs lacks is shown
 
 
 class StudyIncomplete(ValueError):
@@ -63,6 +66,11 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def differences(recorded: dict, identity: dict, keys: set[str], now: str) -> list[str]:
+    """``"key: <recorded> there, <identity> <now>"`` for each of ``keys`` whose values differ, sorted by key."""
+    return [f"{k}: {recorded.get(k, UNSET)!r} there, {identity.get(k, UNSET)!r} {now}" for k in sorted(keys) if recorded.get(k, UNSET) != identity.get(k, UNSET)]
+
+
 def result_file(out: Path, member: Member) -> Path:
     return out / "members" / f"sigma={member.noise_scale:g}" / f"seed={member.seed}.json"
 
@@ -84,8 +92,8 @@ class Study:
         self.out, self.identity, self.resolved, self.members = out, identity, resolved, members
         self.task, self.gather_only, self.compare = task, gather, compare
         self.study_id = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
-        seeds = list(dict.fromkeys(m.seed for m in members))
-        mine = [m for m in members if task is None or m.seed == seeds[task]]
+        task_seed = None if task is None else seeds_of(members)[task]
+        mine = [m for m in members if task_seed is None or m.seed == task_seed]
         self.to_train = [] if gather else [m for m in mine if not result_file(out, m).is_file()]
         self._locks: list = []
 
@@ -116,11 +124,10 @@ class Study:
                 raise ValueError(f"Expected `out` to be a new folder or a study folder, but {out} holds other files and no study.yaml; choose another --out")
             if (out / "study.yaml").is_file():
                 recorded = yaml.safe_load((out / "study.yaml").read_text())
-                differ = sorted(k for k in set(recorded) | set(identity) if recorded.get(k, "<unset>") != identity.get(k, "<unset>"))
+                differ = differences(recorded, identity, set(recorded) | set(identity), "now")
                 if differ:
-                    changes = "; ".join(f"{k}: {recorded.get(k, '<unset>')!r} there, {identity.get(k, '<unset>')!r} now" for k in differ)
                     raise ValueError(
-                        f"{out} holds a study made with other options ({changes}). Its results cannot mix with this "
+                        f"{out} holds a study made with other options ({'; '.join(differ)}). Its results cannot mix with this "
                         "command's: use a new --out, or rerun with the options it was made with to resume or extend it"
                     )
         compare = [Path(folder) for folder in options.compare or []]
@@ -135,9 +142,8 @@ class Study:
     def configure(self, config) -> None:
         """Sets the model and data to the members this command trains, one process, and TensorBoard into the folder."""
         train = self.to_train or self.members  # nothing to train: the classes are built, never fitted
-        scales, seeds = list(dict.fromkeys(m.noise_scale for m in train)), list(dict.fromkeys(m.seed for m in train))
         for target in (config.data, config.model):
-            target.scales, target.seeds = scales, seeds  # a product of σ and seeds covering them
+            target.scales, target.seeds = scales_of(train), seeds_of(train)  # a product of σ and seeds covering them
         config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
         config.trainer.logger = {
             "class_path": "noise_robustness.run_logger.RunLogger",
@@ -200,7 +206,8 @@ class Study:
         self.missing()
         runs = [json.loads(result_file(self.out, m).read_text()) for m in self.members]
         results = [run["result"] for run in runs]
-        robustness = [row for run in runs for row in run["robustness"] if row["eval_noise_scale"] in {m.noise_scale for m in self.members}]
+        scales = set(scales_of(self.members))  # a member trained in a larger study holds cells at σ values this one leaves out
+        robustness = [row for run in runs for row in run["robustness"] if row["eval_noise_scale"] in scales]
         write_atomic(self.out / "results.csv", csv_text(RESULT_COLUMNS, results))
         write_atomic(self.out / "robustness.csv", csv_text(ROBUSTNESS_COLUMNS, robustness))
         return results, robustness
@@ -220,8 +227,7 @@ def check_compared(folder: Path, identity: dict) -> None:
     network = recorded.get("model.net", {}).get("class_path")
     if network == identity.get("model.net", {}).get("class_path"):
         raise ValueError(f"Expected `compare` to name studies of other networks, but {folder} is a study of {network} too")
-    keys = sorted(k for k in set(recorded) | set(identity) if k.startswith("data."))
-    differ = [f"{k}: {recorded.get(k, '<unset>')!r} there, {identity.get(k, '<unset>')!r} here" for k in keys if recorded.get(k, "<unset>") != identity.get(k, "<unset>")]
+    differ = differences(recorded, identity, {k for k in set(recorded) | set(identity) if k.startswith("data.")}, "here")
     if differ:
         raise ValueError(f"Expected the study in {folder} (`compare`) to train on the same noisy data as this one, but {'; '.join(differ)}")
 
@@ -261,7 +267,7 @@ def run_study(trainer: pl.Trainer, model, datamodule, study: Study) -> None:
             say(f"stopped: rerun the same command to resume {study.out} from its last finished epoch")
             sys.exit(128 + signal.SIGTERM)
         network = type(model.net.member(0)).__name__
-        accuracy = robustness(model, datamodule, sorted({m.noise_scale for m in study.members}))
+        accuracy = robustness(model, datamodule, sorted(scales_of(study.members)))
         study.write_results(network, trainer.max_epochs, model, datamodule, accuracy)
     else:
         say(f"{study.out}: every member of this command finished earlier")
@@ -284,5 +290,5 @@ def report(study: Study, datamodule) -> None:
         results = results + read_csv(folder / "results.csv")
         robustness_rows = robustness_rows + read_csv(folder / "robustness.csv")
     datamodule.setup("validate")
-    write_report(study.out, results, robustness_rows, datamodule, list(dict.fromkeys(m.noise_scale for m in study.members)))
+    write_report(study.out, results, robustness_rows, datamodule, scales_of(study.members))
     say(f"done: {study.out}/results.csv, summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png")

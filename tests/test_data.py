@@ -47,7 +47,7 @@ def test_shards_cover_the_split_once_in_equal_batch_counts(n, world_size, batch_
 
 
 def all_positions(dm, split: str) -> dict[int, torch.Tensor]:
-    return {seed: torch.arange(dm.split_size(split)) for seed in dm.seeds}
+    return {seed: torch.arange(dm.split_size(split)) for seed in dm.hparams.seeds}
 
 
 def test_loader_serves_each_member_its_own_composed_rows(data_dir):
