@@ -32,7 +32,7 @@ class MemberMeans(Metric):
         self.count += values.shape[1]
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count).float()
+        return self.total / self.count  # float64: an accuracy is an exact ratio of counts
 
 
 class NoiseClassifier(pl.LightningModule):
@@ -68,7 +68,7 @@ class NoiseClassifier(pl.LightningModule):
         self.net = stack_members(net, [m.seed for m in self.members], fast)
         # One metric pair per stage, so their states never mix; updated every step, logged per epoch.
         self.metrics = nn.ModuleDict({f"{stage}_{name}": MemberMeans(len(self.members)) for stage in STAGES for name in METRICS})
-        self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K], the last epoch's
+        self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
 
     def on_train_epoch_start(self) -> None:
         # Dropout streams are reseeded per (member seed, epoch, rank): an epoch draws the same masks
@@ -96,7 +96,7 @@ class NoiseClassifier(pl.LightningModule):
             metric.reset()
             self.epoch_metrics[f"{stage}/{name}"] = values
             # the mean over members, for the progress bar and callbacks; each member's goes to its own run
-            self.log(f"{stage}/{name}", values.mean(), logger=False, prog_bar=name == "acc" and stage != "test")
+            self.log(f"{stage}/{name}", values.float().mean(), logger=False, prog_bar=name == "acc" and stage != "test")
 
     def on_train_epoch_end(self) -> None:
         self.end_epoch("train")
@@ -126,18 +126,6 @@ class NoiseClassifier(pl.LightningModule):
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """``[K, B]`` predicted digits."""
         return self(batch[0]).argmax(dim=-1)
-
-    @torch.inference_mode()
-    def accuracy(self, batches) -> torch.Tensor:
-        """``[K]`` accuracy of each member over ``batches`` of ``(images [K, B, ...], labels [K, B])``, dropout off."""
-        training = self.training
-        self.eval()
-        correct, count = 0, 0
-        for images, labels in batches:
-            correct = correct + (self(images).argmax(-1) == labels).sum(dim=1)
-            count += labels.shape[1]
-        self.train(training)
-        return correct.double() / count
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = StackedRMSprop if self.fast else torch.optim.RMSprop

@@ -17,13 +17,15 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from noise_robustness.callbacks import EpochLines, NoisySamples, StudyHParams
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
 from noise_robustness.run_logger import run_folders
+from noise_robustness.study import Study, check_compared, flatten, identity_of, scales_of, seeds_of, study_members
+from noise_robustness.sweep import run_study
 
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
 STUDY_SCALES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0]  # the sweep's default noise levels
@@ -51,14 +53,20 @@ def trainer_defaults() -> dict:
             "init_args": {"save_dir": "tb_logs", "default_hp_metric": False},
         },
         "callbacks": [
-            # The newest epoch's state, to resume from, and `last.ckpt` linking to it (one write per
-            # epoch); no "best" checkpoint: each member has its own best.
-            ModelCheckpoint(save_top_k=1, save_last="link"),
+            newest_checkpoint(),
             NoisySamples(),
             StudyHParams(),
             *([] if interactive else [EpochLines()]),
         ],
     }
+
+
+def newest_checkpoint(dirpath: Path | None = None) -> ModelCheckpoint:
+    """The newest epoch's state, to resume from, and ``last.ckpt`` linking to it (one write per epoch).
+
+    No "best" checkpoint: each member has its own best. ``dirpath`` None: the run's folder.
+    """
+    return ModelCheckpoint(dirpath=dirpath, save_top_k=1, save_last="link")
 
 
 def run_name(config: Namespace) -> str:
@@ -96,17 +104,6 @@ def config_files(tokens: list[str]) -> list[str]:
     return files + [token.split("=", 1)[1] for token in tokens if token.startswith("--config=")]
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"data": {"clip": False}}`` -> ``{"data.clip": False}``; a ``class_path`` entry stays one value."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and "class_path" not in value:
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_owned(tokens: list[str], configs: list[dict | None]) -> None:
     """Raises ValueError naming the study option to use when a study-owned key is given (in ``tokens`` or a parsed config file)."""
     given = {token[2:].split("=", 1)[0] for token in tokens if token.startswith("--")}
@@ -134,7 +131,12 @@ def with_epochs_alias(tokens: list[str]) -> list[str]:
 
 
 class StudyTrainer(pl.Trainer):
-    """The Trainer, with the study's ``sweep`` subcommand."""
+    """The Trainer, with the options of the study's ``sweep`` subcommand.
+
+    LightningCLI builds a subcommand's parser from the signature of the Trainer's method of that name,
+    and runs the CLI's method of that name when the CLI has one: ``NoiseCLI.sweep`` runs the study, with
+    these options as its arguments (``tests/test_cli.py`` fails if Lightning stops doing either).
+    """
 
     def sweep(
         self,
@@ -158,9 +160,15 @@ class StudyTrainer(pl.Trainer):
                 ``docs/results/cnn``): their results join this study's summary and figures, side by
                 side; its csv files keep its own members.
         """
-        from noise_robustness.sweep import run_study  # the report's plotting is imported only here
+        raise NotImplementedError("a study runs through NoiseCLI.sweep, which checks it against its folder first")
 
-        run_study(self, model, datamodule, self.study)  # the plan NoiseCLI made from the config and the folder
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` in a run's folder; a study writes its own into its folder instead."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if "out" not in self.config:  # only a sweep has `out`
+            super().setup(trainer, pl_module, stage)
 
 
 class NoiseCLI(LightningCLI):
@@ -177,10 +185,12 @@ class NoiseCLI(LightningCLI):
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if add_subcommands:  # the sweep is the whole study by default; a fit is one member
-            self._subcommand_parsers["sweep"].set_defaults({"scales": STUDY_SCALES, "seeds": STUDY_SEEDS})
+            self.parser.set_defaults({"sweep.scales": STUDY_SCALES, "sweep.seeds": STUDY_SEEDS})
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--scales", type=list[float], default=[0.0], help="The study's noise levels σ, in units of the [0, 1] pixel range.")
+        parser.add_argument(
+            "--scales", type=list[float], default=[0.0], help="The study's noise levels σ, in units of the [0, 1] pixel range."
+        )
         parser.add_argument("--seeds", type=list[int], default=[0], help="The study's seeds: one member per (σ, seed).")
         for target in ("data", "model"):
             parser.link_arguments("scales", f"{target}.scales")
@@ -215,29 +225,50 @@ class NoiseCLI(LightningCLI):
                 parser.error(str(err))
 
     def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
         try:
-            self.check_and_name_run()
+            if self.subcommand in ("fit", "sweep") and (config.trainer.max_epochs is None or config.trainer.max_epochs <= 0):
+                raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}")
+            if self.subcommand == "sweep":
+                self.study = self.plan_study(config)
+            else:
+                name_run(config)
         except ValueError as err:
             self.parser.error(str(err))
 
-    def check_and_name_run(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if self.subcommand in ("fit", "sweep") and (config.trainer.max_epochs is None or config.trainer.max_epochs <= 0):
-            raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}")
-        if self.subcommand == "sweep":
-            from noise_robustness.sweep import Study
+    def plan_study(self, options) -> Study:
+        """Checks a sweep against its folder and sets the classes to the members it trains; creates nothing.
 
-            self.study = Study.plan(self.parser, self.config)  # checks the folder; creates nothing
-            self.study.configure(config)
-            self.save_config_callback = None  # the study keeps its own config.yaml in its folder
-            return
-        logger = config.trainer.logger
-        if isinstance(logger, Namespace) and "name" in logger.init_args:
-            args = logger.init_args
-            if args.name == DEFAULT_RUN_NAME:
-                args.name = run_name(config)
-            if config.get("ckpt_path") == "last":
-                config.ckpt_path = last_checkpoint(args.save_dir, args.name)
+        Raises:
+            ValueError: bad study options, or a folder that holds another study or no study.
+        """
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))["sweep"]
+        study = Study(Path(options.out), identity_of(resolved), study_members(options.scales, options.seeds), resolved)
+        to_train = study.to_train(options.task, options.gather)
+        if str(options.trainer.devices) not in ("auto", "1") or options.trainer.num_nodes != 1:
+            raise ValueError(
+                "Expected `trainer.devices` and `trainer.num_nodes` to be 1 in a study, which trains its members side "
+                f"by side in one process, but got {options.trainer.devices} and {options.trainer.num_nodes}; spread a "
+                "study over devices as tasks, one seed each (--task, scripts/slurm_study.sh)"
+            )
+        study.check()
+        for folder in options.compare or []:
+            check_compared(Path(folder), study.identity)
+        if options.gather:
+            study.missing()  # nothing to train: a gather needs no GPU time to say what is missing
+        train = to_train or study.members  # nothing to train: the classes are built, never fitted
+        for target in (options.data, options.model):
+            target.scales, target.seeds = scales_of(train), seeds_of(train)  # a product of σ and seeds covering them
+        options.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
+        options.trainer.logger = {
+            "class_path": "noise_robustness.run_logger.RunLogger",
+            "init_args": {"save_dir": str(study.out), "name": "tensorboard", "version": "", "default_hp_metric": False},
+        }
+        self.trainer_defaults["callbacks"] = [
+            newest_checkpoint(study.checkpoint_dir(to_train)) if isinstance(c, ModelCheckpoint) else c
+            for c in self.trainer_defaults["callbacks"]
+        ]
+        return study
 
     def instantiate_classes(self) -> None:
         try:
@@ -248,12 +279,33 @@ class NoiseCLI(LightningCLI):
         # deterministic algorithms make a rerun on one machine type give the same numbers bit for bit
         # (docs/reproducibility.md). No effect on a CPU.
         torch.backends.cudnn.deterministic = True
-        if self.subcommand == "sweep":
-            self.trainer.study = self.study
         if self.subcommand:
             # Check the data files before the Trainer starts: a bad file then stops one process
             # cleanly, instead of rank zero alone inside DDP while the other ranks wait for it.
             self.datamodule.prepare_data()
+
+    def sweep(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        out: str,
+        task: Optional[int] = None,
+        gather: bool = False,
+        compare: Optional[list[str]] = None,
+    ) -> None:
+        """Runs the study in ``out`` (``self.study``, checked against that folder before the classes were built)."""
+        run_study(self.trainer, model, datamodule, self.study, task, gather, [Path(folder) for folder in compare or []])
+
+
+def name_run(config: Namespace) -> None:
+    """Names a run's TensorBoard experiment after its config file, and resolves ``--ckpt_path last``."""
+    logger = config.trainer.logger
+    if isinstance(logger, Namespace) and "name" in logger.init_args:
+        args = logger.init_args
+        if args.name == DEFAULT_RUN_NAME:
+            args.name = run_name(config)
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = last_checkpoint(args.save_dir, args.name)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
@@ -265,6 +317,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
             trainer_class=StudyTrainer,
             seed_everything_default=False,  # every seed is explicit: `--seeds`
             trainer_defaults=trainer_defaults(),
+            save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": True},  # a run's folder is always new (claimed atomically)
             parser_kwargs={"prog": "python -m noise_robustness"},
             args=args,

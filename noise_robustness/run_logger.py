@@ -1,6 +1,5 @@
 """The TensorBoard logger of a run: its own ``version_<n>`` folder, and one TensorBoard run per member."""
 
-import os
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
-from noise_robustness.study import Member, run_names
+from noise_robustness.study import Member, check_writable, run_names
 
 FINAL_METRICS = ("val/acc", "train/acc", "val/loss", "train/loss")  # the HParams table's metric columns
 
@@ -34,14 +33,6 @@ def claim_run_folder(root: str | Path) -> int:
             return version
         except FileExistsError:
             version += 1
-
-
-def check_writable(folder: str | Path, argument: str) -> None:
-    """Raises ValueError unless ``folder`` exists as a writable folder or could be created, creating nothing."""
-    path = Path(folder).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"Expected `{argument}` to be a folder this user can write, but {existing} is not")
 
 
 class RunLogger(TensorBoardLogger):

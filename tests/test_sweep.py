@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from noise_robustness.cli import cli_main
-from noise_robustness.sweep import RESULT_COLUMNS, ROBUSTNESS_COLUMNS
+from noise_robustness.study import RESULT_COLUMNS, ROBUSTNESS_COLUMNS
 
 REPO = Path(__file__).parents[1]
 METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
