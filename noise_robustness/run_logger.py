@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
@@ -45,15 +46,16 @@ class RunLogger(TensorBoardLogger):
     def __init__(self, save_dir: str = "tb_logs", name: str | None = "lightning_logs", version: int | str | None = None, **kwargs):
         check_writable(save_dir, "trainer.logger.init_args.save_dir")
         super().__init__(save_dir, name, version, **kwargs)
+        self.claimed_version = version  # None until the run's folder is claimed
         self._member_writers: dict[str, SummaryWriter] = {}
 
     @property
     def version(self) -> int | str:
         """The run's ``version_<n>``, claimed atomically when first asked for (never at construction, which
         may still end in a bad-input error); other DDP ranks write nothing and take Lightning's default."""
-        if self._version is None and rank_zero_only.rank == 0:
-            self._version = claim_run_folder(self.root_dir)
-        return super().version
+        if self.claimed_version is None and rank_zero_only.rank == 0:
+            self.claimed_version = claim_run_folder(self.root_dir)
+        return self.claimed_version if self.claimed_version is not None else super().version
 
     def member_writer(self, member: Member, members: list[Member]) -> SummaryWriter:
         """The SummaryWriter of ``member``'s run."""
@@ -84,19 +86,16 @@ class RunLogger(TensorBoardLogger):
         shown = {name: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for name, v in constants.items()}
         values = {m: {"sigma": m.noise_scale, "seed": str(m.seed), **shown} for m in members}
         columns = {name: sorted({v[name] for v in values.values()}) for name in values[members[0]]}
-        config = hp.hparams_config_pb(hparams=[hp.HParam(n, hp.Discrete(v)) for n, v in columns.items()], metrics=[hp.Metric(t) for t in FINAL_METRICS])
-        # TensorBoard lists the columns that differ first (and shows only the first few by default).
-        content = config.value[0].metadata.plugin_data
-        data = plugin_data_pb2.HParamsPluginData.FromString(content.content)
-        for info in data.experiment.hparam_infos:
-            info.differs = len(columns[info.name]) > 1
-        content.content = data.SerializeToString()
+        # `differs`: TensorBoard lists the columns that differ first (and shows only the first few by default).
+        infos = [hparam_info(name, column) for name, column in columns.items()]
+        metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in FINAL_METRICS]
         root = SummaryWriter(self.log_dir)
-        root.file_writer.add_summary(config)
+        root.file_writer.add_summary(experiment_summary(infos, metrics))
         root.close()
-        for member in members:
+        # Each row of the HParams table is named after its member's run (its "trial ID"), in the runs' order.
+        for member, name in zip(members, run_names(members)):
             writer = self.member_writer(member, members)
-            writer.file_writer.add_summary(hp.hparams_pb(values[member]))
+            writer.file_writer.add_summary(hp.hparams_pb(values[member], trial_id=name))
             writer.flush()
 
     @rank_zero_only
@@ -105,3 +104,20 @@ class RunLogger(TensorBoardLogger):
             writer.close()
         self._member_writers.clear()
         super().finalize(status)
+
+
+def hparam_info(name: str, values: list) -> api_pb2.HParamInfo:
+    """An HParams column: its name, type and values, and whether they differ between runs."""
+    info = api_pb2.HParamInfo(name=name, differs=len(values) > 1)
+    hp.Discrete(values).update_hparam_info(info)  # the type and the values, as `hp.HParam` writes them
+    return info
+
+
+def experiment_summary(infos: list[api_pb2.HParamInfo], metrics: list[api_pb2.MetricInfo]) -> Summary:
+    """The HParams experiment of a study: its columns and metrics, as ``hp.hparams_config_pb`` writes them,
+    with ``differs`` set (which that function cannot)."""
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+    summary = Summary()
+    data = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(experiment=experiment))
+    summary.value.add(tag=metadata.EXPERIMENT_TAG, metadata=data, tensor=metadata.NULL_TENSOR)
+    return summary
