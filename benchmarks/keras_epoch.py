@@ -35,8 +35,19 @@ def main() -> None:
             tf.keras.layers.Dense(10, activation="softmax"),
         ]
     )
-    model.compile(loss="sparse_categorical_crossentropy", optimizer=tf.keras.optimizers.RMSprop(learning_rate=1e-3, rho=0.9, epsilon=1e-7), metrics=["accuracy"])
-    model.fit(images.reshape(len(images), 784), labels, batch_size=128, epochs=epochs + 1, verbose=0, callbacks=[EpochSeconds()])
+    model.compile(
+        loss="sparse_categorical_crossentropy",
+        optimizer=tf.keras.optimizers.RMSprop(learning_rate=1e-3, rho=0.9, epsilon=1e-7),
+        metrics=["accuracy"],
+    )
+    model.fit(
+        images.reshape(len(images), 784),
+        labels,
+        batch_size=128,
+        epochs=epochs + 1,
+        verbose=0,
+        callbacks=[EpochSeconds()],
+    )
 
 
 if __name__ == "__main__":

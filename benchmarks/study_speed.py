@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_time
 
 from benchmarks.epoch_timer import EpochTimer  # noqa: E402
 from noise_robustness.cli import STUDY_SCALES, cli_main  # noqa: E402
-from noise_robustness.models import DropoutMLP, KerasCNN  # noqa: E402
+from noise_robustness.models import DropoutMLP  # noqa: E402
 
 MLP_FLOP_PER_IMAGE = 3 * 2 * (784 * 512 + 512 * 512 + 512 * 10)  # forward + backward (2x forward), multiply-adds x 2
 CNN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10)
@@ -44,8 +44,14 @@ STUDIES = {  # name: (extra sweep options, target seconds)
 }
 
 
-def member_epoch(data_dir: str, out: str, net: str = "noise_robustness.models.DropoutMLP", batches: int | None = None) -> tuple[float, float]:
-    """(A): one training epoch of the default study's members; returns (seconds per member-epoch, validation seconds)."""
+def member_epoch(
+    data_dir: str, out: str, net: str = "noise_robustness.models.DropoutMLP", batches: int | None = None
+) -> tuple[float, float]:
+    """(A): one training epoch of the default study's members.
+
+    Returns:
+        (seconds per member-epoch, validation seconds).
+    """
     cli = cli_main(
         [
             "fit",
@@ -124,7 +130,13 @@ print(wall, usage.ru_maxrss)
 
 def run_measured(command: list[str]) -> tuple[float, float]:
     """Runs ``command``; returns (wall seconds, peak resident memory in GB) of that process."""
-    result = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *command], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", LAUNCHER, *command],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr}")
     wall, kib = result.stdout.split()
@@ -138,10 +150,16 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=5, help="interleaved (A, B) pairs")
-    parser.add_argument("--studies", default="one,three", help="whole studies to time: one (1 seed), three (3 seeds), or none")
-    parser.add_argument("--cnn_batches", type=int, default=100, help="training batches of the timed CNN member-epoch (0: skip)")
+    parser.add_argument(
+        "--studies", default="one,three", help="whole studies to time: one (1 seed), three (3 seeds), or none"
+    )
+    parser.add_argument(
+        "--cnn_batches", type=int, default=100, help="training batches of the timed CNN member-epoch (0: skip)"
+    )
     parser.add_argument("--data_dir", default=str(REPO / "data"))
-    parser.add_argument("--keras_python", default=None, help="a Python with TensorFlow: also time the original Keras recipe (C)")
+    parser.add_argument(
+        "--keras_python", default=None, help="a Python with TensorFlow: also time the original Keras recipe (C)"
+    )
     args = parser.parse_args()
     sys.argv[1:] = []  # the in-process fits take their arguments from cli_main's list
 
@@ -152,7 +170,11 @@ def main() -> None:
     dm.setup("fit")
     images, labels = dm.noisy_images("train", {0: torch.arange(dm.split_size("train"))})
     images, labels = images[0], labels[0]
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; {len(labels)} images an epoch", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{len(labels)} images an epoch",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         a_train, a_val, b_train, c_train = [], [], [], []
@@ -170,25 +192,52 @@ def main() -> None:
         print(f"A  our member-epoch (6 members / 6)  {spread(a_train)}")
         print(f"B  plain PyTorch loop, one network   {spread(b_train)}")
         if c_train:
-            print(f"C  the original Keras recipe         {spread(c_train)}   A/C {statistics.median([x / y for x, y in zip(a_train, c_train)]):.3f}")
+            a_over_c = statistics.median([x / y for x, y in zip(a_train, c_train)])
+            print(f"C  the original Keras recipe         {spread(c_train)}   A/C {a_over_c:.3f}")
         else:
             print("C  the original Keras recipe         not timed: pass --keras_python (a Python with TensorFlow)")
-        print(f"A/B                                  {statistics.median(ratios):.3f}   median of per-pair ratios [{min(ratios):.3f}, {max(ratios):.3f}]  (target <= 1.0)")
-        print(f"FLOP floor of a member-epoch         {floor:.3f} s at {gflops:.0f} GFLOP/s SGEMM;  A/floor {a / floor:.2f}  B/floor {b / floor:.2f}")
-        print(f"validation of 6 members (A)          {spread(a_val)}  = {statistics.median(a_val) / (6 * a):.1%} of their training epoch", flush=True)
+        print(
+            f"A/B                                  {statistics.median(ratios):.3f}   "
+            f"median of per-pair ratios [{min(ratios):.3f}, {max(ratios):.3f}]  (target <= 1.0)"
+        )
+        print(
+            f"FLOP floor of a member-epoch         {floor:.3f} s at {gflops:.0f} GFLOP/s SGEMM;  "
+            f"A/floor {a / floor:.2f}  B/floor {b / floor:.2f}"
+        )
+        print(
+            f"validation of 6 members (A)          {spread(a_val)}  "
+            f"= {statistics.median(a_val) / (6 * a):.1%} of their training epoch",
+            flush=True,
+        )
         if args.cnn_batches:
             cnn, _ = member_epoch(args.data_dir, tmp, "noise_robustness.models.KerasCNN", args.cnn_batches)
             cnn_floor = CNN_FLOP_PER_IMAGE * 128 * args.cnn_batches / (gflops * 1e9)
             epoch = cnn * len(labels) / (128 * args.cnn_batches)
-            print(f"CNN member-epoch (from {args.cnn_batches} batches)     {epoch:.1f} s; floor {cnn_floor * len(labels) / (128 * args.cnn_batches):.1f} s, ratio {cnn / cnn_floor:.2f}; "
-                  f"a 6 σ x 3 seed x 20 epoch study ~ {18 * 20 * epoch / 60:.0f} min", flush=True)  # fmt: skip
+            epoch_floor = cnn_floor * len(labels) / (128 * args.cnn_batches)
+            print(
+                f"CNN member-epoch (from {args.cnn_batches} batches)     {epoch:.1f} s; floor {epoch_floor:.1f} s, "
+                f"ratio {cnn / cnn_floor:.2f}; a 6 σ x 3 seed x 20 epoch study ~ {18 * 20 * epoch / 60:.0f} min",
+                flush=True,
+            )
 
         for name in [s for s in args.studies.split(",") if s in STUDIES]:
             options, target = STUDIES[name]
-            command = [sys.executable, "-m", "noise_robustness", "sweep", *options, f"--out={tmp}/{name}", f"--data.data_dir={args.data_dir}"]
+            command = [
+                sys.executable,
+                "-m",
+                "noise_robustness",
+                "sweep",
+                *options,
+                f"--out={tmp}/{name}",
+                f"--data.data_dir={args.data_dir}",
+            ]
             wall, rss = run_measured(command)
             verdict = "met" if wall <= target else "NOT met"
-            print(f"study, {name} seed(s), 6 σ x 20 epochs   wall {wall:.1f} s (target <= {target}: {verdict}), peak memory {rss:.2f} GB (target <= 2)", flush=True)
+            print(
+                f"study, {name} seed(s), 6 σ x 20 epochs   wall {wall:.1f} s (target <= {target}: {verdict}), "
+                f"peak memory {rss:.2f} GB (target <= 2)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -79,5 +79,13 @@ class EpochLines(pl.Callback):
             return
         # validation ran before the training epoch ends, so this is this epoch's val/acc
         val = pl_module.epoch_metrics.get("val/acc")
-        text = f"val/acc {val.mean():.4f} mean of {len(val)} member(s) [{val.min():.4f}, {val.max():.4f}]" if val is not None else ""
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {time.perf_counter() - self.start:.1f} s  {text}", file=sys.stderr, flush=True)
+        text = (
+            f"val/acc {val.mean():.4f} mean of {len(val)} member(s) [{val.min():.4f}, {val.max():.4f}]"
+            if val is not None
+            else ""
+        )
+        print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {time.perf_counter() - self.start:.1f} s  {text}",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -67,7 +67,9 @@ class NoiseClassifier(pl.LightningModule):
         self.members = study_members(scales, seeds)
         self.net = stack_members(net, [m.seed for m in self.members], fast)
         # One metric pair per stage, so their states never mix; updated every step, logged per epoch.
-        self.metrics = nn.ModuleDict({f"{stage}_{name}": MemberMeans(len(self.members)) for stage in STAGES for name in METRICS})
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_{name}": MemberMeans(len(self.members)) for stage in STAGES for name in METRICS}
+        )
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
 
     def on_train_epoch_start(self) -> None:

@@ -10,7 +10,6 @@ study's members.
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -82,7 +81,10 @@ def last_checkpoint(save_dir: str, name: str) -> str:
     found = [folder / "checkpoints" / "last.ckpt" for _, folder in sorted(run_folders(Path(save_dir, name)).items())]
     found = [path for path in found if path.is_file()]
     if not found:
-        raise ValueError(f"Expected a checkpoint to resume with `--ckpt_path last`, but found no {Path(save_dir, name, 'version_*/checkpoints/last.ckpt')}")
+        raise ValueError(
+            "Expected a checkpoint to resume with `--ckpt_path last`, but found no "
+            f"{Path(save_dir, name, 'version_*/checkpoints/last.ckpt')}"
+        )
     return str(found[-1])
 
 
@@ -93,7 +95,9 @@ def check_checkpoint(path: str) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
-        raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} is not one ({type(err).__name__})") from None
+        raise ValueError(
+            f"Expected `ckpt_path` to be a checkpoint file, but {path} is not one ({type(err).__name__})"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} holds no `state_dict`")
 
@@ -105,7 +109,7 @@ def config_files(tokens: list[str]) -> list[str]:
 
 
 def check_owned(tokens: list[str], configs: list[dict | None]) -> None:
-    """Raises ValueError naming the study option to use when a study-owned key is given (in ``tokens`` or a parsed config file)."""
+    """Raises ValueError naming the study option to use for a study-owned key in ``tokens`` or a parsed config file."""
     given = {token[2:].split("=", 1)[0] for token in tokens if token.startswith("--")}
     for config in configs:
         given |= set(flatten(config or {}))
@@ -143,9 +147,9 @@ class StudyTrainer(pl.Trainer):
         model: pl.LightningModule,
         datamodule: pl.LightningDataModule,
         out: str = "sweeps/noise_sweep",
-        task: Optional[int] = None,
+        task: int | None = None,
         gather: bool = False,
-        compare: Optional[list[str]] = None,
+        compare: list[str] | None = None,
     ) -> None:
         """Trains the whole study (every σ and seed) as one model, then writes its tables and figures.
 
@@ -189,7 +193,10 @@ class NoiseCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--scales", type=list[float], default=[0.0], help="The study's noise levels σ, in units of the [0, 1] pixel range."
+            "--scales",
+            type=list[float],
+            default=[0.0],
+            help="The study's noise levels σ, in units of the [0, 1] pixel range.",
         )
         parser.add_argument("--seeds", type=list[int], default=[0], help="The study's seeds: one member per (σ, seed).")
         for target in ("data", "model"):
@@ -209,7 +216,9 @@ class NoiseCLI(LightningCLI):
             try:
                 configs.append(yaml.safe_load(text))
             except yaml.YAMLError as err:  # jsonargparse gives line and column, not the file
-                parser.error(f"Expected the config file {path} to be YAML, but it does not parse: {err}".replace("\n", " "))
+                parser.error(
+                    f"Expected the config file {path} to be YAML, but it does not parse: {err}".replace("\n", " ")
+                )
         try:
             check_owned(tokens, configs)
         except ValueError as err:
@@ -227,8 +236,12 @@ class NoiseCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         try:
-            if self.subcommand in ("fit", "sweep") and (config.trainer.max_epochs is None or config.trainer.max_epochs <= 0):
-                raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}")
+            if self.subcommand in ("fit", "sweep") and (
+                config.trainer.max_epochs is None or config.trainer.max_epochs <= 0
+            ):
+                raise ValueError(
+                    f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}"
+                )
             if self.subcommand == "sweep":
                 self.study = self.plan_study(config)
             else:
@@ -289,9 +302,9 @@ class NoiseCLI(LightningCLI):
         model: pl.LightningModule,
         datamodule: pl.LightningDataModule,
         out: str,
-        task: Optional[int] = None,
+        task: int | None = None,
         gather: bool = False,
-        compare: Optional[list[str]] = None,
+        compare: list[str] | None = None,
     ) -> None:
         """Runs the study in ``out`` (``self.study``, checked against that folder before the classes were built)."""
         run_study(self.trainer, model, datamodule, self.study, task, gather, [Path(folder) for folder in compare or []])

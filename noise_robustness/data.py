@@ -70,12 +70,17 @@ class MemberBatches:
 
     def batches(self, epoch: int, rank: int, world_size: int) -> dict[int, list[torch.Tensor]]:
         """This epoch's position batches for this process, per seed."""
+
         def order(seed: int) -> torch.Tensor:
             if not self.shuffle:
                 return torch.arange(self.size)
-            return torch.randperm(self.size, generator=torch.Generator().manual_seed(derive_seed("shuffle", seed, epoch)))
+            return torch.randperm(
+                self.size, generator=torch.Generator().manual_seed(derive_seed("shuffle", seed, epoch))
+            )
 
-        return {seed: shard_batches(order(seed).to(self.device), rank, world_size, self.batch_size) for seed in self.seeds}
+        return {
+            seed: shard_batches(order(seed).to(self.device), rank, world_size, self.batch_size) for seed in self.seeds
+        }
 
     def __len__(self) -> int:
         _, _, world_size = self.position()
@@ -125,7 +130,9 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         if not 0 <= val_holdout < N_TRAIN:
             raise ValueError(f"Expected `val_holdout` to be in [0, {N_TRAIN}), but got {val_holdout}")
         if batch_size > N_TRAIN - val_holdout:
-            raise ValueError(f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}")
+            raise ValueError(
+                f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}"
+            )
         self.save_hyperparameters()
         self._patterns: dict[tuple[str, int, int], torch.Tensor] = {}  # (file, seed, noise epoch) -> z
 
@@ -138,17 +145,26 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         if hasattr(self, "splits"):
             return
         self.device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        files = {name: mnist.load(str(Path(self.hparams.data_dir)), train=name == "train") for name in ("train", "test")}
+        files = {
+            name: mnist.load(str(Path(self.hparams.data_dir)), train=name == "train") for name in ("train", "test")
+        }
         self.images = {name: x.to(self.device) for name, (x, _) in files.items()}  # uint8, kept once
         self.file_labels = {name: y.to(self.device) for name, (_, y) in files.items()}
         train_idx, val_idx = torch.arange(N_TRAIN), None
         if self.hparams.val_holdout:
-            perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(derive_seed("holdout", HOLDOUT_SEED)))
-            train_idx, val_idx = perm[self.hparams.val_holdout :].sort().values, perm[: self.hparams.val_holdout].sort().values
+            perm = torch.randperm(
+                N_TRAIN, generator=torch.Generator().manual_seed(derive_seed("holdout", HOLDOUT_SEED))
+            )
+            train_idx, val_idx = (
+                perm[self.hparams.val_holdout :].sort().values,
+                perm[: self.hparams.val_holdout].sort().values,
+            )
         # split name -> (MNIST file, indices into it); the noise of an image depends on its file index
         self.splits = {
             "train": ("train", train_idx.to(self.device)),
-            "val": ("train", val_idx.to(self.device)) if val_idx is not None else ("test", torch.arange(N_TEST, device=self.device)),
+            "val": ("train", val_idx.to(self.device))
+            if val_idx is not None
+            else ("test", torch.arange(N_TEST, device=self.device)),
             "test": ("test", torch.arange(N_TEST, device=self.device)),
         }
 
@@ -158,7 +174,9 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         if key not in self._patterns:
             # keep the fixed draw (epoch 0: validation and test) and this epoch's; free the rest first
             self._patterns = {k: z for k, z in self._patterns.items() if k[2] in (0, noise_epoch)}
-            self._patterns[key] = standard_normal(len(self.images[file]), IMAGE_SHAPE, seed, file, noise_epoch, self.device)
+            self._patterns[key] = standard_normal(
+                len(self.images[file]), IMAGE_SHAPE, seed, file, noise_epoch, self.device
+            )
         return self._patterns[key]
 
     def split_size(self, split: str) -> int:
@@ -184,7 +202,9 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         rows = {seed: idx[p] for seed, p in positions.items()}
         clean = {seed: self.images[file][r].float().div_(255) for seed, r in rows.items()}
         noisy_seeds = {m.seed for m in members if m.noise_scale}  # σ = 0 needs no draw
-        z = {seed: self.patterns(file, seed, noise_epoch)[r] for seed, r in rows.items() if seed in noisy_seeds}  # once per seed
+        z = {
+            seed: self.patterns(file, seed, noise_epoch)[r] for seed, r in rows.items() if seed in noisy_seeds
+        }  # once per seed
         images = [add_noise(clean[m.seed], m.noise_scale, z.get(m.seed), self.hparams.clip) for m in members]
         labels = torch.stack([self.file_labels[file][rows[m.seed]] for m in members])
         return torch.stack(images), labels
@@ -199,7 +219,9 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         """Batches of ``split`` for ``members`` (default: the study's)."""
         seeds = sorted({m.seed for m in (members or self.members)})
         compose = functools.partial(self.noisy_images, split, members=members)
-        return MemberBatches(compose, self.split_size(split), seeds, self.hparams.batch_size, self._position, shuffle, self.device)
+        return MemberBatches(
+            compose, self.split_size(split), seeds, self.hparams.batch_size, self._position, shuffle, self.device
+        )
 
     def train_dataloader(self) -> MemberBatches:
         return self.loader("train", shuffle=True)

@@ -66,7 +66,9 @@ def standard_normal(
     out = torch.empty((n_images, *image_shape), device=device)
     for block, start in enumerate(range(0, n_images, BLOCK)):
         # Always a whole block, so a shorter split (or a subset) gets the same rows.
-        out[start : start + BLOCK] = standard_normal_block(block, image_shape, seed, split, epoch, device)[: n_images - start]
+        out[start : start + BLOCK] = standard_normal_block(block, image_shape, seed, split, epoch, device)[
+            : n_images - start
+        ]
     return out
 
 

@@ -61,7 +61,9 @@ def summary_markdown(results: list[dict]) -> str:
     for network, by_scale in table.items():
         rows = [r for r in results if r["network"] == network]
         seeds = sorted({int(r["seed"]) for r in rows})
-        settings = ", ".join(f"{key} {', '.join(sorted({str(r[key]) for r in rows}))}" for key in ("epochs", "noise_mode", "clip"))
+        settings = ", ".join(
+            f"{key} {', '.join(sorted({str(r[key]) for r in rows}))}" for key in ("epochs", "noise_mode", "clip")
+        )
         spread = f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
         lines += [
             f"### {network}: {settings}, seeds {seeds}{spread}",
@@ -96,7 +98,14 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     for colour, (network, by_scale) in zip(colours, aggregate(results).items()):
         scales = sorted(by_scale)
         for split, style in (("train_acc", "--"), ("val_acc", "-")):
-            _shaded(accuracy, scales, [[100 * v for v in by_scale[s][split]] for s in scales], style, colour, f"{network} {split.split('_')[0]}")
+            _shaded(
+                accuracy,
+                scales,
+                [[100 * v for v in by_scale[s][split]] for s in scales],
+                style,
+                colour,
+                f"{network} {split.split('_')[0]}",
+            )
         _shaded(gap, scales, [[100 * v for v in by_scale[s]["gap"]] for s in scales], "-", colour, network)
     all_scales = sorted({float(r["noise_scale"]) for r in results})
     noisy = [s for s in all_scales if s > 0]
@@ -111,8 +120,15 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
         ax.legend(fontsize=8)
     accuracy.axhline(100 * majority, color="grey", lw=0.8, ls=":")
     accuracy.annotate(  # below the line, at the right: no network scores below it
-        f"always the commonest digit: {100 * majority:.2f}%", (1, 100 * majority), xycoords=("axes fraction", "data"),
-        xytext=(-3, -3), textcoords="offset points", ha="right", va="top", fontsize=8, color="grey",
+        f"always the commonest digit: {100 * majority:.2f}%",
+        (1, 100 * majority),
+        xycoords=("axes fraction", "data"),
+        xytext=(-3, -3),
+        textcoords="offset points",
+        ha="right",
+        va="top",
+        fontsize=8,
+        color="grey",
     )
     accuracy.set(ylabel="accuracy (%)", ylim=(0, 101), title="Accuracy after training at noise σ")
     gap.axhline(0, color="grey", lw=0.8)
@@ -151,11 +167,16 @@ def robustness_figure(robustness: list[dict]) -> Figure:
                 cells[float(r["train_noise_scale"]), float(r["eval_noise_scale"])].append(100 * float(r["acc"]))
         train_scales = sorted({t for t, _ in cells})
         eval_scales = sorted({e for _, e in cells})
-        grid = [[statistics.fmean(cells[t, e]) if cells.get((t, e)) else float("nan") for e in eval_scales] for t in train_scales]
+        grid = [
+            [statistics.fmean(cells[t, e]) if cells.get((t, e)) else float("nan") for e in eval_scales]
+            for t in train_scales
+        ]
         ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color="white" if value < 60 else "black")
+                ax.text(
+                    j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color="white" if value < 60 else "black"
+                )
         ax.set_xticks(range(len(eval_scales)), [f"{s:g}" for s in eval_scales])
         ax.set_yticks(range(len(train_scales)), [f"{s:g}" for s in train_scales])
         ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
@@ -171,7 +192,11 @@ def write_report(out: Path, results: list[dict], robustness: list[dict], datamod
     seed = int(results[0]["seed"])
     picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
     preview, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed) for s in scales])
-    figures = {"accuracy_vs_noise": accuracy_figure(results, majority), "noise_preview": preview_figure(preview, scales), "robustness": robustness_figure(robustness)}
+    figures = {
+        "accuracy_vs_noise": accuracy_figure(results, majority),
+        "noise_preview": preview_figure(preview, scales),
+        "robustness": robustness_figure(robustness),
+    }
     writer = SummaryWriter(str(out / "tensorboard"))
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=120)

@@ -43,7 +43,9 @@ class RunLogger(TensorBoardLogger):
     member writes to ``<log_dir>`` itself), so TensorBoard overlays the members per tag.
     """
 
-    def __init__(self, save_dir: str = "tb_logs", name: str | None = "lightning_logs", version: int | str | None = None, **kwargs):
+    def __init__(
+        self, save_dir: str = "tb_logs", name: str | None = "lightning_logs", version: int | str | None = None, **kwargs
+    ):
         check_writable(save_dir, "trainer.logger.init_args.save_dir")
         super().__init__(save_dir, name, version, **kwargs)
         self.claimed_version = version  # None until the run's folder is claimed

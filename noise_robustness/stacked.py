@@ -67,7 +67,9 @@ class MemberGenerators:
         self.seeds, self.generators = seeds, []
 
     def start_epoch(self, epoch: int, rank: int, device: torch.device) -> None:
-        self.generators = [torch.Generator(device=device).manual_seed(derive_seed("dropout", s, epoch, rank)) for s in self.seeds]
+        self.generators = [
+            torch.Generator(device=device).manual_seed(derive_seed("dropout", s, epoch, rank)) for s in self.seeds
+        ]
 
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.Flatten)
@@ -78,7 +80,10 @@ def stackable(net: nn.Module) -> bool:
     if not isinstance(net, nn.Sequential) or not all(isinstance(layer, SUPPORTED) for layer in net):
         return False
     convs = [layer for layer in net if isinstance(layer, nn.Conv2d)]
-    return all(c.groups == 1 and c.dilation == (1, 1) and c.padding_mode == "zeros" and isinstance(c.padding, tuple) for c in convs)
+    return all(
+        c.groups == 1 and c.dilation == (1, 1) and c.padding_mode == "zeros" and isinstance(c.padding, tuple)
+        for c in convs
+    )
 
 
 def plan_steps(layers: list[nn.Module]) -> list[tuple[str, object]]:
@@ -141,7 +146,9 @@ class StackedSequential(nn.Module):
                 self.biases.append(torch.stack([layer.bias.detach()[None] for layer in layers]))
             elif isinstance(layers[0], nn.Conv2d):  # [K * out, in, kh, kw]: group k is member k
                 # channels-last: oneDNN's grouped convolutions run ~1.5x faster so on a CPU
-                self.weights.append(torch.cat([layer.weight.detach() for layer in layers]).contiguous(memory_format=torch.channels_last))
+                self.weights.append(
+                    torch.cat([layer.weight.detach() for layer in layers]).contiguous(memory_format=torch.channels_last)
+                )
                 self.biases.append(torch.cat([layer.bias.detach() for layer in layers]))
 
     def start_epoch(self, epoch: int, rank: int) -> None:
@@ -151,7 +158,9 @@ class StackedSequential(nn.Module):
         # Each member draws its own mask of its own shape, so a member's masks do not depend on K.
         k = self.k
         shape = (x.shape[0], x.shape[1] // k, *x.shape[2:]) if conv else x.shape[1:]
-        keep = torch.stack([keep_mask(shape, p, g, self.fast) for g in self.generators.generators], dim=1 if conv else 0)
+        keep = torch.stack(
+            [keep_mask(shape, p, g, self.fast) for g in self.generators.generators], dim=1 if conv else 0
+        )
         keep = keep.view(x.shape)
         if self.fast and relu:
             return _ReluDropout.apply(x, keep, 1 / (1 - p))
@@ -165,7 +174,11 @@ class StackedSequential(nn.Module):
             match step:
                 case "conv":
                     if not conv:
-                        x = x.transpose(0, 1).reshape(batch, -1, *x.shape[-2:]).contiguous(memory_format=torch.channels_last)
+                        x = (
+                            x.transpose(0, 1)
+                            .reshape(batch, -1, *x.shape[-2:])
+                            .contiguous(memory_format=torch.channels_last)
+                        )
                         conv = True
                     param, stride, padding = arg
                     x = F.conv2d(x, self.weights[param], self.biases[param], stride, padding, groups=k)
@@ -231,7 +244,9 @@ class MemberLoop(nn.Module):
         return self.members[k]
 
 
-def stack_members(factory: Callable[[], nn.Module], seeds: list[int], fast: bool = True) -> StackedSequential | MemberLoop:
+def stack_members(
+    factory: Callable[[], nn.Module], seeds: list[int], fast: bool = True
+) -> StackedSequential | MemberLoop:
     """One network per seed from ``factory``, stacked when its layers allow, else looped over."""
     members = [build_member(factory, seed) for seed in seeds]
     if stackable(members[0]):

@@ -138,7 +138,7 @@ def check_writable(folder: str | Path, argument: str) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (a crash leaves the old file or the new one), readable as the umask allows."""
+    """Writes ``text`` to ``path`` atomically (a crash leaves the old file or the new one), readable as umask allows."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     umask = os.umask(0)
     os.umask(umask)
@@ -228,7 +228,9 @@ class Study:
             return list(self.members)
         seeds = seeds_of(self.members)
         if not 0 <= task < len(seeds):
-            raise ValueError(f"Expected `task` to be in [0, {len(seeds)}), one task per seed of {seeds}, but got {task}")
+            raise ValueError(
+                f"Expected `task` to be in [0, {len(seeds)}), one task per seed of {seeds}, but got {task}"
+            )
         return [m for m in self.members if m.seed == seeds[task]]
 
     def to_train(self, task: int | None, gather: bool) -> list[Member]:
@@ -251,7 +253,7 @@ class Study:
             write_atomic(self.out / "study.yaml", yaml.safe_dump(self.identity, sort_keys=True))
         write_atomic(self.out / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         for member in to_train:
-            lock = open(self.out / "locks" / f"{member.name.replace('/', ',')}.lock", "a")
+            lock = open(self.out / "locks" / f"{member.name.replace('/', ',')}.lock", "a")  # noqa: SIM115 (held until the process ends)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -273,7 +275,8 @@ class Study:
         if missing:
             raise StudyIncomplete(
                 f"{len(missing)} of {len(self.members)} members of {self.out} have no results: "
-                f"{', '.join(m.name for m in missing)}. Train them (rerun the sweep, or its failed tasks), then gather again"
+                f"{', '.join(m.name for m in missing)}. "
+                "Train them (rerun the sweep, or its failed tasks), then gather again"
             )
         return missing
 
@@ -282,7 +285,9 @@ class Study:
         self.missing()
         runs = [json.loads(self.result_file(m).read_text()) for m in self.members]
         results = [run["result"] for run in runs]
-        scales = set(scales_of(self.members))  # a member trained in a larger study holds cells at σ values this one leaves out
+        scales = set(
+            scales_of(self.members)
+        )  # a member trained in a larger study holds cells at σ values this one leaves out
         robustness = [row for run in runs for row in run["robustness"] if row["eval_noise_scale"] in scales]
         write_atomic(self.out / "results.csv", csv_text(RESULT_COLUMNS, results))
         write_atomic(self.out / "robustness.csv", csv_text(ROBUSTNESS_COLUMNS, robustness))
@@ -296,7 +301,9 @@ def check_compared(folder: Path, identity: dict) -> None:
         ValueError: naming the folder and what is wrong with it.
     """
     if not (folder / "study.yaml").is_file():
-        raise ValueError(f"Expected each `compare` folder to be a study folder (with study.yaml), but {folder} is not one")
+        raise ValueError(
+            f"Expected each `compare` folder to be a study folder (with study.yaml), but {folder} is not one"
+        )
     if not (folder / "results.csv").is_file() or not (folder / "robustness.csv").is_file():
         raise ValueError(
             f"Expected the study in {folder} (`compare`) to be finished, but it has no results.csv and robustness.csv; "
@@ -305,10 +312,13 @@ def check_compared(folder: Path, identity: dict) -> None:
     recorded = yaml.safe_load((folder / "study.yaml").read_text())
     network = recorded.get("model.net", {}).get("class_path")
     if network == identity.get("model.net", {}).get("class_path"):
-        raise ValueError(f"Expected `compare` to name studies of other networks, but {folder} is a study of {network} too")
+        raise ValueError(
+            f"Expected `compare` to name studies of other networks, but {folder} is a study of {network} too"
+        )
     data_keys = {k for k in set(recorded) | set(identity) if k.startswith("data.")}
     differ = differences(recorded, identity, data_keys, "here")
     if differ:
         raise ValueError(
-            f"Expected the study in {folder} (`compare`) to train on the same noisy data as this one, but {'; '.join(differ)}"
+            f"Expected the study in {folder} (`compare`) to train on the same noisy data as this one, "
+            f"but {'; '.join(differ)}"
         )

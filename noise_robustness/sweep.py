@@ -55,7 +55,10 @@ def train(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[M
     except ValueError as err:  # a member is locked by another command
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    say(f"{study.out}: training {len(to_train)} member(s) side by side ({done} of {len(study.members)} finished earlier)")
+    say(
+        f"{study.out}: training {len(to_train)} member(s) side by side "
+        f"({done} of {len(study.members)} finished earlier)"
+    )
     checkpoint = study.checkpoint_dir(to_train) / "last.ckpt"
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
@@ -70,14 +73,24 @@ def train(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[M
         if member not in to_train:
             continue  # trained alongside to make a product of σ and seeds; its result exists
         # float32, as the metrics are logged (and as every results.csv has recorded them)
-        metrics = {f"{stage}_{name}": float(final[f"{stage}/{name}"][k].float()) for stage in ("train", "val") for name in ("acc", "loss")}
+        metrics = {
+            f"{stage}_{name}": float(final[f"{stage}/{name}"][k].float())
+            for stage in ("train", "val")
+            for name in ("acc", "loss")
+        }
         result = {
             "network": network, "noise_scale": member.noise_scale, "seed": member.seed,
             "noise_mode": data.noise_mode, "clip": data.clip, "epochs": trainer.max_epochs, "study_id": study.study_id,
             **metrics,
         }  # fmt: skip
         cells = [
-            {"network": network, "seed": member.seed, "train_noise_scale": member.noise_scale, "eval_noise_scale": scale, "acc": float(acc[k])}
+            {
+                "network": network,
+                "seed": member.seed,
+                "train_noise_scale": member.noise_scale,
+                "eval_noise_scale": scale,
+                "acc": float(acc[k]),
+            }
             for scale, acc in accuracy.items()
         ]
         study.write_member(member, result, cells)

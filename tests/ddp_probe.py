@@ -13,7 +13,9 @@ class RecordBatches(pl.Callback):
         self.out = Path(out)
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.positions = trainer.train_dataloader.batches(trainer.current_epoch, trainer.global_rank, trainer.world_size)
+        self.positions = trainer.train_dataloader.batches(
+            trainer.current_epoch, trainer.global_rank, trainer.world_size
+        )
         self.images = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

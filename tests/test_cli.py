@@ -8,7 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from noise_robustness.cli import cli_main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("scale_*.yaml")) + [Path(__file__).parents[1] / "configs" / "cnn.yaml"]
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("scale_*.yaml")) + [
+    Path(__file__).parents[1] / "configs" / "cnn.yaml"
+]
 METRIC_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc"}
 
 
@@ -46,7 +48,17 @@ def test_every_config_fits_and_writes_a_tensorboard_run(config, data_dir, tmp_pa
 
 
 def test_a_run_logs_per_epoch_metrics_noisy_samples_and_its_hparams(data_dir, tmp_path):
-    cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[0.5]", "--seeds=[2]", "--data.noise_mode=resample", "--trainer.max_epochs=2"))
+    cli_main(
+        short_run(
+            data_dir,
+            tmp_path,
+            "fit",
+            "--scales=[0.5]",
+            "--seeds=[2]",
+            "--data.noise_mode=resample",
+            "--trainer.max_epochs=2",
+        )
+    )
     run_dir = tmp_path / "tb_logs" / "scale_0.5" / "version_0"
     acc = events(run_dir)
     grid = acc.Images("train/samples_clean_above_noisy")[0]
@@ -70,7 +82,16 @@ def test_a_short_clean_run_learns_and_test_validate_predict_work(data_dir, tmp_p
     assert test.trainer.callback_metrics["test/acc"] > 0.9
     validate = cli_main(short_run(data_dir, tmp_path, "validate", f"--ckpt_path={ckpt}", batches=150))
     assert validate.trainer.callback_metrics["val/acc"] == test.trainer.callback_metrics["test/acc"]
-    predict = cli_main(short_run(data_dir, tmp_path, "predict", f"--ckpt_path={ckpt}", "--return_predictions=true", "--trainer.limit_predict_batches=2"))
+    predict = cli_main(
+        short_run(
+            data_dir,
+            tmp_path,
+            "predict",
+            f"--ckpt_path={ckpt}",
+            "--return_predictions=true",
+            "--trainer.limit_predict_batches=2",
+        )
+    )
     predictions = torch.cat(predict.trainer.predict_loop.predictions, dim=1)
     assert predictions.shape == (1, 256) and predictions.dtype == torch.int64  # [members, images]
 
@@ -78,7 +99,9 @@ def test_a_short_clean_run_learns_and_test_validate_predict_work(data_dir, tmp_p
 def test_val_acc_matches_an_independent_evaluation(data_dir, tmp_path):
     cli = cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[1.0]", batches=20))
     dm = cli.datamodule
-    net = cli.model.net.member(0).to(dm.device).eval()  # the member as a plain DropoutMLP, where the images are (a GPU too)
+    net = (
+        cli.model.net.member(0).to(dm.device).eval()
+    )  # the member as a plain DropoutMLP, where the images are (a GPU too)
     images, labels = dm.noisy_images("val", {0: torch.arange(20 * 128, device=dm.device)})
     with torch.no_grad():
         logits = net(images[0])
@@ -91,7 +114,9 @@ def test_val_acc_matches_an_independent_evaluation(data_dir, tmp_path):
 def test_the_reference_path_is_a_switch(data_dir, tmp_path):
     fast = cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[0.5]", batches=30))
     reference = cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[0.5]", "--model.fast=false", batches=30))
-    assert reference.model.net.fast is False and isinstance(reference.trainer.optimizers[0], type(torch.optim.RMSprop([torch.zeros(1)])))
+    assert reference.model.net.fast is False and isinstance(
+        reference.trainer.optimizers[0], type(torch.optim.RMSprop([torch.zeros(1)]))
+    )
     # other dropout draws, the same learning: both well above chance after 30 batches
     assert abs(fast.trainer.callback_metrics["val/acc"] - reference.trainer.callback_metrics["val/acc"]) < 0.05
 

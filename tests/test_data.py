@@ -42,7 +42,9 @@ def test_shards_cover_the_split_once_in_equal_batch_counts(n, world_size, batch_
     assert len({len(batches) for batches in per_rank}) == 1
     assert all(0 < len(b) <= batch_size for batches in per_rank for b in batches)
     if world_size == 1:  # one process: plain chunks, the last one partial, in order
-        assert [len(b) for b in per_rank[0]] == [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+        assert [len(b) for b in per_rank[0]] == [batch_size] * (n // batch_size) + (
+            [n % batch_size] if n % batch_size else []
+        )
         assert torch.equal(seen, order)
 
 
@@ -54,7 +56,8 @@ def test_loader_serves_each_member_its_own_composed_rows(data_dir):
     dm = ready(data_dir, scales=[0.0, 0.5], seeds=[0, 1], batch_size=1000)
     loader = dm.loader("train", shuffle=True)
     by_seed = loader.batches(3, 0, 1)
-    images, labels = map(lambda t: torch.cat(t, dim=1), zip(*(dm.noisy_images("train", {s: b[i] for s, b in by_seed.items()}, epoch=3) for i in range(60))))
+    batches = [dm.noisy_images("train", {s: b[i] for s, b in by_seed.items()}, epoch=3) for i in range(60)]
+    images, labels = (torch.cat(parts, dim=1) for parts in zip(*batches))
     assert len(loader) == 60 and images.shape == (4, 60000, 1, 28, 28) and labels.shape == (4, 60000)
     full, full_labels = dm.noisy_images("train", all_positions(dm, "train"))
     for k, member in enumerate(dm.members):  # member k's batches are rows of its own noisy split
@@ -73,7 +76,9 @@ def test_noise_of_an_image_is_independent_of_batching_split_and_study(data_dir):
     assert torch.equal(full[held_out], b.noisy_images("val", all_positions(b, "val"))[0][3])  # member (1.0, seed 0)
     kept = b.splits["train"][1]
     assert torch.equal(full[kept], b.noisy_images("train", all_positions(b, "train"))[0][3])
-    assert torch.equal(a.noisy_images("val", all_positions(a, "val"))[0], b.noisy_images("test", all_positions(b, "test"))[0][3:])
+    assert torch.equal(
+        a.noisy_images("val", all_positions(a, "val"))[0], b.noisy_images("test", all_positions(b, "test"))[0][3:]
+    )
 
 
 @pytest.mark.parametrize(("sigma", "clip", "holdout"), [(0.5, False, 0), (2.0, True, 0), (1.0, False, 5000)])
@@ -107,7 +112,9 @@ def test_fixed_noise_stays_and_resampled_noise_changes_per_epoch(data_dir):
     assert torch.equal(first, train(fixed, 0))
     assert not torch.isclose(train(resample, 1), first).all(dim=(1, 2, 3)).any()
     val = all_positions(fixed, "val")
-    assert torch.equal(resample.noisy_images("val", val, epoch=3)[0], fixed.noisy_images("val", val)[0])  # validation stays fixed
+    assert torch.equal(
+        resample.noisy_images("val", val, epoch=3)[0], fixed.noisy_images("val", val)[0]
+    )  # validation stays fixed
 
 
 def test_splits_and_clean_pixels(data_dir):
@@ -163,4 +170,6 @@ def test_unwritable_data_dir_is_named(tmp_path):
 def test_a_users_own_mnist_copy_is_used(tmp_path, data_dir):
     shutil.copytree(f"{data_dir}/MNIST", tmp_path / "MNIST")
     dm = ready(str(tmp_path))
-    assert dm.images["train"].shape == (60000, 1, 28, 28) and dm.images["train"].dtype == torch.uint8  # kept once, as bytes
+    assert (
+        dm.images["train"].shape == (60000, 1, 28, 28) and dm.images["train"].dtype == torch.uint8
+    )  # kept once, as bytes

@@ -29,13 +29,17 @@ def test_two_processes_split_every_epoch_exactly_and_agree_with_one(data_dir, tm
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    single = NoisyMNISTDataModule(scales=SCALES, seeds=SEEDS, data_dir=data_dir, val_holdout=HOLDOUT, noise_mode="resample")
+    single = NoisyMNISTDataModule(
+        scales=SCALES, seeds=SEEDS, data_dir=data_dir, val_holdout=HOLDOUT, noise_mode="resample"
+    )
     single.setup("fit")
     for epoch in range(2):
         ranks = [torch.load(tmp_path / f"rank{r}_epoch{epoch}.pt") for r in range(2)]
         assert [r["world_size"] for r in ranks] == [2, 2]
         for seed in SEEDS:
-            assert len(ranks[0]["positions"][seed]) == len(ranks[1]["positions"][seed]) == 8  # same step count on both ranks
+            assert (
+                len(ranks[0]["positions"][seed]) == len(ranks[1]["positions"][seed]) == 8
+            )  # same step count on both ranks
             positions = torch.cat([torch.cat(r["positions"][seed]) for r in ranks])
             assert torch.equal(positions.sort().values, torch.arange(1999))  # disjoint, and all of the split once
         for rank in ranks:  # the noisy images each rank saw are the single-process ones
@@ -48,9 +52,14 @@ def test_two_processes_split_every_epoch_exactly_and_agree_with_one(data_dir, tm
     model = NoiseClassifier(scales=SCALES, seeds=SEEDS)
     model.load_state_dict(torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     positions = {s: torch.arange(single.split_size("val")) for s in SEEDS}
-    accuracy = independent_accuracy(model, [single.noisy_images("val", {s: p[i : i + 5000] for s, p in positions.items()}) for i in range(0, 58001, 5000)])
+    accuracy = independent_accuracy(
+        model,
+        [single.noisy_images("val", {s: p[i : i + 5000] for s, p in positions.items()}) for i in range(0, 58001, 5000)],
+    )
     metrics = torch.load(tmp_path / "metrics.pt")
-    assert torch.allclose(torch.tensor(metrics["val/acc"], dtype=torch.float64), accuracy, atol=1e-6)  # summed over ranks, then divided
+    assert torch.allclose(
+        torch.tensor(metrics["val/acc"], dtype=torch.float64), accuracy, atol=1e-6
+    )  # summed over ranks, then divided
 
 
 @torch.inference_mode()

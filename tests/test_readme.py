@@ -25,7 +25,9 @@ def test_every_config_the_readme_names_exists():
 
 
 def test_the_compared_cnn_study_is_the_main_study_with_the_other_network():
-    mlp, cnn = (yaml.safe_load((REPO / "docs" / "results" / name / "study.yaml").read_text()) for name in ("noise_sweep", "cnn"))
+    mlp, cnn = (
+        yaml.safe_load((REPO / "docs" / "results" / name / "study.yaml").read_text()) for name in ("noise_sweep", "cnn")
+    )
     assert mlp.pop("model.net")["class_path"] == "noise_robustness.models.DropoutMLP"
     assert cnn.pop("model.net")["class_path"] == "noise_robustness.models.KerasCNN"
     assert cnn == mlp  # same data, optimizer, epochs: the networks differ in architecture only
@@ -35,6 +37,8 @@ def test_the_compared_cnn_study_is_the_main_study_with_the_other_network():
 def test_every_result_the_readme_quotes_is_in_a_committed_summary():
     """A README number that is not in the committed results (stale, mistyped, hand-made) fails here."""
     quoted = set(MEAN_STD.findall((REPO / "README.md").read_text()))
-    committed = {pair for path in (REPO / "docs" / "results").glob("*/summary.md") for pair in MEAN_STD.findall(path.read_text())}
+    committed = {
+        pair for path in (REPO / "docs" / "results").glob("*/summary.md") for pair in MEAN_STD.findall(path.read_text())
+    }
     assert len(quoted) > 30
     assert quoted <= committed, sorted(quoted - committed)

@@ -18,7 +18,9 @@ REPO = Path(__file__).parents[1]
 
 def fails_cleanly(args: list[str], cwd: Path) -> str:
     """Runs the real command line; asserts a non-zero exit without a traceback; returns stderr."""
-    result = subprocess.run([sys.executable, "-m", "noise_robustness", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "noise_robustness", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return result.stderr
 
@@ -34,11 +36,20 @@ BAD_INPUT = [
     (["sweep", "--seeds=[0, 0]"], "Expected `seeds` to hold each value once, but got [0, 0]"),
     (["fit", "--data.noise_mode=often"], "Expected `noise_mode` to be one of ('fixed', 'resample'), but got 'often'"),
     (["fit", "--data.batch_size=0"], "Expected `batch_size` to be a positive integer, but got 0"),
-    (["fit", "--data.batch_size=60001"], "Expected `batch_size` to be at most the 60000 training images, but got 60001"),
+    (
+        ["fit", "--data.batch_size=60001"],
+        "Expected `batch_size` to be at most the 60000 training images, but got 60001",
+    ),
     (["fit", "--data.val_holdout=-5"], "Expected `val_holdout` to be in [0, 60000), but got -5"),
     (["fit", "--data.val_holdout=60000"], "Expected `val_holdout` to be in [0, 60000), but got 60000"),
-    (["sweep", "--compare=[blocker]"], "Expected each `compare` folder to be a study folder (with study.yaml), but blocker is not one"),
-    (["sweep", "--compare=[nowhere]"], "Expected each `compare` folder to be a study folder (with study.yaml), but nowhere is not one"),
+    (
+        ["sweep", "--compare=[blocker]"],
+        "Expected each `compare` folder to be a study folder (with study.yaml), but blocker is not one",
+    ),
+    (
+        ["sweep", "--compare=[nowhere]"],
+        "Expected each `compare` folder to be a study folder (with study.yaml), but nowhere is not one",
+    ),
     (["fit", "--trainer.max_epochs=0"], "Expected `trainer.max_epochs` to be a positive integer, but got 0"),
     (["sweep", "--epochs=0"], "Expected `trainer.max_epochs` to be a positive integer, but got 0"),
     (["fit", "--model.net=noise_robustness.models.Transformer"], "model.net"),
@@ -49,20 +60,32 @@ BAD_INPUT = [
     (["fit", "--data.noise_scale=0.5"], "`data.noise_scale` is set per member by the study: use `--scales`"),
     (["sweep", "--data.noise_seed=3"], "`data.noise_seed` is set per member by the study: use `--seeds`"),
     (["sweep", "--seed_everything=3"], "`seed_everything` is set per member by the study: use `--seeds`"),
-    (["sweep", "--models=[noise_robustness.models.KerasCNN]"], "`models` is set per member by the study: use `--model.net`"),
+    (
+        ["sweep", "--models=[noise_robustness.models.KerasCNN]"],
+        "`models` is set per member by the study: use `--model.net`",
+    ),
     (["sweep", "--data.scales=[1]"], 'Linked "data.scales" must be given via "scales"'),
     (["fit", "--model.seeds=[1]"], 'Linked "model.seeds" must be given via "seeds"'),
     (["sweep", "--trainer.devices=2"], "Expected `trainer.devices` and `trainer.num_nodes` to be 1 in a study"),
     (["sweep", "--task=3"], "Expected `task` to be in [0, 3), one task per seed of [0, 1, 2], but got 3"),
     (["sweep", "--ckpt_path=x.ckpt"], "`ckpt_path` is chosen by the study: rerun the same sweep command to resume it"),
     # files and folders
-    (["fit", "--trainer.logger.init_args.save_dir=blocker/tb_logs"], "Expected `trainer.logger.init_args.save_dir` to be a folder this user can write"),
+    (
+        ["fit", "--trainer.logger.init_args.save_dir=blocker/tb_logs"],
+        "Expected `trainer.logger.init_args.save_dir` to be a folder this user can write",
+    ),
     (["sweep", "--out=blocker"], "Expected `out` to be a study folder, but blocker is a file"),
     (["sweep", "--out=blocker/study"], "Expected `out` to be a folder this user can write"),
-    (["sweep", "--out=."], "Expected `out` to be a new folder or a study folder, but . holds other files and no study.yaml"),
+    (
+        ["sweep", "--out=."],
+        "Expected `out` to be a new folder or a study folder, but . holds other files and no study.yaml",
+    ),
     (["fit", "--data.data_dir=blocker/data"], "is `data_dir` writable?"),
     (["fit", "--ckpt_path=last"], "Expected a checkpoint to resume with `--ckpt_path last`, but found no"),
-    (["test", "--ckpt_path=missing.ckpt"], "Expected `ckpt_path` to be a checkpoint file (or `last`), but missing.ckpt does not exist"),
+    (
+        ["test", "--ckpt_path=missing.ckpt"],
+        "Expected `ckpt_path` to be a checkpoint file (or `last`), but missing.ckpt does not exist",
+    ),
     (["validate", "--ckpt_path=blocker"], "Expected `ckpt_path` to be a checkpoint file, but blocker is not one"),
     (["fit", "--config=no_such.yaml"], "no_such.yaml"),
     (["fit", "--config=empty.yaml"], "Expected the config file empty.yaml to hold options, but it is empty"),
@@ -74,7 +97,12 @@ BAD_INPUT = [
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
 def test_bad_input_is_one_clear_error_before_anything_starts(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    files = {"blocker": "a file where a folder should be", "empty.yaml": "", "broken.yaml": "data: [unclosed\n", "old.yaml": "data:\n  noise_scale: 0.5\n"}
+    files = {
+        "blocker": "a file where a folder should be",
+        "empty.yaml": "",
+        "broken.yaml": "data: [unclosed\n",
+        "old.yaml": "data:\n  noise_scale: 0.5\n",
+    }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     with pytest.raises(SystemExit) as exit:
@@ -114,11 +142,28 @@ def test_an_interrupted_fit_resumes_to_the_same_result(signum, data_dir, tmp_pat
     args = ["--scales=[0.5]", "--data.noise_mode=resample", "--trainer.max_epochs=3"]
     reference = cli_main(short_run(data_dir, tmp_path / "reference", "fit", *args, batches=10))
     interrupted = tmp_path / "interrupted"
-    stop = ["--trainer.callbacks+=tests.signal_probe.SignalAt", f"--trainer.callbacks.signum={int(signum)}", "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=4"]
-    command = [sys.executable, "-m", "noise_robustness", *short_run(data_dir, interrupted, "fit", *args, *stop, batches=10)]
+    stop = [
+        "--trainer.callbacks+=tests.signal_probe.SignalAt",
+        f"--trainer.callbacks.signum={int(signum)}",
+        "--trainer.callbacks.epoch=1",
+        "--trainer.callbacks.batch=4",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "noise_robustness",
+        *short_run(data_dir, interrupted, "fit", *args, *stop, batches=10),
+    ]
     # A terminal's Ctrl-C: a test suite started in the background (`cmd &`) ignores SIGINT, and Python
     # keeps that ignored in its children; the default disposition lets Python raise KeyboardInterrupt.
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     checkpoints = interrupted / "tb_logs" / "scale_0.5" / "version_0" / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file()  # saved at the end of epoch 0, before the signal
@@ -130,7 +175,7 @@ def test_an_interrupted_fit_resumes_to_the_same_result(signum, data_dir, tmp_pat
 
 def test_the_same_config_gives_identical_metrics(data_dir, tmp_path):
     runs = [cli_main(short_run(data_dir, tmp_path, "fit", "--scales=[1.0]", batches=10)) for _ in range(2)]
-    first, second = (dict((k, v.item()) for k, v in run.trainer.callback_metrics.items()) for run in runs)
+    first, second = ({k: v.item() for k, v in run.trainer.callback_metrics.items()} for run in runs)
     assert first == second
 
 

@@ -24,7 +24,7 @@ def slurm() -> dict[str, str]:
         pytest.skip("no Slurm here: install Debian's slurm-wlm and munge, then run scripts/start_slurm.sh")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if subprocess.run(["sinfo", "-h"], env=env, capture_output=True).returncode:
-        pytest.skip("Slurm is installed but not running: eval \"$(bash scripts/start_slurm.sh)\" first")
+        pytest.skip('Slurm is installed but not running: eval "$(bash scripts/start_slurm.sh)" first')
     return env
 
 
@@ -52,12 +52,21 @@ def results(path: Path) -> list[dict[str, str]]:
 
 
 def study_options(data_dir, out: Path) -> list[str]:
-    return ["--scales=[0, 1.0]", "--seeds=[0, 1]", "--epochs=1", f"--out={out}", f"--data.data_dir={data_dir}", "--trainer.limit_train_batches=5"]
+    return [
+        "--scales=[0, 1.0]",
+        "--seeds=[0, 1]",
+        "--epochs=1",
+        f"--out={out}",
+        f"--data.data_dir={data_dir}",
+        "--trainer.limit_train_batches=5",
+    ]
 
 
 def submit_study(env, cwd: Path, *options: str) -> tuple[str, str]:
     output = run(["bash", str(REPO / "scripts" / "slurm_study.sh"), *options], env, cwd)
-    array, gather = re.fullmatch(r"array job (\d+): 2 task\(s\), one per seed; gather job (\d+) after it\n", output).groups()
+    array, gather = re.fullmatch(
+        r"array job (\d+): 2 task\(s\), one per seed; gather job (\d+) after it\n", output
+    ).groups()
     return array, gather
 
 
@@ -67,7 +76,9 @@ def test_the_study_runs_as_a_job_array_and_its_gather_matches_a_local_run(slurm,
     assert job_state(gather, slurm)["JobState"] == "COMPLETED"
     local = tmp_path / "local"
     for role in (["--task=0"], ["--task=1"], ["--gather=true"]):  # the same groups of members, here
-        run([sys.executable, "-m", "noise_robustness", "sweep", *study_options(data_dir, local), *role], LOCAL, tmp_path)
+        run(
+            [sys.executable, "-m", "noise_robustness", "sweep", *study_options(data_dir, local), *role], LOCAL, tmp_path
+        )
     cluster = results(tmp_path / "cluster" / "results.csv")
     assert len(cluster) == 4 and cluster == results(local / "results.csv")
     assert (tmp_path / "cluster" / "accuracy_vs_noise.png").is_file()
@@ -89,8 +100,11 @@ def test_a_failed_task_makes_the_gather_fail_naming_what_is_missing(slurm, data_
 
 
 def fit_options(data_dir, save_dir: Path, epochs: int = 2, batches: int = 10) -> list[str]:
-    return ["--scales=[0.5]", f"--trainer.max_epochs={epochs}", f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=10",
-            f"--data.data_dir={data_dir}", f"--trainer.logger.init_args.save_dir={save_dir}"]  # fmt: skip
+    return [
+        "--scales=[0.5]", f"--trainer.max_epochs={epochs}", f"--trainer.limit_train_batches={batches}",
+        "--trainer.limit_val_batches=10", f"--data.data_dir={data_dir}",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+    ]  # fmt: skip
 
 
 def final_val_acc(run_dir: Path) -> float:
@@ -100,14 +114,29 @@ def final_val_acc(run_dir: Path) -> float:
 
 
 def test_a_two_task_ddp_fit_is_one_job_with_one_run_folder(slurm, data_dir, tmp_path):
-    job = run(["sbatch", "--parsable", "--ntasks-per-node=2", str(REPO / "scripts" / "fit.sbatch"), *fit_options(data_dir, tmp_path / "cluster")], slurm, tmp_path).strip()
+    job = run(
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks-per-node=2",
+            str(REPO / "scripts" / "fit.sbatch"),
+            *fit_options(data_dir, tmp_path / "cluster"),
+        ],
+        slurm,
+        tmp_path,
+    ).strip()
     wait_for([job], slurm)
     log = (tmp_path / f"slurm-noise-fit-{job}.out").read_text()
     assert job_state(job, slurm)["JobState"] == "COMPLETED", log[-3000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
     runs = list((tmp_path / "cluster").glob("*/version_*"))
     assert [p.name for p in runs] == ["version_0"]
-    local = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", *fit_options(data_dir, tmp_path / "local")]
+    local = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        *fit_options(data_dir, tmp_path / "local"),
+    ]
     run([sys.executable, "-m", "noise_robustness", "fit", *local], LOCAL, tmp_path)
     assert final_val_acc(runs[0]) == final_val_acc(next((tmp_path / "local").glob("*/version_0")))
 
@@ -126,5 +155,15 @@ def test_a_fit_warned_before_its_time_limit_requeues_and_ends_with_the_same_numb
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
     resumed = sorted((tmp_path / "cluster").glob("*/version_*"))
     assert [p.name for p in resumed] == ["version_0", "version_1"]  # the requeued run resumed into a new folder
-    run([sys.executable, "-m", "noise_robustness", "fit", *fit_options(data_dir, tmp_path / "local", epochs=4, batches=60)], LOCAL, tmp_path)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "noise_robustness",
+            "fit",
+            *fit_options(data_dir, tmp_path / "local", epochs=4, batches=60),
+        ],
+        LOCAL,
+        tmp_path,
+    )
     assert final_val_acc(resumed[1]) == final_val_acc(next((tmp_path / "local").glob("*/version_0")))

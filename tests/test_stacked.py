@@ -8,7 +8,15 @@ from torch.nn import functional as F
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.models import DropoutMLP, KerasCNN
-from noise_robustness.stacked import KEEP_BITS, MemberLoop, StackedRMSprop, StackedSequential, build_member, keep_mask, stack_members
+from noise_robustness.stacked import (
+    KEEP_BITS,
+    MemberLoop,
+    StackedRMSprop,
+    StackedSequential,
+    build_member,
+    keep_mask,
+    stack_members,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,11 @@ def test_a_member_trains_as_its_network_alone(batches, fast):
         losses[name] = []
         for batch in batches:
             images, labels = pick(batch)
-            per_member = F.cross_entropy(model(images).flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
+            per_member = (
+                F.cross_entropy(model(images).flatten(0, 1), labels.flatten(), reduction="none")
+                .view(labels.shape)
+                .mean(1)
+            )
             optimizer.zero_grad()
             per_member.sum().backward()
             optimizer.step()
@@ -46,7 +58,9 @@ def test_a_member_trains_as_its_network_alone(batches, fast):
     together_k = torch.stack([step[k] for step in losses["together"]])
     alone_0 = torch.stack([step[0] for step in losses["alone"]])
     assert torch.allclose(together_k, alone_0, rtol=1e-5, atol=0)
-    assert not torch.allclose(torch.stack([s[0] for s in losses["together"]]), alone_0, rtol=1e-2)  # another member differs
+    assert not torch.allclose(
+        torch.stack([s[0] for s in losses["together"]]), alone_0, rtol=1e-2
+    )  # another member differs
 
 
 @pytest.mark.parametrize("network", [DropoutMLP, KerasCNN])
@@ -125,7 +139,10 @@ def test_dropout_is_independent_across_members_and_steps_and_scales_kept_units()
 
 def test_the_fast_rmsprop_step_is_torchs(data_dir, batches):
     models = [NoiseClassifier(scales=[0.5], seeds=[1], fast=False) for _ in range(2)]
-    optimizers = [StackedRMSprop(models[0].parameters(), lr=1e-3, alpha=0.9, eps=1e-7), torch.optim.RMSprop(models[1].parameters(), lr=1e-3, alpha=0.9, eps=1e-7)]
+    optimizers = [
+        StackedRMSprop(models[0].parameters(), lr=1e-3, alpha=0.9, eps=1e-7),
+        torch.optim.RMSprop(models[1].parameters(), lr=1e-3, alpha=0.9, eps=1e-7),
+    ]
     for model in models:
         model.net.start_epoch(0, 0)
     for step in range(100):
@@ -137,14 +154,23 @@ def test_the_fast_rmsprop_step_is_torchs(data_dir, batches):
             optimizer.step()
     for fast, reference in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(fast, reference, rtol=1e-6, atol=1e-9)
-    assert not torch.equal(next(models[0].parameters()), next(NoiseClassifier(scales=[0.5], seeds=[1]).parameters()))  # it trained
+    assert not torch.equal(
+        next(models[0].parameters()), next(NoiseClassifier(scales=[0.5], seeds=[1]).parameters())
+    )  # it trained
 
 
 def test_member_run_names_sort_as_numbers():
     from noise_robustness.study import run_names, study_members
 
     main = run_names(study_members([0, 0.1, 0.5, 1, 2, 4], [0, 1]))
-    assert main[:6] == ["sigma=0.0/seed=0", "sigma=0.1/seed=0", "sigma=0.5/seed=0", "sigma=1.0/seed=0", "sigma=2.0/seed=0", "sigma=4.0/seed=0"]
+    assert main[:6] == [
+        "sigma=0.0/seed=0",
+        "sigma=0.1/seed=0",
+        "sigma=0.5/seed=0",
+        "sigma=1.0/seed=0",
+        "sigma=2.0/seed=0",
+        "sigma=4.0/seed=0",
+    ]
     for scales, seeds in (([0, 0.1, 0.5, 1, 2, 4], [0, 2, 10]), ([0, 25.5, 127.5, 255, 510, 1020], [0])):
         members = study_members(scales, seeds)
         by_name = [m for _, m in sorted(zip(run_names(members), members))]

@@ -22,7 +22,9 @@ REPO = Path(__file__).parents[1]
 METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
 
 
-def tiny(data_dir, out: Path, *args: str, scales: str = "[0, 1.0]", seeds: str = "[0]", batches: int | None = 5) -> list[str]:
+def tiny(
+    data_dir, out: Path, *args: str, scales: str = "[0, 1.0]", seeds: str = "[0]", batches: int | None = 5
+) -> list[str]:
     return [
         "sweep",
         f"--scales={scales}",
@@ -71,17 +73,25 @@ def test_a_tiny_study_writes_every_table_figure_and_tensorboard_run_and_resumes(
     robustness = rows(out / "robustness.csv")
     assert robustness[0]["_columns"] == ROBUSTNESS_COLUMNS and len(robustness) == 8
     for r in results:  # the matrix's diagonal is the member's own val/acc, computed independently
-        own = next(m for m in robustness if m["seed"] == r["seed"] and m["train_noise_scale"] == m["eval_noise_scale"] == r["noise_scale"])
+        own = next(
+            m
+            for m in robustness
+            if m["seed"] == r["seed"] and m["train_noise_scale"] == m["eval_noise_scale"] == r["noise_scale"]
+        )
         assert float(own["acc"]) == pytest.approx(float(r["val_acc"]), abs=1e-6)
     for name in ("accuracy_vs_noise", "noise_preview", "robustness"):
         with Image.open(out / f"{name}.png") as image:
             assert image.format == "PNG" and image.size[0] > 300
     summary = (out / "summary.md").read_text()
-    assert "seeds [0, 1] (mean ± std over 2 seeds)" in summary and summary.index("| 0 (clean) |") < summary.index("| 1 |")
+    assert "seeds [0, 1] (mean ± std over 2 seeds)" in summary and summary.index("| 0 (clean) |") < summary.index(
+        "| 1 |"
+    )
     config = (out / "config.yaml").read_text()
     assert "noise_mode: resample" in config and "scales:" in config
 
-    runs = sorted(str(p.parent.relative_to(out / "tensorboard")) for p in (out / "tensorboard").glob("sigma=*/seed=*/events.*"))
+    runs = sorted(
+        str(p.parent.relative_to(out / "tensorboard")) for p in (out / "tensorboard").glob("sigma=*/seed=*/events.*")
+    )
     assert sorted(set(runs)) == ["sigma=0/seed=0", "sigma=0/seed=1", "sigma=1/seed=0", "sigma=1/seed=1"]
     member = EventAccumulator(str(out / "tensorboard" / "sigma=1" / "seed=1"))
     member.Reload()
@@ -89,13 +99,21 @@ def test_a_tiny_study_writes_every_table_figure_and_tensorboard_run_and_resumes(
     assert set(member.Tags()["images"]) == {"train/samples_clean_above_noisy", "val/samples_clean_above_noisy"}
     assert [s.step for s in member.Scalars("val/acc")] == [1]  # against the epoch
     assert member.Scalars("val/acc")[0].value == pytest.approx(float(results[3]["val_acc"]))
-    session = plugin_data_pb2.HParamsPluginData.FromString(member.SummaryMetadata("_hparams_/session_start_info").plugin_data.content)
+    session = plugin_data_pb2.HParamsPluginData.FromString(
+        member.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    )
     values = session.session_start_info.hparams
-    assert (values["sigma"].number_value, values["seed"].string_value, values["epochs"].string_value) == (1.0, "1", "1")  # integers read as such
+    assert (values["sigma"].number_value, values["seed"].string_value, values["epochs"].string_value) == (
+        1.0,
+        "1",
+        "1",
+    )  # integers read as such
     assert values["clip"].HasField("bool_value") and values["network"].string_value == "DropoutMLP"
     root = EventAccumulator(str(out / "tensorboard"))
     root.Reload()
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(root.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        root.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    ).experiment
     assert [h.name for h in experiment.hparam_infos if h.differs] == ["sigma", "seed"]  # TensorBoard shows these first
     assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "train/acc", "val/loss", "train/loss"]
     assert set(root.Tags()["images"]) == {"study/accuracy_vs_noise", "study/noise_preview", "study/robustness"}
@@ -106,7 +124,9 @@ def test_a_tiny_study_writes_every_table_figure_and_tensorboard_run_and_resumes(
     assert rows(out / "results.csv") == results
 
 
-@pytest.mark.parametrize("change", ["--data.clip=true", "--data.val_holdout=5000", "--model.lr=0.01", "--trainer.limit_train_batches=7"])
+@pytest.mark.parametrize(
+    "change", ["--data.clip=true", "--data.val_holdout=5000", "--model.lr=0.01", "--trainer.limit_train_batches=7"]
+)
 def test_a_changed_option_is_refused_naming_the_keys(change, data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out))
@@ -156,11 +176,18 @@ def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_pa
     summary = (mlp / "summary.md").read_text()
     cnn_clean = 100 * float(member_rows(cnn)[0.0, 0]["val_acc"])
     mlp_clean = 100 * float(member_rows(mlp)[0.0, 0]["val_acc"])
-    assert f"| σ | DropoutMLP | KerasCNN |\n| ---: | ---: | ---: |\n| 0 (clean) | {mlp_clean:.2f} | {cnn_clean:.2f} |" in summary
+    assert (
+        f"| σ | DropoutMLP | KerasCNN |\n| ---: | ---: | ---: |\n| 0 (clean) | {mlp_clean:.2f} | {cnn_clean:.2f} |"
+        in summary
+    )
     assert summary.index("### DropoutMLP:") < summary.index("### KerasCNN:")  # this study first
-    assert Image.open(mlp / "robustness.png").size[0] > Image.open(cnn / "robustness.png").size[0]  # a heatmap per network
+    assert (
+        Image.open(mlp / "robustness.png").size[0] > Image.open(cnn / "robustness.png").size[0]
+    )  # a heatmap per network
     capsys.readouterr()
-    cli_main(tiny(data_dir, mlp, small))  # `compare` is not part of the study's identity: the same study, reported alone
+    cli_main(
+        tiny(data_dir, mlp, small)
+    )  # `compare` is not part of the study's identity: the same study, reported alone
     assert "every member of this command finished earlier" in capsys.readouterr().err
     assert "KerasCNN" not in (mlp / "summary.md").read_text()
 
@@ -170,13 +197,23 @@ def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp
     cli_main(tiny(data_dir, cnn, "--model.net=noise_robustness.models.KerasCNN", batches=2, scales="[0]"))
     cli_main(tiny(data_dir, mlp, scales="[0]"))
     unfinished.mkdir()
-    (unfinished / "study.yaml").write_text((cnn / "study.yaml").read_text())  # a study whose tasks have not been gathered
+    (unfinished / "study.yaml").write_text(
+        (cnn / "study.yaml").read_text()
+    )  # a study whose tasks have not been gathered
     cases = [
-        ([f"--compare=[{mlp}]"], f"Expected `compare` to name studies of other networks, but {mlp} is a study of noise_robustness.models.DropoutMLP too"),
-        ([f"--compare=[{unfinished}]"], f"Expected the study in {unfinished} (`compare`) to be finished, but it has no results.csv"),
+        (
+            [f"--compare=[{mlp}]"],
+            f"Expected `compare` to name studies of other networks, but {mlp} is a study of "
+            "noise_robustness.models.DropoutMLP too",
+        ),
+        (
+            [f"--compare=[{unfinished}]"],
+            f"Expected the study in {unfinished} (`compare`) to be finished, but it has no results.csv",
+        ),
         (
             ["--data.noise_mode=resample", f"--compare=[{cnn}]"],
-            f"Expected the study in {cnn} (`compare`) to train on the same noisy data as this one, but data.noise_mode: 'fixed' there, 'resample' here",
+            f"Expected the study in {cnn} (`compare`) to train on the same noisy data as this one, "
+            "but data.noise_mode: 'fixed' there, 'resample' here",
         ),
     ]
     for args, message in cases:
@@ -208,7 +245,13 @@ def test_result_files_are_as_readable_as_the_umask_allows(umask, data_dir, tmp_p
 
 
 def start_sweep(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "noise_robustness", *args], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "noise_robustness", *args],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -236,8 +279,10 @@ def test_a_study_stopped_by_sigterm_resumes_to_the_same_numbers(data_dir, tmp_pa
 @pytest.mark.slow
 def test_a_member_after_one_epoch_scores_as_its_fit_alone(data_dir, tmp_path):
     cli_main(tiny(data_dir, tmp_path / "study", scales="[0, 0.5, 2.0]", seeds="[0, 4]", batches=None))
-    alone = cli_main(["fit", "--scales=[0.5]", "--seeds=[4]", "--trainer.max_epochs=1", f"--data.data_dir={data_dir}",
-                      f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    alone = cli_main(
+        ["fit", "--scales=[0.5]", "--seeds=[4]", "--trainer.max_epochs=1", f"--data.data_dir={data_dir}",
+         f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.enable_progress_bar=false"]
+    )  # fmt: skip
     member = member_rows(tmp_path / "study")[(0.5, 4)]
     assert abs(float(member["val_acc"]) - alone.trainer.callback_metrics["val/acc"].item()) < 0.003
     record = json.loads((tmp_path / "study" / "members" / "sigma=0.5" / "seed=4.json").read_text())
