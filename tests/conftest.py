@@ -1,8 +1,16 @@
+"""Fixtures and helpers every test file shares: real MNIST once per session, and real commands shrunk to seconds."""
+
+import csv
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from noise_robustness import mnist
+from noise_robustness.cli import cli_main
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 
@@ -17,3 +25,71 @@ def data_dir(tmp_path_factory) -> str:
 def plain_argv(monkeypatch):
     """In-process CLI calls get their arguments from ``args``, not from pytest's command line."""
     monkeypatch.setattr("sys.argv", ["noise_robustness"])
+
+
+def short_run(data_dir, tmp_path, subcommand: str, *args: str, batches: int = 2) -> list[str]:
+    """Arguments that shrink a real run to a few batches, writing under ``tmp_path``; ``args`` come last and win."""
+    return [
+        subcommand,
+        f"--data.data_dir={data_dir}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'tb_logs'}",
+        "--trainer.max_epochs=1",
+        f"--trainer.limit_train_batches={batches}",
+        f"--trainer.limit_val_batches={batches}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *args,
+    ]
+
+
+def tiny(data_dir, out: Path, *args: str, scales: str = "[0, 1.0]", seeds: str = "[0]", batches: int | None = 5):
+    """A real ``sweep`` of one epoch of ``batches`` batches into ``out``; ``args`` come last and win."""
+    return [
+        "sweep",
+        f"--scales={scales}",
+        f"--seeds={seeds}",
+        "--epochs=1",
+        f"--out={out}",
+        f"--data.data_dir={data_dir}",
+        *([f"--trainer.limit_train_batches={batches}"] if batches else []),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *args,
+    ]
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    """A csv file's rows, each with its file's header under ``_columns``."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames is not None
+        return [r | {"_columns": reader.fieldnames} for r in reader]
+
+
+def member_rows(out: Path) -> dict[tuple[float, int], dict[str, str]]:
+    """A study's ``results.csv`` rows by (σ, seed)."""
+    return {(float(r["noise_scale"]), int(r["seed"])): r for r in rows(out / "results.csv")}
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    """Everything a TensorBoard run holds, read as TensorBoard reads it."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def exits_with_error(args: list[str], capsys) -> str:
+    """Runs the CLI in-process; asserts a non-zero exit; returns what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exit:
+        cli_main(args)
+    assert exit.value.code not in (0, None)
+    return capsys.readouterr().err
+
+
+def fails_cleanly(args: list[str], cwd: Path) -> str:
+    """Runs the real command line; asserts a non-zero exit without a traceback; returns stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "noise_robustness", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return result.stderr

@@ -4,35 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from noise_robustness.cli import cli_main
+from noise_robustness.cli import StudyTrainer, cli_main
+from tests.conftest import events, short_run
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("scale_*.yaml")) + [
     Path(__file__).parents[1] / "configs" / "cnn.yaml"
 ]
 METRIC_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc"}
-
-
-def short_run(data_dir, tmp_path, subcommand: str, *args: str, batches: int = 2) -> list[str]:
-    """Arguments that shrink a real run to a few batches, writing under ``tmp_path``; ``args`` come last and win."""
-    return [
-        subcommand,
-        f"--data.data_dir={data_dir}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'tb_logs'}",
-        "--trainer.max_epochs=1",
-        f"--trainer.limit_train_batches={batches}",
-        f"--trainer.limit_val_batches={batches}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        *args,
-    ]
-
-
-def events(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -125,3 +104,15 @@ def test_mixed_precision_is_selectable(data_dir, tmp_path):
     cli = cli_main(short_run(data_dir, tmp_path, "fit", "--trainer.precision=bf16-mixed", batches=20))
     assert cli.trainer.precision == "bf16-mixed"
     assert 0.3 < cli.trainer.callback_metrics["val/acc"] <= 1  # it learns under autocast too
+
+
+def test_the_sweep_takes_its_options_from_the_trainers_signature_and_runs_the_clis_method(capsys):
+    """LightningCLI builds a subcommand's parser from the Trainer's method of that name and runs the CLI's
+    method of that name when there is one; the study relies on both (the study tests run NoiseCLI.sweep)."""
+    with pytest.raises(SystemExit):
+        cli_main(["sweep", "--help"])
+    text = capsys.readouterr().out
+    assert "--out OUT" in text and "--task TASK" in text and "--gather {true,false}" in text and "--compare" in text
+    assert "the study's folder. Rerunning the same command resumes" in text  # its docstring, as the option's help
+    with pytest.raises(NotImplementedError, match="NoiseCLI.sweep"):
+        StudyTrainer(logger=False, enable_checkpointing=False).sweep(None, None)

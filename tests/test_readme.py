@@ -1,21 +1,39 @@
 """The README's commands are the ones that run: CI's test command is the README's, to the letter."""
 
 import re
+import shlex
 from pathlib import Path
 
+import pytest
 import yaml
+
+from noise_robustness.cli import cli_main
 
 REPO = Path(__file__).parents[1]
 MEAN_STD = re.compile(r"(\d+\.\d\d) ± (\d+\.\d\d)")  # a result as the tables print it: "98.38 ± 0.08"
 
 
+def readme_commands() -> list[str]:
+    """Every command line in the README's bash blocks."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
 def test_ci_runs_the_readme_test_command():
-    readme = (REPO / "README.md").read_text()
-    commands = re.findall(r"```bash\n(python3 -m venv .*)\n```", readme)
-    assert len(commands) == 2  # set up and run the study; set up and run the tests
-    assert commands[0].endswith("python -m noise_robustness sweep --compare '[docs/results/cnn]'")
-    assert commands[1].endswith("python -m pytest")
-    assert commands[1] in (REPO / ".ci" / "run").read_text().splitlines()
+    tests = [c for c in readme_commands() if c.endswith("python -m pytest")]
+    assert len(tests) == 1 and tests[0].startswith("python3 -m venv .venv && .venv/bin/pip install")
+    assert tests[0] in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_every_study_command_in_the_readme_parses(capsys):
+    """What a reader copies runs: each ``python -m noise_robustness ...`` in the README is a valid command."""
+    studies = [c.split("python -m noise_robustness ", 1)[1] for c in readme_commands() if "-m noise_robustness " in c]
+    assert any(c.startswith("sweep --compare '[docs/results/cnn]'") for c in studies)  # the main job, beside the CNN
+    for command in studies:
+        with pytest.raises(SystemExit) as exit:
+            cli_main([*shlex.split(command), "--print_config"])
+        assert exit.value.code in (0, None), command
+        assert "out:" in capsys.readouterr().out
 
 
 def test_every_config_the_readme_names_exists():

@@ -11,18 +11,9 @@ import pytest
 
 from noise_robustness.cli import cli_main
 from noise_robustness.run_logger import claim_run_folder
-from tests.test_cli import short_run
+from tests.conftest import fails_cleanly, short_run
 
 REPO = Path(__file__).parents[1]
-
-
-def fails_cleanly(args: list[str], cwd: Path) -> str:
-    """Runs the real command line; asserts a non-zero exit without a traceback; returns stderr."""
-    result = subprocess.run(
-        [sys.executable, "-m", "noise_robustness", *args], capture_output=True, text=True, cwd=cwd, timeout=120
-    )
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    return result.stderr
 
 
 # Every bad input: (subcommand and options, a part of the one message it must give). Each is refused

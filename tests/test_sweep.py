@@ -1,6 +1,5 @@
 """The study as one model: its folder, identity, resume, extension, cluster tasks and report, on real MNIST."""
 
-import csv
 import fcntl
 import json
 import os
@@ -12,55 +11,26 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from noise_robustness.cli import cli_main
 from noise_robustness.study import RESULT_COLUMNS, ROBUSTNESS_COLUMNS
+from tests.conftest import events, exits_with_error, member_rows, rows, tiny
 
 REPO = Path(__file__).parents[1]
 METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
 
 
-def tiny(
-    data_dir, out: Path, *args: str, scales: str = "[0, 1.0]", seeds: str = "[0]", batches: int | None = 5
-) -> list[str]:
-    return [
-        "sweep",
-        f"--scales={scales}",
-        f"--seeds={seeds}",
-        "--epochs=1",
-        f"--out={out}",
-        f"--data.data_dir={data_dir}",
-        *([f"--trainer.limit_train_batches={batches}"] if batches else []),
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        *args,
-    ]
-
-
-def rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        assert reader.fieldnames is not None
-        return [r | {"_columns": reader.fieldnames} for r in reader]
-
-
-def member_rows(out: Path) -> dict[tuple[float, int], dict[str, str]]:
-    return {(float(r["noise_scale"]), int(r["seed"])): r for r in rows(out / "results.csv")}
-
-
-def sweep_fails(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit:
-        cli_main(args)
-    assert exit.value.code not in (0, None)
-    return capsys.readouterr().err
-
-
-def test_a_tiny_study_writes_every_table_figure_and_tensorboard_run_and_resumes(data_dir, tmp_path, capsys):
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def study(data_dir, tmp_path_factory) -> Path:
+    """A finished tiny study (2 σ x 2 seeds, resampled noise), made once for the tests that read it."""
+    out = tmp_path_factory.mktemp("tiny") / "study"
     cli_main(tiny(data_dir, out, "--data.noise_mode=resample", seeds="[0, 1]"))
-    results = rows(out / "results.csv")
+    return out
+
+
+def test_a_study_writes_one_row_per_member_with_the_options_it_ran_with(study):
+    results = rows(study / "results.csv")
     assert [r["_columns"] for r in results] == [RESULT_COLUMNS] * 4
     assert [(r["network"], float(r["noise_scale"]), int(r["seed"]), r["noise_mode"], r["epochs"]) for r in results] == [
         ("DropoutMLP", 0.0, 0, "resample", "1"),
@@ -68,60 +38,65 @@ def test_a_tiny_study_writes_every_table_figure_and_tensorboard_run_and_resumes(
         ("DropoutMLP", 0.0, 1, "resample", "1"),
         ("DropoutMLP", 1.0, 1, "resample", "1"),
     ]  # the options it ran with, never a second copy of them
-    for r in results:
-        assert all(0 <= float(r[k]) <= 1 for k in ("train_acc", "val_acc"))
-    robustness = rows(out / "robustness.csv")
+    assert all(0 <= float(r[k]) <= 1 for r in results for k in ("train_acc", "val_acc"))
+    config = (study / "config.yaml").read_text()
+    assert "noise_mode: resample" in config and "scales:" in config
+    assert not (study / "tensorboard" / "config.yaml").exists()  # the study's config.yaml is in its folder
+
+
+def test_the_robustness_diagonal_is_each_members_own_validation_accuracy(study):
+    results, robustness = rows(study / "results.csv"), rows(study / "robustness.csv")
     assert robustness[0]["_columns"] == ROBUSTNESS_COLUMNS and len(robustness) == 8
-    for r in results:  # the matrix's diagonal is the member's own val/acc, computed independently
+    for r in results:  # the robustness pass (a test pass per σ) against the fit's last validation
         own = next(
             m
             for m in robustness
             if m["seed"] == r["seed"] and m["train_noise_scale"] == m["eval_noise_scale"] == r["noise_scale"]
         )
         assert float(own["acc"]) == pytest.approx(float(r["val_acc"]), abs=1e-6)
-    for name in ("accuracy_vs_noise", "noise_preview", "robustness"):
-        with Image.open(out / f"{name}.png") as image:
-            assert image.format == "PNG" and image.size[0] > 300
-    summary = (out / "summary.md").read_text()
-    assert "seeds [0, 1] (mean ± std over 2 seeds)" in summary and summary.index("| 0 (clean) |") < summary.index(
-        "| 1 |"
-    )
-    config = (out / "config.yaml").read_text()
-    assert "noise_mode: resample" in config and "scales:" in config
 
-    runs = sorted(
-        str(p.parent.relative_to(out / "tensorboard")) for p in (out / "tensorboard").glob("sigma=*/seed=*/events.*")
-    )
-    assert sorted(set(runs)) == ["sigma=0/seed=0", "sigma=0/seed=1", "sigma=1/seed=0", "sigma=1/seed=1"]
-    member = EventAccumulator(str(out / "tensorboard" / "sigma=1" / "seed=1"))
-    member.Reload()
+
+def test_a_study_reports_a_summary_and_its_figures(study):
+    for name in ("accuracy_vs_noise", "noise_preview", "robustness"):
+        with Image.open(study / f"{name}.png") as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    summary = (study / "summary.md").read_text()
+    assert "seeds [0, 1] (mean ± std over 2 seeds)" in summary
+    assert summary.index("| 0 (clean) |") < summary.index("| 1 |")
+
+
+def test_each_member_is_a_tensorboard_run_of_its_metrics_against_the_epoch(study):
+    runs = {str(p.parent.relative_to(study / "tensorboard")) for p in study.glob("tensorboard/sigma=*/seed=*/events.*")}
+    assert sorted(runs) == ["sigma=0/seed=0", "sigma=0/seed=1", "sigma=1/seed=0", "sigma=1/seed=1"]
+    member = events(study / "tensorboard" / "sigma=1" / "seed=1")
     assert set(member.Tags()["scalars"]) == {"train/acc", "train/loss", "val/acc", "val/loss"}
     assert set(member.Tags()["images"]) == {"train/samples_clean_above_noisy", "val/samples_clean_above_noisy"}
     assert [s.step for s in member.Scalars("val/acc")] == [1]  # against the epoch
-    assert member.Scalars("val/acc")[0].value == pytest.approx(float(results[3]["val_acc"]))
-    session = plugin_data_pb2.HParamsPluginData.FromString(
-        member.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
-    )
-    values = session.session_start_info.hparams
-    assert (values["sigma"].number_value, values["seed"].string_value, values["epochs"].string_value) == (
-        1.0,
-        "1",
-        "1",
-    )  # integers read as such
-    assert values["clip"].HasField("bool_value") and values["network"].string_value == "DropoutMLP"
-    root = EventAccumulator(str(out / "tensorboard"))
-    root.Reload()
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        root.SummaryMetadata("_hparams_/experiment").plugin_data.content
-    ).experiment
-    assert [h.name for h in experiment.hparam_infos if h.differs] == ["sigma", "seed"]  # TensorBoard shows these first
-    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "train/acc", "val/loss", "train/loss"]
+    assert member.Scalars("val/acc")[0].value == pytest.approx(float(member_rows(study)[(1.0, 1)]["val_acc"]))
+    root = events(study / "tensorboard")
     assert set(root.Tags()["images"]) == {"study/accuracy_vs_noise", "study/noise_preview", "study/robustness"}
 
+
+def test_the_hparams_table_names_its_rows_after_the_members_and_shows_sigma_and_seed_first(study):
+    member = events(study / "tensorboard" / "sigma=1" / "seed=1")
+    content = member.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    session = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert session.group_name == "sigma=1/seed=1"  # the row's "Trial ID", as the run is named
+    values = session.hparams
+    assert (values["sigma"].number_value, values["seed"].string_value, values["epochs"].string_value) == (1.0, "1", "1")
+    assert values["clip"].HasField("bool_value") and values["network"].string_value == "DropoutMLP"
+    content = events(study / "tensorboard").SummaryMetadata("_hparams_/experiment").plugin_data.content
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    assert [h.name for h in experiment.hparam_infos if h.differs] == ["sigma", "seed"]  # TensorBoard shows these first
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "train/acc", "val/loss", "train/loss"]
+
+
+def test_rerunning_a_finished_study_trains_nothing_and_keeps_its_results(study, data_dir, capsys):
+    results = rows(study / "results.csv")
     capsys.readouterr()
-    cli_main(tiny(data_dir, out, "--data.noise_mode=resample", seeds="[0, 1]"))  # again: nothing to train
+    cli_main(tiny(data_dir, study, "--data.noise_mode=resample", seeds="[0, 1]"))
     assert "every member of this command finished earlier" in capsys.readouterr().err
-    assert rows(out / "results.csv") == results
+    assert rows(study / "results.csv") == results
 
 
 @pytest.mark.parametrize(
@@ -131,7 +106,7 @@ def test_a_changed_option_is_refused_naming_the_keys(change, data_dir, tmp_path,
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out))
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    message = sweep_fails(tiny(data_dir, out, change), capsys)
+    message = exits_with_error(tiny(data_dir, out, change), capsys)
     key = change[2:].split("=")[0]
     assert f"{out} holds a study made with other options ({key}: " in message and "use a new --out" in message
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing trained, nothing written
@@ -157,7 +132,7 @@ def test_cluster_tasks_train_one_seed_each_and_the_gather_names_what_is_missing(
     for task in (2, 0):  # tasks finish in any order; task 1 "failed"
         cli_main([*args, f"--task={task}"])
     assert not (out / "summary.md").exists()  # a task leaves the report to the gather
-    message = sweep_fails([*args, "--gather=true"], capsys)
+    message = exits_with_error([*args, "--gather=true"], capsys)
     assert "2 of 6 members of" in message and "have no results: sigma=0/seed=1, sigma=1/seed=1" in message
     assert not (out / "summary.md").exists() and not (out / "results.csv").exists()  # never a report over missing rows
     cli_main([*args, "--task=1"])
@@ -218,7 +193,7 @@ def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp
     ]
     for args, message in cases:
         new = tmp_path / "new"
-        assert message in sweep_fails(tiny(data_dir, new, *args), capsys)
+        assert message in exits_with_error(tiny(data_dir, new, *args), capsys)
         assert not new.exists()
 
 
@@ -228,7 +203,7 @@ def test_a_member_in_training_elsewhere_is_not_trained_twice(data_dir, tmp_path,
     (out / "locks").mkdir(exist_ok=True)
     with open(out / "locks" / "sigma=1,seed=0.lock", "a") as lock:  # another command holds this member
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        message = sweep_fails(tiny(data_dir, out, scales="[0, 1.0]"), capsys)
+        message = exits_with_error(tiny(data_dir, out, scales="[0, 1.0]"), capsys)
     assert f"Another command is training member sigma=1/seed=0 of {out}" in message
     assert not (out / "members" / "sigma=1").exists()
 
