@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torchvision.utils import make_grid
 
+from noise_robustness import checkpoints
 from noise_robustness.run_logger import RunLogger
 from noise_robustness.study import Member
 
@@ -89,3 +90,24 @@ class EpochLines(pl.Callback):
             file=sys.stderr,
             flush=True,
         )
+
+
+class CheckpointRecord(pl.Callback):
+    """Records in every checkpoint the options that decide its results, the last epoch's metrics and a
+    checksum (``checkpoints.py``); restores the metrics when a checkpoint is resumed, so that a run stopped
+    after its last epoch still reports them.
+
+    Args:
+        identity: the options of the run (or study) that decide its results.
+    """
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoints.record(checkpoint, self.identity, pl_module.epoch_metrics)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        kept = checkpoint.get(checkpoints.RECORD)
+        if kept:
+            pl_module.epoch_metrics = {k: v.to(pl_module.device) for k, v in kept["epoch_metrics"].items()}

@@ -8,7 +8,9 @@ study's members.
 """
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,18 +19,28 @@ import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from noise_robustness.callbacks import EpochLines, NoisySamples, StudyHParams
+from noise_robustness import checkpoints
+from noise_robustness.callbacks import CheckpointRecord, EpochLines, NoisySamples, StudyHParams
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
 from noise_robustness.run_logger import run_folders
-from noise_robustness.study import Study, check_compared, flatten, identity_of, scales_of, seeds_of, study_members
+from noise_robustness.study import Study, compared_rows, flatten, identity_of, scales_of, seeds_of, study_members
 from noise_robustness.sweep import run_study
 
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
 STUDY_SCALES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0]  # the sweep's default noise levels
 STUDY_SEEDS = [0, 1, 2]  # the sweep's default seeds
+
+# Options a `fit --ckpt_path` may change from the run it resumes: train for more epochs, observe differently.
+RESUMABLE_CHANGES = {"trainer.max_epochs", "trainer.callbacks"}
+# How a command stopped by a signal is resumed, by subcommand.
+RESUME = {
+    "sweep": "rerun the same command to resume the study from its last finished epoch",
+    "fit": "rerun it with --ckpt_path last to resume from its last finished epoch",
+}
 
 # Options of the one-run design that the study now sets per member, and what to use instead.
 OWNED = {
@@ -246,8 +258,29 @@ class NoiseCLI(LightningCLI):
                 self.study = self.plan_study(config)
             else:
                 name_run(config)
+                self.check_resumed_checkpoint(config)
         except ValueError as err:
             self.parser.error(str(err))
+
+    def resolved(self) -> dict:
+        """The command's full resolved config, nested as YAML writes it."""
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        return resolved[self.subcommand] if self.subcommand else resolved
+
+    def check_resumed_checkpoint(self, config) -> None:
+        """A ``fit`` resumes only a whole checkpoint written with its options; ``validate``, ``test`` and
+        ``predict`` read only a whole one. Every checkpoint a ``fit`` writes records its options."""
+        identity = identity_of(self.resolved())
+        if self.subcommand == "fit":
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], CheckpointRecord(identity)]
+        if config.get("ckpt_path"):
+            fit = self.subcommand == "fit"
+            remedy = (
+                "resume from a checkpoint of this run's options, or start a new run without --ckpt_path"
+                if fit
+                else "name another checkpoint"
+            )
+            checkpoints.verify(Path(config.ckpt_path), identity if fit else None, RESUMABLE_CHANGES, remedy)
 
     def plan_study(self, options) -> Study:
         """Checks a sweep against its folder and sets the classes to the members it trains; creates nothing.
@@ -255,7 +288,7 @@ class NoiseCLI(LightningCLI):
         Raises:
             ValueError: bad study options, or a folder that holds another study or no study.
         """
-        resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))["sweep"]
+        resolved = self.resolved()
         study = Study(Path(options.out), identity_of(resolved), study_members(options.scales, options.seeds), resolved)
         to_train = study.to_train(options.task, options.gather)
         if str(options.trainer.devices) not in ("auto", "1") or options.trainer.num_nodes != 1:
@@ -266,7 +299,7 @@ class NoiseCLI(LightningCLI):
             )
         study.check()
         for folder in options.compare or []:
-            check_compared(Path(folder), study.identity)
+            compared_rows(Path(folder), study.identity)
         if options.gather:
             study.missing()  # nothing to train: a gather needs no GPU time to say what is missing
         train = to_train or study.members  # nothing to train: the classes are built, never fitted
@@ -277,10 +310,14 @@ class NoiseCLI(LightningCLI):
             "class_path": "noise_robustness.run_logger.RunLogger",
             "init_args": {"save_dir": str(study.out), "name": "tensorboard", "version": "", "default_hp_metric": False},
         }
+        checkpoint_dir = study.checkpoint_dir(to_train)
+        if (checkpoint_dir / "last.ckpt").is_file():  # what a rerun resumes: whole, and of this study
+            remedy = f"delete {checkpoint_dir} to train {len(to_train)} member(s) from their first epoch"
+            checkpoints.verify(checkpoint_dir / "last.ckpt", study.identity, set(), remedy)
         self.trainer_defaults["callbacks"] = [
-            newest_checkpoint(study.checkpoint_dir(to_train)) if isinstance(c, ModelCheckpoint) else c
+            newest_checkpoint(checkpoint_dir) if isinstance(c, ModelCheckpoint) else c
             for c in self.trainer_defaults["callbacks"]
-        ]
+        ] + [CheckpointRecord(study.identity)]
         return study
 
     def instantiate_classes(self) -> None:
@@ -322,20 +359,75 @@ def name_run(config: Namespace) -> None:
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
-    """Runs the CLI on ``args`` (default: ``sys.argv``); tests call it in-process."""
-    try:
-        return NoiseCLI(
-            NoiseClassifier,
-            NoisyMNISTDataModule,
-            trainer_class=StudyTrainer,
-            seed_everything_default=False,  # every seed is explicit: `--seeds`
-            trainer_defaults=trainer_defaults(),
-            save_config_callback=SaveRunConfig,
-            save_config_kwargs={"overwrite": True},  # a run's folder is always new (claimed atomically)
-            parser_kwargs={"prog": "python -m noise_robustness"},
-            args=args,
-            run=run,
-        )
-    except DataFileError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """Runs the CLI on ``args`` (default: ``sys.argv``); tests call it in-process.
+
+    A run stopped by SIGTERM (a scheduler's time limit) or SIGINT (Ctrl-C) says how to resume it and
+    exits 128 + the signal's number; a file that cannot be written ends in one message naming it.
+    """
+    tokens = list(sys.argv[1:] if args is None else args)
+    subcommand = tokens[0] if tokens else None
+    with StopSignals() as stopped:
+        try:
+            cli = NoiseCLI(
+                NoiseClassifier,
+                NoisyMNISTDataModule,
+                trainer_class=StudyTrainer,
+                seed_everything_default=False,  # every seed is explicit: `--seeds`
+                trainer_defaults=trainer_defaults(),
+                save_config_callback=SaveRunConfig,
+                save_config_kwargs={"overwrite": True},  # a run's folder is always new (claimed atomically)
+                parser_kwargs={"prog": "python -m noise_robustness"},
+                args=args,
+                run=run,
+            )
+        except DataFileError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:  # a full disk, a folder made read-only: nothing finished is lost
+            where = f" ({err.filename})" if err.filename else ""
+            print(
+                f"error: {err.strerror or err}{where}; free space or fix the permissions, then "
+                f"{RESUME.get(subcommand, 'run it again')}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        except (KeyboardInterrupt, SystemExit):
+            # Lightning ends a run stopped by Ctrl-C with sys.exit(1), and by SIGTERM with a SystemExit of code 0
+            if stopped.signum is None:
+                raise
+        if stopped.signum is None:
+            return cli
+    # Stopped by a signal, even one that came as the last epoch ended: a scheduler must not see a success.
+    hint = RESUME.get(subcommand, "run it again")
+    print(f"[{subcommand}] stopped by {signal.Signals(stopped.signum).name}: {hint}", file=sys.stderr, flush=True)
+    sys.exit(128 + stopped.signum)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, noted and turned into exceptions for the time of one command.
+
+    Outside a Lightning run, SIGTERM raises ``SIGTERMException`` at once and SIGINT ``KeyboardInterrupt``.
+    Inside one, Lightning's own SIGTERM handler stops the run at its next step (it calls this one too),
+    and Lightning turns a ``KeyboardInterrupt`` into a graceful shutdown.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        if signum == signal.SIGTERM and signal.getsignal(signum) != self.handle:
+            return  # called by Lightning's handler: the run stops at its next step
+        raise SIGTERMException() if signum == signal.SIGTERM else KeyboardInterrupt()

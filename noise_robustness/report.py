@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure  # a Figure of its own needs no pyplot and no display backend
 from torch.utils.tensorboard import SummaryWriter
 
-from noise_robustness.study import Member
+from noise_robustness.study import Member, sigma_text
 
 PREVIEW_DIGITS = 10  # the first validation image of each digit 0-9: a fixed choice
 
@@ -47,7 +47,7 @@ def side_by_side(table: dict) -> list[str]:
     ]
     for scale in scales:
         cells = [_fmt(table[n][scale]["val_acc"]) if scale in table[n] else "" for n in networks]
-        lines.append(f"| {scale:g}{' (clean)' if scale == 0 else ''} | {' | '.join(cells)} |")
+        lines.append(f"| {sigma_text(scale)}{' (clean)' if scale == 0 else ''} | {' | '.join(cells)} |")
     return [*lines, ""]
 
 
@@ -72,7 +72,7 @@ def summary_markdown(results: list[dict]) -> str:
             "| ---: | ---: | ---: | ---: |",
         ]
         for scale, cell in sorted(by_scale.items()):
-            name = f"{scale:g} (clean)" if scale == 0 else f"{scale:g}"
+            name = f"{sigma_text(scale)} (clean)" if scale == 0 else f"{sigma_text(scale)}"
             lines.append(f"| {name} | {_fmt(cell['train_acc'])} | {_fmt(cell['val_acc'])} | {_fmt(cell['gap'])} |")
         lines.append("")
     return "\n".join(lines)
@@ -112,7 +112,7 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     for ax in (accuracy, gap):
         # linear up to the smallest noisy σ, logarithmic above: σ = 0 and 0.1 ... 4 (or 255 x that) alike
         ax.set_xscale("symlog", linthresh=noisy[0] if noisy else 1.0, linscale=0.5)
-        ax.set_xticks(all_scales, [f"{s:g}" for s in all_scales])
+        ax.set_xticks(all_scales, [f"{sigma_text(s)}" for s in all_scales])
         ax.tick_params(axis="x", labelsize=8)
         ax.minorticks_off()
         ax.set_xlabel("noise std σ (units of the [0, 1] pixel range)")
@@ -149,7 +149,7 @@ def preview_figure(images: torch.Tensor, scales: list[float]) -> Figure:
             ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(f"σ={scale:g}", rotation=0, ha="right", va="center", fontsize=9)
+        row[0].set_ylabel(f"σ={sigma_text(scale)}", rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle("The same validation digits at every noise level", fontsize=10)
     fig.tight_layout()
     return fig
@@ -177,8 +177,8 @@ def robustness_figure(robustness: list[dict]) -> Figure:
                 ax.text(
                     j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color="white" if value < 60 else "black"
                 )
-        ax.set_xticks(range(len(eval_scales)), [f"{s:g}" for s in eval_scales])
-        ax.set_yticks(range(len(train_scales)), [f"{s:g}" for s in train_scales])
+        ax.set_xticks(range(len(eval_scales)), [f"{sigma_text(s)}" for s in eval_scales])
+        ax.set_yticks(range(len(train_scales)), [f"{sigma_text(s)}" for s in train_scales])
         ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
     fig.tight_layout()
     return fig

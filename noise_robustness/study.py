@@ -20,8 +20,10 @@ import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import yaml
@@ -44,6 +46,12 @@ NOT_IDENTITY = {
 UNSET = "<unset>"  # how a key that one of two configs lacks is shown
 
 
+def sigma_text(sigma: float) -> str:
+    """σ as short text that reads back as the same float: ``0.5``, ``4``, ``0.1234567`` (never two σ, one text)."""
+    short = f"{sigma:g}"
+    return short if float(short) == sigma else repr(sigma)
+
+
 @dataclass(frozen=True)
 class Member:
     """One network of the study. ``seed`` seeds its weights, shuffle order, dropout and noise draw."""
@@ -54,7 +62,7 @@ class Member:
     @property
     def name(self) -> str:
         """``sigma=0.5/seed=0``: how results and messages name it."""
-        return f"sigma={self.noise_scale:g}/seed={self.seed}"
+        return f"sigma={sigma_text(self.noise_scale)}/seed={self.seed}"
 
 
 def scales_of(members: list[Member]) -> list[float]:
@@ -74,7 +82,7 @@ def run_names(members: list[Member]) -> list[str]:
     study's widest integer part and most decimals ("sigma=0.0" ... "sigma=4.0"; "sigma=0025.5"),
     and seeds the widest seed.
     """
-    decimals = max(len(f"{m.noise_scale:g}".partition(".")[2]) for m in members)
+    decimals = max(-min(0, Decimal(sigma_text(m.noise_scale)).as_tuple().exponent) for m in members)
     sigmas = [f"{m.noise_scale:.{decimals}f}" for m in members]
     width = max(len(s) for s in sigmas)
     seed_width = max(len(str(m.seed)) for m in members)
@@ -150,17 +158,48 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def create_exclusive(path: Path, text: str) -> bool:
+    """Writes ``text`` to ``path`` whole and only if ``path`` does not exist yet; returns whether it did.
+
+    The file appears complete or not at all (a hard link of a finished temporary file), and of two
+    processes creating it at the same instant exactly one succeeds.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write_atomic(Path(tmp), text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def read_options(path: Path) -> dict:
+    """The options recorded in a study's ``study.yaml`` or ``config.yaml``.
+
+    Raises:
+        ValueError: naming the file, when it is not YAML or holds no mapping of options.
+    """
+    try:
+        options = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is damaged: it is not YAML ({str(err).splitlines()[0]}); {RESTORE}") from None
+    if not isinstance(options, dict) or not options:
+        raise ValueError(f"{path} is damaged: it holds {type(options).__name__}, not the study's options; {RESTORE}")
+    return options
+
+
+RESTORE = "restore it from a copy, or use a new --out"
+
+
 def csv_text(columns: list[str], rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # -- the study -----------------------------------------------------------------------------------
@@ -187,10 +226,19 @@ class Study:
         self._locks: list = []  # open lock files, held until this process ends
 
     def result_file(self, member: Member) -> Path:
-        return self.out / "members" / f"sigma={member.noise_scale:g}" / f"seed={member.seed}.json"
+        return self.out / "members" / f"sigma={sigma_text(member.noise_scale)}" / f"seed={member.seed}.json"
+
+    def read_member(self, member: Member) -> dict | None:
+        """A member's result file (``{"result": ..., "robustness": [...]}``); None if it has none or a damaged one."""
+        try:
+            record = json.loads(self.result_file(member).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # missing, unreadable, damaged
+            return None
+        return record if isinstance(record, dict) and {"result", "robustness"} <= set(record) else None
 
     def finished(self, member: Member) -> bool:
-        return self.result_file(member).is_file()
+        """Whether ``member`` has a whole result file: only that marks a member finished."""
+        return self.read_member(member) is not None
 
     def check(self) -> None:
         """Checks that ``out`` is a new folder or this study's, creating nothing.
@@ -208,15 +256,18 @@ class Study:
                     "study.yaml; choose another --out"
                 )
             if (out / "study.yaml").is_file():
-                recorded = yaml.safe_load((out / "study.yaml").read_text())
-                differ = differences(recorded, self.identity, set(recorded) | set(self.identity), "now")
-                if differ:
-                    raise ValueError(
-                        f"{out} holds a study made with other options ({'; '.join(differ)}). Its results cannot mix "
-                        "with this command's: use a new --out, or rerun with the options it was made with to resume "
-                        "or extend it"
-                    )
+                self.check_identity(read_options(out / "study.yaml"))
         check_writable(out, "out")
+
+    def check_identity(self, recorded: dict) -> None:
+        """Raises ValueError naming every option in which ``recorded`` (a ``study.yaml``) differs from this study."""
+        differ = differences(recorded, self.identity, set(recorded) | set(self.identity), "now")
+        if differ:
+            raise ValueError(
+                f"{self.out} holds a study made with other options ({'; '.join(differ)}). Its results cannot mix "
+                "with this command's: use a new --out, or rerun with the options it was made with to resume "
+                "or extend it"
+            )
 
     def task_members(self, task: int | None) -> list[Member]:
         """The members of task ``task`` (one seed each: ``seeds[task]``), or every member for None.
@@ -249,19 +300,25 @@ class Study:
             ValueError: another command is training one of them.
         """
         (self.out / "locks").mkdir(parents=True, exist_ok=True)
-        if not (self.out / "study.yaml").is_file():
-            write_atomic(self.out / "study.yaml", yaml.safe_dump(self.identity, sort_keys=True))
+        # Exclusive: of two commands with other options that both found no study.yaml, one records its
+        # study and the other is refused here, before it trains.
+        if not create_exclusive(self.out / "study.yaml", yaml.safe_dump(self.identity, sort_keys=True)):
+            self.check_identity(read_options(self.out / "study.yaml"))
         write_atomic(self.out / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         for member in to_train:
             lock = open(self.out / "locks" / f"{member.name.replace('/', ',')}.lock", "a")  # noqa: SIM115 (held until the process ends)
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # across the machines of a shared file system
+                # and on this machine by name, so that deleting locks/ cannot let a second command in
+                claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                key = hashlib.blake2b(f"{self.out.resolve()}/{member.name}".encode(), digest_size=16).hexdigest()
+                claim.bind(f"\0noise_robustness/{key}")  # an abstract socket: gone when this process ends
+            except (BlockingIOError, OSError):
                 raise ValueError(
                     f"Another command is training member {member.name} of {self.out}; let it finish "
                     "(rerun this one afterwards to resume)"
                 ) from None
-            self._locks.append(lock)
+            self._locks += [lock, claim]
 
     def write_member(self, member: Member, result: dict, robustness: list[dict]) -> None:
         """Records ``member`` as finished: its final metrics and its accuracy at every σ, in one atomic file."""
@@ -273,52 +330,82 @@ class Study:
         """The study's members without results. Raises StudyIncomplete naming them, if any."""
         missing = [m for m in self.members if not self.finished(m)]
         if missing:
+            damaged = [str(self.result_file(m)) for m in missing if self.result_file(m).exists()]
             raise StudyIncomplete(
                 f"{len(missing)} of {len(self.members)} members of {self.out} have no results: "
-                f"{', '.join(m.name for m in missing)}. "
-                "Train them (rerun the sweep, or its failed tasks), then gather again"
+                f"{', '.join(m.name for m in missing)}"
+                + (f" (damaged result files: {', '.join(damaged)})" if damaged else "")
+                + ". Train them (rerun the sweep, or its failed tasks), then gather again"
             )
         return missing
 
+    def rows(self) -> tuple[list[dict], list[dict]]:
+        """Every member's result row and its robustness rows (at the study's σ values), from the members' files.
+
+        Raises:
+            StudyIncomplete: members without results.
+            ValueError: members written by another study (another ``study_id``), named.
+        """
+        self.missing()
+        runs = {m: self.read_member(m) for m in self.members}
+        foreign = [m.name for m, run in runs.items() if run["result"].get("study_id") != self.study_id]
+        if foreign:
+            raise ValueError(
+                f"{len(foreign)} member(s) of {self.out} were written by another study (not study_id "
+                f"{self.study_id}): {', '.join(foreign)}. Their results cannot mix with this study's: move them "
+                "out of members/ and rerun the same command to train them"
+            )
+        results = [run["result"] for run in runs.values()]
+        # a member trained in a larger study holds cells at σ values this one leaves out
+        scales = set(scales_of(self.members))
+        robustness = [row for run in runs.values() for row in run["robustness"] if row["eval_noise_scale"] in scales]
+        return results, robustness
+
     def gather(self) -> tuple[list[dict], list[dict]]:
         """Writes ``results.csv`` and ``robustness.csv`` from the members' files; returns their rows."""
-        self.missing()
-        runs = [json.loads(self.result_file(m).read_text()) for m in self.members]
-        results = [run["result"] for run in runs]
-        scales = set(
-            scales_of(self.members)
-        )  # a member trained in a larger study holds cells at σ values this one leaves out
-        robustness = [row for run in runs for row in run["robustness"] if row["eval_noise_scale"] in scales]
+        results, robustness = self.rows()
         write_atomic(self.out / "results.csv", csv_text(RESULT_COLUMNS, results))
         write_atomic(self.out / "robustness.csv", csv_text(ROBUSTNESS_COLUMNS, robustness))
         return results, robustness
 
+    @classmethod
+    def open(cls, out: Path) -> "Study":
+        """The study in an existing folder, as its ``study.yaml`` and ``config.yaml`` record it.
 
-def check_compared(folder: Path, identity: dict) -> None:
-    """A study to report beside one of ``identity``: finished, of another network, on the same noisy data.
+        Raises:
+            ValueError: ``out`` is no study folder, or one of its files is damaged.
+        """
+        if not (out / "study.yaml").is_file() or not (out / "config.yaml").is_file():
+            raise ValueError(f"{out} is not a study folder (with study.yaml and config.yaml)")
+        resolved = read_options(out / "config.yaml")
+        members = study_members(resolved["scales"], resolved["seeds"])
+        return cls(out, read_options(out / "study.yaml"), members, resolved)
+
+
+def compared_rows(folder: Path, identity: dict) -> tuple[list[dict], list[dict]]:
+    """The rows of a finished study to report beside one of ``identity``: of another network, trained with
+    every other option that decides a result the same, read from its members' files (never a stale csv).
 
     Raises:
         ValueError: naming the folder and what is wrong with it.
     """
-    if not (folder / "study.yaml").is_file():
-        raise ValueError(
-            f"Expected each `compare` folder to be a study folder (with study.yaml), but {folder} is not one"
-        )
-    if not (folder / "results.csv").is_file() or not (folder / "robustness.csv").is_file():
-        raise ValueError(
-            f"Expected the study in {folder} (`compare`) to be finished, but it has no results.csv and robustness.csv; "
-            "finish or gather it first"
-        )
-    recorded = yaml.safe_load((folder / "study.yaml").read_text())
-    network = recorded.get("model.net", {}).get("class_path")
+    try:
+        study = Study.open(folder)
+    except ValueError as err:
+        raise ValueError(f"Expected each `compare` folder to be a finished study, but {err}") from None
+    network = study.identity.get("model.net", {}).get("class_path")
     if network == identity.get("model.net", {}).get("class_path"):
         raise ValueError(
             f"Expected `compare` to name studies of other networks, but {folder} is a study of {network} too"
         )
-    data_keys = {k for k in set(recorded) | set(identity) if k.startswith("data.")}
-    differ = differences(recorded, identity, data_keys, "here")
+    keys = {k for k in set(study.identity) | set(identity) if k != "model.net"}
+    differ = differences(study.identity, identity, keys, "here")
     if differ:
         raise ValueError(
-            f"Expected the study in {folder} (`compare`) to train on the same noisy data as this one, "
-            f"but {'; '.join(differ)}"
+            f"Expected the study in {folder} (`compare`) to differ from this one in its network (`model.net`) "
+            f"alone, but {'; '.join(differ)}"
         )
+    try:
+        return study.rows()
+    except StudyIncomplete as err:
+        raise ValueError(f"Expected the study in {folder} (`compare`) to be finished, but {err}") from None

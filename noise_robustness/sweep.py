@@ -5,7 +5,6 @@
 ``study.py``'s; the tables and figures are ``report.py``'s.
 """
 
-import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from noise_robustness.report import write_report
-from noise_robustness.study import Member, Study, StudyIncomplete, read_csv, scales_of
+from noise_robustness.study import Member, Study, compared_rows, scales_of
 
 
 def say(text: str) -> None:
@@ -55,16 +54,21 @@ def train(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[M
     except ValueError as err:  # a member is locked by another command
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    again = len(model.members) - len(to_train)  # finished members that complete the product of σ and seeds
     say(
         f"{study.out}: training {len(to_train)} member(s) side by side "
-        f"({done} of {len(study.members)} finished earlier)"
+        f"({done} of {len(study.members)} finished earlier"
+        + (
+            f"; {again} of them trained again beside them, to make a grid of σ and seeds, their results kept"
+            if again
+            else ""
+        )
+        + ")"
     )
     checkpoint = study.checkpoint_dir(to_train) / "last.ckpt"
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
-    except SIGTERMException:  # a cluster's time limit or pre-emption: say so, and fail visibly
-        say(f"stopped: rerun the same command to resume {study.out} from its last finished epoch")
-        sys.exit(128 + signal.SIGTERM)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
+    if trainer.received_sigterm:  # came as the last epoch ended: stop here; a rerun reports from its checkpoint
+        raise SIGTERMException()
     final = dict(model.epoch_metrics)  # the last epoch's, before the robustness pass adds its own
     accuracy = robustness(trainer, model, datamodule, sorted(scales_of(study.members)))
     network = type(model.net.member(0)).__name__
@@ -114,12 +118,12 @@ def report(study: Study, datamodule, compare: list[Path]) -> None:
     """Gathers the members' results into the tables and figures (and TensorBoard), beside the compared studies'."""
     try:
         results, robustness_rows = study.gather()  # this study's own rows: its csv files
-    except StudyIncomplete as err:
+        for folder in compare:  # their rows join the summary and the figures only
+            their_results, their_robustness = compared_rows(folder, study.identity)
+            results, robustness_rows = results + their_results, robustness_rows + their_robustness
+    except ValueError as err:  # members missing, damaged or of another study, here or in a compared folder
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    for folder in compare:  # their rows join the summary and the figures only
-        results = results + read_csv(folder / "results.csv")
-        robustness_rows = robustness_rows + read_csv(folder / "robustness.csv")
     datamodule.setup("validate")
     write_report(study.out, results, robustness_rows, datamodule, scales_of(study.members))
     say(f"done: {study.out}/results.csv, summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png")

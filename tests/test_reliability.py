@@ -35,11 +35,13 @@ BAD_INPUT = [
     (["fit", "--data.val_holdout=60000"], "Expected `val_holdout` to be in [0, 60000), but got 60000"),
     (
         ["sweep", "--compare=[blocker]"],
-        "Expected each `compare` folder to be a study folder (with study.yaml), but blocker is not one",
+        "Expected each `compare` folder to be a finished study, but blocker is not a study folder "
+        "(with study.yaml and config.yaml)",
     ),
     (
         ["sweep", "--compare=[nowhere]"],
-        "Expected each `compare` folder to be a study folder (with study.yaml), but nowhere is not one",
+        "Expected each `compare` folder to be a finished study, but nowhere is not a study folder "
+        "(with study.yaml and config.yaml)",
     ),
     (["fit", "--trainer.max_epochs=0"], "Expected `trainer.max_epochs` to be a positive integer, but got 0"),
     (["sweep", "--epochs=0"], "Expected `trainer.max_epochs` to be a positive integer, but got 0"),

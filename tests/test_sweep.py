@@ -119,7 +119,10 @@ def test_added_seeds_and_levels_train_only_the_new_members(data_dir, tmp_path, c
     finished = {p: p.stat().st_mtime_ns for p in (out / "members").rglob("*.json")}
     capsys.readouterr()
     cli_main(tiny(data_dir, out, scales="[0, 1.0, 2.0]", seeds="[0, 1]"))
-    assert "training 4 member(s) side by side (2 of 6 finished earlier)" in capsys.readouterr().err
+    assert (
+        "training 4 member(s) side by side (2 of 6 finished earlier; 2 of them trained again beside them, "
+        "to make a grid of σ and seeds, their results kept)" in capsys.readouterr().err
+    )
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # reused, not retrained
     both = member_rows(out)
     assert set(both) == {(s, seed) for s in (0.0, 1.0, 2.0) for seed in (0, 1)}
@@ -145,11 +148,12 @@ def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_pa
     small = "--data.val_holdout=500"  # both studies: the compared one must see the same noisy data
     cnn, mlp = tmp_path / "cnn", tmp_path / "mlp"
     cli_main(tiny(data_dir, cnn, small, "--model.net=noise_robustness.models.KerasCNN", batches=2))
-    cli_main(tiny(data_dir, mlp, small, f"--compare=[{cnn}]"))
+    (cnn / "results.csv").write_text("stale\n")  # a compared study is read from its members, never its csv
+    cli_main(tiny(data_dir, mlp, small, f"--compare=[{cnn}]", batches=2))
     assert {r["network"] for r in rows(mlp / "results.csv")} == {"DropoutMLP"}  # its csv files: its own members
     assert {r["network"] for r in rows(mlp / "robustness.csv")} == {"DropoutMLP"}
     summary = (mlp / "summary.md").read_text()
-    cnn_clean = 100 * float(member_rows(cnn)[0.0, 0]["val_acc"])
+    cnn_clean = 100 * json.loads((cnn / "members" / "sigma=0" / "seed=0.json").read_text())["result"]["val_acc"]
     mlp_clean = 100 * float(member_rows(mlp)[0.0, 0]["val_acc"])
     assert (
         f"| σ | DropoutMLP | KerasCNN |\n| ---: | ---: | ---: |\n| 0 (clean) | {mlp_clean:.2f} | {cnn_clean:.2f} |"
@@ -160,9 +164,7 @@ def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_pa
         Image.open(mlp / "robustness.png").size[0] > Image.open(cnn / "robustness.png").size[0]
     )  # a heatmap per network
     capsys.readouterr()
-    cli_main(
-        tiny(data_dir, mlp, small)
-    )  # `compare` is not part of the study's identity: the same study, reported alone
+    cli_main(tiny(data_dir, mlp, small, batches=2))  # `compare` is not in the study's identity: reported alone
     assert "every member of this command finished earlier" in capsys.readouterr().err
     assert "KerasCNN" not in (mlp / "summary.md").read_text()
 
@@ -170,11 +172,10 @@ def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_pa
 def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp_path, capsys):
     cnn, mlp, unfinished = tmp_path / "cnn", tmp_path / "mlp", tmp_path / "unfinished"
     cli_main(tiny(data_dir, cnn, "--model.net=noise_robustness.models.KerasCNN", batches=2, scales="[0]"))
-    cli_main(tiny(data_dir, mlp, scales="[0]"))
-    unfinished.mkdir()
-    (unfinished / "study.yaml").write_text(
-        (cnn / "study.yaml").read_text()
-    )  # a study whose tasks have not been gathered
+    cli_main(tiny(data_dir, mlp, scales="[0]", batches=2))
+    unfinished.mkdir()  # a study whose members have not all been trained
+    for name in ("study.yaml", "config.yaml"):
+        (unfinished / name).write_text((cnn / name).read_text())
     cases = [
         (
             [f"--compare=[{mlp}]"],
@@ -183,17 +184,23 @@ def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp
         ),
         (
             [f"--compare=[{unfinished}]"],
-            f"Expected the study in {unfinished} (`compare`) to be finished, but it has no results.csv",
+            f"Expected the study in {unfinished} (`compare`) to be finished, but 1 of 1 members of {unfinished} "
+            "have no results: sigma=0/seed=0",
         ),
         (
             ["--data.noise_mode=resample", f"--compare=[{cnn}]"],
-            f"Expected the study in {cnn} (`compare`) to train on the same noisy data as this one, "
+            f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) alone, "
             "but data.noise_mode: 'fixed' there, 'resample' here",
+        ),
+        (  # trained for other batches: the same "epochs 1" would stand side by side
+            ["--trainer.limit_train_batches=5", f"--compare=[{cnn}]"],
+            f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) alone, "
+            "but trainer.limit_train_batches: 2.0 there, 5.0 here",
         ),
     ]
     for args, message in cases:
         new = tmp_path / "new"
-        assert message in exits_with_error(tiny(data_dir, new, *args), capsys)
+        assert message in exits_with_error(tiny(data_dir, new, *args, batches=2), capsys)
         assert not new.exists()
 
 
@@ -243,7 +250,7 @@ def test_a_study_stopped_by_sigterm_resumes_to_the_same_numbers(data_dir, tmp_pa
     study.send_signal(signal.SIGTERM)  # during epoch 2, as a cluster's time limit would
     _, stderr = study.communicate(timeout=120)
     assert study.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
-    assert "stopped: rerun the same command to resume" in stderr
+    assert "[sweep] stopped by SIGTERM: rerun the same command to resume" in stderr
     assert not (out / "members").exists()  # it really stopped mid-study
     cli_main(tiny(data_dir, out, *args, seeds="[0, 1]", batches=40))
     resumed, uninterrupted = member_rows(out), member_rows(reference)

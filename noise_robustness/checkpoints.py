@@ -1,0 +1,83 @@
+"""What a checkpoint records besides Lightning's state, and the check before one is resumed.
+
+Every checkpoint this tool writes holds, under ``RECORD``: the options that decide its results (the
+run's or study's identity), the last finished epoch's metrics per member (so that a run stopped
+after its last epoch can still report them), and a checksum of its weights, optimizer state and
+record. A checkpoint is resumed only when it is whole and was written with the same options.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from noise_robustness.study import differences
+
+RECORD = "noise_robustness"  # the checkpoint key of the record
+CHECKED = ("state_dict", "optimizer_states", "epoch", "global_step")  # what training continues from
+
+
+def _feed(digest, value) -> None:
+    """Feeds ``value`` (tensors, containers of them, plain values) into ``digest`` in a canonical order."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            digest.update(repr(key).encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"[{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
+def checksum(checkpoint: dict) -> str:
+    """A digest of what training resumes from and of the record (less its checksum)."""
+    digest = hashlib.blake2b(digest_size=16)
+    _feed(digest, {key: checkpoint.get(key) for key in CHECKED})
+    _feed(digest, {key: value for key, value in checkpoint[RECORD].items() if key != "checksum"})
+    return digest.hexdigest()
+
+
+def record(checkpoint: dict, identity: dict, epoch_metrics: dict[str, torch.Tensor]) -> None:
+    """Adds the record to a checkpoint Lightning is about to save."""
+    checkpoint[RECORD] = {
+        "identity": identity,
+        "epoch_metrics": {k: v.detach().cpu() for k, v in epoch_metrics.items()},
+    }
+    checkpoint[RECORD]["checksum"] = checksum(checkpoint)
+
+
+def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str) -> None:
+    """Checks a checkpoint before it is resumed, creating nothing.
+
+    Args:
+        path: the checkpoint.
+        identity: the options of the run that would resume it (None: check that it is whole only).
+        ignored: options that may differ (more epochs, other callbacks).
+        remedy: what the user can do instead, for the message.
+
+    Raises:
+        ValueError: naming the file and what is wrong: not a checkpoint, damaged, written by
+            another tool, or written with other options (each named with both values).
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged or truncated file
+        raise ValueError(f"{path} is damaged or not a checkpoint ({type(err).__name__}); {remedy}") from None
+    kept = checkpoint.get(RECORD) if isinstance(checkpoint, dict) else None
+    if not isinstance(kept, dict) or "checksum" not in kept:
+        raise ValueError(f"{path} holds no record of the options that wrote it, so it cannot be checked; {remedy}")
+    if checksum(checkpoint) != kept["checksum"]:
+        raise ValueError(
+            f"{path} is damaged: its weights or state no longer match the checksum written with them; {remedy}"
+        )
+    if identity is not None:
+        keys = (set(kept["identity"]) | set(identity)) - ignored
+        differ = differences(kept["identity"], identity, keys, "now")
+        if differ:
+            raise ValueError(f"{path} was written by a run with other options ({'; '.join(differ)}); {remedy}")
