@@ -270,7 +270,8 @@ class NoiseCLI(LightningCLI):
     def check_resumed_checkpoint(self, config) -> None:
         """A ``fit`` resumes only a whole checkpoint written with its options; ``validate``, ``test`` and
         ``predict`` read only a whole one. Every checkpoint a ``fit`` writes records its options."""
-        identity = identity_of(self.resolved())
+        resolved = self.resolved()
+        identity = identity_of(resolved) | {"scales": resolved["scales"], "seeds": resolved["seeds"]}  # its members
         if self.subcommand == "fit":
             self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], CheckpointRecord(identity)]
         if config.get("ckpt_path"):
@@ -384,7 +385,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except OSError as err:  # a full disk, a folder made read-only: nothing finished is lost
-            where = f" ({err.filename})" if err.filename else ""
+            filename = err.filename2 or err.filename  # os.replace(temporary, file): the file
+            where = f" ({filename})" if filename else ""
             print(
                 f"error: {err.strerror or err}{where}; free space or fix the permissions, then "
                 f"{RESUME.get(subcommand, 'run it again')}",

@@ -320,6 +320,12 @@ class Study:
                 ) from None
             self._locks += [lock, claim]
 
+    def release(self) -> None:
+        """Releases the locks ``start`` took (a process that ends releases them too)."""
+        for lock in self._locks:
+            lock.close()
+        self._locks.clear()
+
     def write_member(self, member: Member, result: dict, robustness: list[dict]) -> None:
         """Records ``member`` as finished: its final metrics and its accuracy at every σ, in one atomic file."""
         path = self.result_file(member)

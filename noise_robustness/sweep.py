@@ -51,25 +51,36 @@ def train(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[M
     done = sum(study.finished(m) for m in study.members)
     try:
         study.start(to_train)
-    except ValueError as err:  # a member is locked by another command
+    except ValueError as err:  # another study's study.yaml, or a member locked by another command
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     again = len(model.members) - len(to_train)  # finished members that complete the product of σ and seeds
+    padding = f"; {again} of them trained again beside them, to make a grid of σ and seeds, their results kept"
     say(
         f"{study.out}: training {len(to_train)} member(s) side by side "
-        f"({done} of {len(study.members)} finished earlier"
-        + (
-            f"; {again} of them trained again beside them, to make a grid of σ and seeds, their results kept"
-            if again
-            else ""
-        )
-        + ")"
+        f"({done} of {len(study.members)} finished earlier{padding if again else ''})"
     )
-    checkpoint = study.checkpoint_dir(to_train) / "last.ckpt"
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
-    if trainer.received_sigterm:  # came as the last epoch ended: stop here; a rerun reports from its checkpoint
+    try:
+        fit(trainer, model, datamodule, study.checkpoint_dir(to_train))
+        record(trainer, model, datamodule, study, to_train)
+    finally:
+        study.release()
+
+
+def fit(trainer: pl.Trainer, model, datamodule, checkpoint_dir: Path) -> None:
+    """``trainer.fit``, resumed from ``checkpoint_dir/last.ckpt`` if there is one (at the last epoch: no step)."""
+    checkpoint = checkpoint_dir / "last.ckpt"
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
+    except OSError as err:  # Lightning writes checkpoints without naming them in its errors
+        raise OSError(err.errno, err.strerror, err.filename or str(checkpoint_dir)) from err
+    if trainer.received_sigterm:  # came as the last epoch ended: stop here; a rerun reports from the checkpoint
         raise SIGTERMException()
-    final = dict(model.epoch_metrics)  # the last epoch's, before the robustness pass adds its own
+
+
+def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[Member]) -> None:
+    """Writes each trained member's final metrics and its accuracy at every σ of the study, one file each."""
+    final = dict(model.epoch_metrics)  # the last epoch's (or its checkpoint's), before the robustness pass
     accuracy = robustness(trainer, model, datamodule, sorted(scales_of(study.members)))
     network = type(model.net.member(0)).__name__
     data = datamodule.hparams
@@ -88,15 +99,10 @@ def train(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[M
             **metrics,
         }  # fmt: skip
         cells = [
-            {
-                "network": network,
-                "seed": member.seed,
-                "train_noise_scale": member.noise_scale,
-                "eval_noise_scale": scale,
-                "acc": float(acc[k]),
-            }
+            {"network": network, "seed": member.seed, "train_noise_scale": member.noise_scale,
+             "eval_noise_scale": scale, "acc": float(acc[k])}
             for scale, acc in accuracy.items()
-        ]
+        ]  # fmt: skip
         study.write_member(member, result, cells)
 
 
