@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from noise_robustness import mnist
@@ -93,3 +94,12 @@ def fails_cleanly(args: list[str], cwd: Path) -> str:
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return result.stderr
+
+
+@torch.inference_mode()
+def independent_accuracy(model, batches) -> torch.Tensor:
+    """``[K]`` accuracy of each member over ``batches``, dropout off: counted here, outside Lightning's loops."""
+    model.eval()
+    correct = sum((model(images).argmax(-1) == labels).sum(dim=1) for images, labels in batches)
+    count = sum(labels.shape[1] for _, labels in batches)
+    return correct.double() / count

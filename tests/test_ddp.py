@@ -9,6 +9,7 @@ import torch
 
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
+from tests.conftest import independent_accuracy
 
 REPO = Path(__file__).parents[1]
 HOLDOUT = 58_001  # leaves 1,999 training images: shards of 1,000 and 999, and 58,001 validation images
@@ -60,12 +61,3 @@ def test_two_processes_split_every_epoch_exactly_and_agree_with_one(data_dir, tm
     assert torch.allclose(
         torch.tensor(metrics["val/acc"], dtype=torch.float64), accuracy, atol=1e-6
     )  # summed over ranks, then divided
-
-
-@torch.inference_mode()
-def independent_accuracy(model, batches) -> torch.Tensor:
-    """``[K]`` accuracy of each member over ``batches``, dropout off: counted here, outside Lightning's loops."""
-    model.eval()
-    correct = sum((model(images).argmax(-1) == labels).sum(dim=1) for images, labels in batches)
-    count = sum(labels.shape[1] for _, labels in batches)
-    return correct.double() / count

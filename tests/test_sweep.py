@@ -14,8 +14,8 @@ from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from noise_robustness.cli import cli_main
-from noise_robustness.study import RESULT_COLUMNS, ROBUSTNESS_COLUMNS
-from tests.conftest import events, exits_with_error, member_rows, rows, tiny
+from noise_robustness.study import RESULT_COLUMNS, ROBUSTNESS_COLUMNS, Member
+from tests.conftest import events, exits_with_error, independent_accuracy, member_rows, rows, tiny
 
 REPO = Path(__file__).parents[1]
 METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
@@ -54,6 +54,20 @@ def test_the_robustness_diagonal_is_each_members_own_validation_accuracy(study):
             if m["seed"] == r["seed"] and m["train_noise_scale"] == m["eval_noise_scale"] == r["noise_scale"]
         )
         assert float(own["acc"]) == pytest.approx(float(r["val_acc"]), abs=1e-6)
+
+
+def test_the_robustness_pass_counts_what_an_independent_loop_counts(data_dir, tmp_path):
+    out = tmp_path / "study"
+    cli = cli_main(tiny(data_dir, out, "--data.val_holdout=1000", seeds="[0, 1]"))
+    model, dm = cli.model, cli.datamodule
+    cells = rows(out / "robustness.csv")
+    recorded = {(float(r["train_noise_scale"]), int(r["seed"]), float(r["eval_noise_scale"])): r["acc"] for r in cells}
+    for scale in (0.0, 1.0):
+        members = [Member(scale, m.seed) for m in model.members]
+        accuracy = independent_accuracy(model.to(dm.device), list(dm.loader("val", members)))
+        for k, member in enumerate(model.members):
+            # exactly: both count the correct images
+            assert float(recorded[member.noise_scale, member.seed, scale]) == accuracy[k].item()
 
 
 def test_a_study_reports_a_summary_and_its_figures(study):
