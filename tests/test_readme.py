@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from noise_robustness.cli import cli_main
+from noise_robustness.study import compared_rows
 
 REPO = Path(__file__).parents[1]
 MEAN_STD = re.compile(r"(\d+\.\d\d) ± (\d+\.\d\d)")  # a result as the tables print it: "98.38 ± 0.08"
@@ -50,6 +51,8 @@ def test_the_compared_cnn_study_is_the_main_study_with_the_other_network():
     assert cnn.pop("model.net")["class_path"] == "noise_robustness.models.KerasCNN"
     assert cnn == mlp  # same data, optimizer, epochs: the networks differ in architecture only
     assert (REPO / "docs" / "results" / "cnn" / "results.csv").read_text().count("KerasCNN,") == 18
+    results, _ = compared_rows(REPO / "docs" / "results" / "cnn", mlp | {"model.net": {"class_path": "x"}})
+    assert len(results) == 18  # what the main command reads: every member's file, of that study
 
 
 def test_every_result_the_readme_quotes_is_in_a_committed_summary():
