@@ -1,16 +1,19 @@
-"""How fast is the study? Our member-epoch against a plain PyTorch loop, the FLOP floor, and whole studies.
+"""How fast is the study? Our member-epoch against a plain PyTorch loop, the FLOP floors, ops per step, whole studies.
 
-Times, interleaved (A B A B ...):
+Times, interleaved (A B B' A B B' ...):
   (A) one training epoch of the default study's 6 members side by side, through the real CLI
       (``fit --scales [0, 0.1, 0.5, 1, 2, 4]``: our DataModule, LightningModule and Trainer, the fast
       dropout and RMSprop), divided by 6: one member-epoch;
   (B) the obvious hand-written loop for one network: ``DropoutMLP`` with torch's own ``nn.Dropout``
       and ``torch.optim.RMSprop``, the same noisy images, ``randperm`` batches of 128;
+  (B') the same loop under ``torch.autocast(dtype=torch.bfloat16)``: what bf16 gives a plain loop;
   (C) when a Python with TensorFlow is given (``--keras_python``), the original notebook's Keras
       recipe on the same images (``benchmarks/keras_epoch.py``, in a child process).
-Then the FLOP floor of a member-epoch at this machine's measured SGEMM rate, and whole studies run
-as users run them (``python -m noise_robustness sweep ...`` in a child process): wall time, from
-the command to the figures, and peak memory.
+Then this run's fp32 and bf16 rates of the study's own batched product (18 members' first layer), the
+FLOP floors at both, the aten operations one training step dispatches at K = 1, 6 and 18 members
+(``benchmarks/op_count.py``), and whole studies run as users run them (``python -m noise_robustness
+sweep ...`` in a child process): wall time, from the command to the figures, peak memory, and the
+main job (``three``) against its floors.
 
     python benchmarks/study_speed.py                  # pairs, the 1-seed and the 3-seed study (~16 min)
     python benchmarks/study_speed.py --studies one    # pairs and the 1-seed study (~6 min)
@@ -32,10 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_timer by its class path
 
 from benchmarks.epoch_timer import EpochTimer  # noqa: E402
+from benchmarks.op_count import ops_per_step  # noqa: E402
 from noise_robustness.cli import STUDY_SCALES, cli_main  # noqa: E402
 from noise_robustness.models import DropoutMLP  # noqa: E402
 
 MLP_FLOP_PER_IMAGE = 3 * 2 * (784 * 512 + 512 * 512 + 512 * 10)  # forward + backward (2x forward), multiply-adds x 2
+# The main job: 18 members x 20 epochs of 60,000 training images, validation (10,000) after each epoch,
+# and the robustness pass (each member at 6 σ on the validation split); forward passes are a third of a step.
+MAIN_JOB_FLOP = 18 * MLP_FLOP_PER_IMAGE * (20 * 60_000 + (20 + 6) * 10_000 / 3)
 CNN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10)
 SIGMA = 1.0  # the plain loop's noise level
 STUDIES = {  # name: (extra sweep options, target seconds)
@@ -70,8 +77,11 @@ def member_epoch(
     return timer.epochs[0]["train"] / len(STUDY_SCALES), timer.epochs[0]["val"]
 
 
-def plain_epoch(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
-    """(B): one epoch of the obvious eager loop; returns its seconds."""
+def plain_epoch(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, bf16: bool = False) -> float:
+    """(B), or (B') with ``bf16``: one epoch of the obvious eager loop; returns its seconds."""
+    if bf16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return plain_epoch(images, labels, seed)
     torch.manual_seed(seed)
     model = DropoutMLP().train()
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
@@ -105,13 +115,18 @@ def keras_epoch(python: str, images: torch.Tensor, labels: torch.Tensor, folder:
     return float(result.stdout.split()[-1])
 
 
-def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+def bmm_gflops(dtype: torch.dtype, repeats: int = 30) -> float:
+    """The rate of the study's own batched product, ``[18, 128, 784] x [18, 784, 512]``, in ``dtype``."""
+    a, b = torch.randn(18, 128, 784, dtype=dtype), torch.randn(18, 784, 512, dtype=dtype)
+    for _ in range(5):
+        torch.bmm(a, b)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.bmm(a, b)
+        times.append((time.perf_counter() - start) / repeats)
+    return 2 * 18 * 128 * 784 * 512 / statistics.median(times) / 1e9
 
 
 # Linux counts the memory a process had when it was forked into its child's peak, so a child of this
@@ -177,20 +192,24 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        a_train, a_val, b_train, c_train = [], [], [], []
+        a_train, a_val, b_train, b16_train, c_train = [], [], [], [], []
         for _ in range(args.pairs):
             train, val = member_epoch(args.data_dir, tmp)
             a_train.append(train)
             a_val.append(val)
             b_train.append(plain_epoch(images, labels))
+            b16_train.append(plain_epoch(images, labels, bf16=True))
             if args.keras_python:
                 c_train.append(keras_epoch(args.keras_python, images, labels, tmp))
-        gflops = sgemm_gflops()
+        gflops, bf16_gflops = bmm_gflops(torch.float32), bmm_gflops(torch.bfloat16)
+        print(f"rates of the study's batched product  fp32 {gflops:.0f} GFLOP/s, bf16 {bf16_gflops:.0f} GFLOP/s")
         floor = MLP_FLOP_PER_IMAGE * len(labels) / (gflops * 1e9)
         a, b = statistics.median(a_train), statistics.median(b_train)
         ratios = [x / y for x, y in zip(a_train, b_train)]  # per pair: both halves saw the same machine state
+        ratios16 = [x / y for x, y in zip(a_train, b16_train)]
         print(f"A  our member-epoch (6 members / 6)  {spread(a_train)}")
         print(f"B  plain PyTorch loop, one network   {spread(b_train)}")
+        print(f"B' the same loop under bf16 autocast {spread(b16_train)}   A/B' {statistics.median(ratios16):.3f}")
         if c_train:
             a_over_c = statistics.median([x / y for x, y in zip(a_train, c_train)])
             print(f"C  the original Keras recipe         {spread(c_train)}   A/C {a_over_c:.3f}")
@@ -201,7 +220,7 @@ def main() -> None:
             f"median of per-pair ratios [{min(ratios):.3f}, {max(ratios):.3f}]  (target <= 1.0)"
         )
         print(
-            f"FLOP floor of a member-epoch         {floor:.3f} s at {gflops:.0f} GFLOP/s SGEMM;  "
+            f"FLOP floor of a member-epoch         {floor:.3f} s at the fp32 rate;  "
             f"A/floor {a / floor:.2f}  B/floor {b / floor:.2f}"
         )
         print(
@@ -219,6 +238,15 @@ def main() -> None:
                 f"ratio {cnn / cnn_floor:.2f}; a 6 σ x 3 seed x 20 epoch study ~ {18 * 20 * epoch / 60:.0f} min",
                 flush=True,
             )
+
+        for members, (scales, seeds) in {
+            1: ([0.0], [0]),
+            6: (STUDY_SCALES, [0]),
+            18: (STUDY_SCALES, [0, 1, 2]),
+        }.items():
+            ops = ops_per_step(args.data_dir, scales, seeds)
+            top = ", ".join(f"{name} {count:g}" for name, count in ops.most_common(6))
+            print(f"ops per training step, K = {members:2d}      {sum(ops.values()):5.0f}   ({top}, ...)", flush=True)
 
         for name in [s for s in args.studies.split(",") if s in STUDIES]:
             options, target = STUDIES[name]
@@ -238,6 +266,13 @@ def main() -> None:
                 f"peak memory {rss:.2f} GB (target <= 2)",
                 flush=True,
             )
+            if name == "three":  # the main job against the floors of its arithmetic, at this run's rates
+                fp32_floor, bf16_floor = (MAIN_JOB_FLOP / (rate * 1e9) for rate in (gflops, bf16_gflops))
+                print(
+                    f"the main job against its floors      fp32 floor {fp32_floor:.0f} s ({wall / fp32_floor:.2f}x), "
+                    f"bf16 floor {bf16_floor:.0f} s ({wall / bf16_floor:.2f}x)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
