@@ -53,6 +53,18 @@ def test_a_study_whose_member_results_are_gone_is_finished_by_rerunning_it(data_
     assert metrics(out) == before
 
 
+def test_a_study_whose_tables_figures_and_tensorboard_are_gone_gets_them_back_by_rerunning_it(data_dir, tmp_path):
+    out = tmp_path / "study"
+    cli_main(tiny(data_dir, out, *B))
+    before = {name: (out / name).read_bytes() for name in ("results.csv", "robustness.csv", "summary.md")}
+    for name in before:
+        (out / name).unlink()
+    shutil.rmtree(out / "tensorboard")
+    cli_main(tiny(data_dir, out, *B))  # trains nothing: every member has its result file
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert list((out / "tensorboard").glob("events.*"))  # the study's figures (per-epoch curves are history)
+
+
 def test_sigterm_as_the_last_epoch_ends_stops_with_143_and_a_rerun_finishes_the_study(data_dir, tmp_path, capsys):
     reference, out = tmp_path / "reference", tmp_path / "study"
     cli_main(study_args(data_dir, reference, *signal_at(0, 99, 0)))  # signal 0 at an epoch never reached: no signal
