@@ -134,7 +134,8 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
                 f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}"
             )
         self.save_hyperparameters()
-        self._patterns: dict[tuple[str, int, int], torch.Tensor] = {}  # (file, seed, noise epoch) -> z
+        self._patterns: dict[tuple[str, int], torch.Tensor] = {}  # (file, noise epoch) -> z of every seed
+        self._member_rows: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # -- the data ---------------------------------------------------------------------------------
 
@@ -168,15 +169,18 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             "test": ("test", torch.arange(N_TEST, device=self.device)),
         }
 
-    def patterns(self, file: str, seed: int, noise_epoch: int) -> torch.Tensor:
-        """Standard-normal noise of every image of an MNIST ``file`` for ``seed``, drawn once and kept."""
-        key = (file, seed, noise_epoch)
+    def patterns(self, file: str, noise_epoch: int) -> torch.Tensor:
+        """Standard-normal noise of every image of an MNIST ``file``, one pattern per study seed, drawn once and
+        kept: ``[seeds, images, 1, 28, 28]``, row ``i`` for ``hparams.seeds[i]``."""
+        key = (file, noise_epoch)
         if key not in self._patterns:
             # keep the fixed draw (epoch 0: validation and test) and this epoch's; free the rest first
-            self._patterns = {k: z for k, z in self._patterns.items() if k[2] in (0, noise_epoch)}
-            self._patterns[key] = standard_normal(
-                len(self.images[file]), IMAGE_SHAPE, seed, file, noise_epoch, self.device
-            )
+            self._patterns = {k: z for k, z in self._patterns.items() if k[1] in (0, noise_epoch)}
+            n, seeds = len(self.images[file]), self.hparams.seeds
+            patterns = torch.empty((len(seeds), n, *IMAGE_SHAPE), device=self.device)
+            for row, seed in enumerate(seeds):
+                standard_normal(n, IMAGE_SHAPE, seed, file, noise_epoch, self.device, out=patterns[row])
+            self._patterns[key] = patterns
         return self._patterns[key]
 
     def split_size(self, split: str) -> int:
@@ -199,15 +203,30 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         members = self.members if members is None else members
         file, idx = self.splits[split]
         noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
-        rows = {seed: idx[p] for seed, p in positions.items()}
-        clean = {seed: self.images[file][r].float().div_(255) for seed, r in rows.items()}
-        noisy_seeds = {m.seed for m in members if m.noise_scale}  # σ = 0 needs no draw
-        z = {
-            seed: self.patterns(file, seed, noise_epoch)[r] for seed, r in rows.items() if seed in noisy_seeds
-        }  # once per seed
-        images = [add_noise(clean[m.seed], m.noise_scale, z.get(m.seed), self.hparams.clip) for m in members]
-        labels = torch.stack([self.file_labels[file][rows[m.seed]] for m in members])
-        return torch.stack(images), labels
+        seeds = list(positions)
+        by_seed, pattern_rows, sigmas = self.member_rows(tuple(members), tuple(seeds))
+        rows = idx[torch.stack([positions[seed] for seed in seeds])][by_seed]  # [K, n]: member k's file indices
+        # One gather per tensor for every member: clean pixels, labels, and (if any σ > 0) noise
+        clean = self.images[file][rows].float().div_(255)
+        z = (
+            self.patterns(file, noise_epoch)[pattern_rows[:, None], rows]
+            if any(m.noise_scale for m in members)
+            else None
+        )
+        return add_noise(clean, sigmas, z, self.hparams.clip), self.file_labels[file][rows]
+
+    def member_rows(self, members: tuple[Member, ...], seeds: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """For each member: its seed's position in ``seeds``, its seed's row of ``patterns``, and its σ
+        (``[K, 1, 1, 1, 1]``), on the data's device; made once per (members, seeds), not per batch."""
+        key = (members, seeds)
+        if key not in self._member_rows:
+            rows = self.hparams.seeds
+            self._member_rows[key] = (
+                torch.tensor([seeds.index(m.seed) for m in members], device=self.device),
+                torch.tensor([rows.index(m.seed) for m in members], device=self.device),
+                torch.tensor([m.noise_scale for m in members], device=self.device).view(-1, 1, 1, 1, 1),
+            )
+        return self._member_rows[key]
 
     # -- the loaders ------------------------------------------------------------------------------
 

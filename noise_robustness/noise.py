@@ -56,14 +56,15 @@ def standard_normal(
     split: str,
     epoch: int = 0,
     device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Standard-normal noise patterns for images ``0 .. n_images - 1`` of ``split``.
+    """Standard-normal noise patterns for images ``0 .. n_images - 1`` of ``split`` (written into ``out`` if given).
 
     Returns:
         A float32 tensor of shape ``(n_images, *image_shape)``; row ``i`` depends only on
         (seed, split, epoch, i) and the device type (CPU and CUDA generators differ).
     """
-    out = torch.empty((n_images, *image_shape), device=device)
+    out = torch.empty((n_images, *image_shape), device=device) if out is None else out
     for block, start in enumerate(range(0, n_images, BLOCK)):
         # Always a whole block, so a shorter split (or a subset) gets the same rows.
         out[start : start + BLOCK] = standard_normal_block(block, image_shape, seed, split, epoch, device)[
@@ -72,10 +73,17 @@ def standard_normal(
     return out
 
 
-def add_noise(images: torch.Tensor, noise_scale: float, z: torch.Tensor | None, clip: bool = False) -> torch.Tensor:
+def add_noise(
+    images: torch.Tensor, noise_scale: float | torch.Tensor, z: torch.Tensor | None, clip: bool = False
+) -> torch.Tensor:
     """Returns ``images + noise_scale * z``, clipped to [0, 1] if ``clip``; σ = 0 returns ``images``.
 
-    ``z`` (standard-normal, shaped like ``images``) may be None when σ = 0.
+    ``noise_scale`` is one σ, or a tensor of σ that broadcasts against ``images`` (one per member:
+    ``[K, 1, 1, 1, 1]`` for ``[K, B, 1, 28, 28]``), so that a batch of every member is one operation.
+    ``z`` (standard-normal, shaped like ``images``) may be None when every σ is 0.
     """
-    noisy = images if noise_scale == 0 else torch.add(images, z, alpha=noise_scale)
+    if isinstance(noise_scale, torch.Tensor):
+        noisy = images if z is None else torch.addcmul(images, noise_scale, z)  # σ = 0: images + 0 · z, exactly
+    else:
+        noisy = images if noise_scale == 0 else torch.add(images, z, alpha=noise_scale)
     return noisy.clamp(0.0, 1.0) if clip else noisy
