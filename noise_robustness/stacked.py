@@ -276,11 +276,9 @@ class StackedRMSprop(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros(())
+                if not state:  # no step count: without bias correction it would decide nothing, at an op a step
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 square_avg, grad = state["square_avg"], p.grad
-                state["step"] += 1
                 square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
                 denom = state.get("_denom")
                 if denom is None or denom.shape != p.shape:
