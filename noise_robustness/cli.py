@@ -270,6 +270,8 @@ class NoiseCLI(LightningCLI):
     def check_resumed_checkpoint(self, config) -> None:
         """A ``fit`` resumes only a whole checkpoint written with its options; ``validate``, ``test`` and
         ``predict`` read only a whole one. Every checkpoint a ``fit`` writes records its options."""
+        if self.subcommand != "fit" and not config.get("ckpt_path"):
+            return  # nothing to record or check: no need to resolve the config
         resolved = self.resolved()
         identity = identity_of(resolved) | {"scales": resolved["scales"], "seeds": resolved["seeds"]}  # its members
         if self.subcommand == "fit":
@@ -302,7 +304,7 @@ class NoiseCLI(LightningCLI):
         for folder in options.compare or []:
             compared_rows(Path(folder), study.identity)
         if options.gather:
-            study.missing()  # nothing to train: a gather needs no GPU time to say what is missing
+            study.finished_runs()  # nothing to train: a gather needs no GPU time to say what is missing
         train = to_train or study.members  # nothing to train: the classes are built, never fitted
         for target in (options.data, options.model):
             target.scales, target.seeds = scales_of(train), seeds_of(train)  # a product of σ and seeds covering them

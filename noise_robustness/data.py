@@ -135,7 +135,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             )
         self.save_hyperparameters()
         self._patterns: dict[tuple[str, int], torch.Tensor] = {}  # (file, noise epoch) -> z of every seed
-        self._member_rows: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._member_rows: dict[tuple, tuple] = {}  # (members, seeds) -> their rows and σ (member_rows)
 
     # -- the data ---------------------------------------------------------------------------------
 
@@ -204,27 +204,25 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         file, idx = self.splits[split]
         noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
         seeds = list(positions)
-        by_seed, pattern_rows, sigmas = self.member_rows(tuple(members), tuple(seeds))
+        by_seed, pattern_rows, sigmas, noisy = self.member_rows(tuple(members), tuple(seeds))
         rows = idx[torch.stack([positions[seed] for seed in seeds])][by_seed]  # [K, n]: member k's file indices
         # One gather per tensor for every member: clean pixels, labels, and (if any σ > 0) noise
         clean = self.images[file][rows].float().div_(255)
-        z = (
-            self.patterns(file, noise_epoch)[pattern_rows[:, None], rows]
-            if any(m.noise_scale for m in members)
-            else None
-        )
+        z = self.patterns(file, noise_epoch)[pattern_rows[:, None], rows] if noisy else None
         return add_noise(clean, sigmas, z, self.hparams.clip), self.file_labels[file][rows]
 
-    def member_rows(self, members: tuple[Member, ...], seeds: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """For each member: its seed's position in ``seeds``, its seed's row of ``patterns``, and its σ
-        (``[K, 1, 1, 1, 1]``), on the data's device; made once per (members, seeds), not per batch."""
+    def member_rows(self, members: tuple[Member, ...], seeds: tuple[int, ...]) -> tuple:
+        """For each member: its seed's position in ``seeds``, its seed's row of ``patterns`` and its σ
+        (``[K, 1, 1, 1, 1]``), on the data's device, and whether any σ > 0; made once per (members, seeds),
+        not per batch."""
         key = (members, seeds)
         if key not in self._member_rows:
-            rows = self.hparams.seeds
+            study_seeds = self.hparams.seeds
             self._member_rows[key] = (
                 torch.tensor([seeds.index(m.seed) for m in members], device=self.device),
-                torch.tensor([rows.index(m.seed) for m in members], device=self.device),
+                torch.tensor([study_seeds.index(m.seed) for m in members], device=self.device),
                 torch.tensor([m.noise_scale for m in members], device=self.device).view(-1, 1, 1, 1, 1),
+                any(m.noise_scale for m in members),
             )
         return self._member_rows[key]
 

@@ -72,7 +72,7 @@ def summary_markdown(results: list[dict]) -> str:
             "| ---: | ---: | ---: | ---: |",
         ]
         for scale, cell in sorted(by_scale.items()):
-            name = f"{sigma_text(scale)} (clean)" if scale == 0 else f"{sigma_text(scale)}"
+            name = f"{sigma_text(scale)} (clean)" if scale == 0 else sigma_text(scale)
             lines.append(f"| {name} | {_fmt(cell['train_acc'])} | {_fmt(cell['val_acc'])} | {_fmt(cell['gap'])} |")
         lines.append("")
     return "\n".join(lines)
@@ -112,7 +112,7 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     for ax in (accuracy, gap):
         # linear up to the smallest noisy σ, logarithmic above: σ = 0 and 0.1 ... 4 (or 255 x that) alike
         ax.set_xscale("symlog", linthresh=noisy[0] if noisy else 1.0, linscale=0.5)
-        ax.set_xticks(all_scales, [f"{sigma_text(s)}" for s in all_scales])
+        ax.set_xticks(all_scales, [sigma_text(s) for s in all_scales])
         ax.tick_params(axis="x", labelsize=8)
         ax.minorticks_off()
         ax.set_xlabel("noise std σ (units of the [0, 1] pixel range)")
@@ -177,8 +177,8 @@ def robustness_figure(robustness: list[dict]) -> Figure:
                 ax.text(
                     j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color="white" if value < 60 else "black"
                 )
-        ax.set_xticks(range(len(eval_scales)), [f"{sigma_text(s)}" for s in eval_scales])
-        ax.set_yticks(range(len(train_scales)), [f"{sigma_text(s)}" for s in train_scales])
+        ax.set_xticks(range(len(eval_scales)), [sigma_text(s) for s in eval_scales])
+        ax.set_yticks(range(len(train_scales)), [sigma_text(s) for s in train_scales])
         ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
     fig.tight_layout()
     return fig

@@ -306,19 +306,20 @@ class Study:
             self.check_identity(read_options(self.out / "study.yaml"))
         write_atomic(self.out / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         for member in to_train:
-            lock = open(self.out / "locks" / f"{member.name.replace('/', ',')}.lock", "a")  # noqa: SIM115 (held until the process ends)
+            lock = open(self.out / "locks" / f"{member.name.replace('/', ',')}.lock", "a")  # noqa: SIM115 (held until released)
+            claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._locks += [lock, claim]
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # across the machines of a shared file system
                 # and on this machine by name, so that deleting locks/ cannot let a second command in
-                claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 key = hashlib.blake2b(f"{self.out.resolve()}/{member.name}".encode(), digest_size=16).hexdigest()
-                claim.bind(f"\0noise_robustness/{key}")  # an abstract socket: gone when this process ends
-            except (BlockingIOError, OSError):
+                claim.bind(f"\0noise_robustness/{key}")  # an abstract socket: gone when it is closed
+            except OSError:  # held by another command (flock's BlockingIOError, bind's address in use)
+                self.release()  # this command trains none of them
                 raise ValueError(
                     f"Another command is training member {member.name} of {self.out}; let it finish "
                     "(rerun this one afterwards to resume)"
                 ) from None
-            self._locks += [lock, claim]
 
     def release(self) -> None:
         """Releases the locks ``start`` took (a process that ends releases them too)."""
@@ -332,9 +333,10 @@ class Study:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"result": result, "robustness": robustness}, indent=1))
 
-    def missing(self) -> list[Member]:
-        """The study's members without results. Raises StudyIncomplete naming them, if any."""
-        missing = [m for m in self.members if not self.finished(m)]
+    def finished_runs(self) -> dict[Member, dict]:
+        """Every member's result file, read once. Raises StudyIncomplete naming the members without one."""
+        runs = {m: self.read_member(m) for m in self.members}
+        missing = [m for m, run in runs.items() if run is None]
         if missing:
             damaged = [str(self.result_file(m)) for m in missing if self.result_file(m).exists()]
             raise StudyIncomplete(
@@ -343,7 +345,7 @@ class Study:
                 + (f" (damaged result files: {', '.join(damaged)})" if damaged else "")
                 + ". Train them (rerun the sweep, or its failed tasks), then gather again"
             )
-        return missing
+        return runs
 
     def rows(self) -> tuple[list[dict], list[dict]]:
         """Every member's result row and its robustness rows (at the study's σ values), from the members' files.
@@ -352,8 +354,7 @@ class Study:
             StudyIncomplete: members without results.
             ValueError: members written by another study (another ``study_id``), named.
         """
-        self.missing()
-        runs = {m: self.read_member(m) for m in self.members}
+        runs = self.finished_runs()
         foreign = [m.name for m, run in runs.items() if run["result"].get("study_id") != self.study_id]
         if foreign:
             raise ValueError(

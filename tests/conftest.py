@@ -14,6 +14,7 @@ from noise_robustness import mnist
 from noise_robustness.cli import cli_main
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
+METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")  # a member's final metrics in results.csv
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,9 @@ import torch
 
 from noise_robustness.cli import cli_main
 from noise_robustness.study import Study, identity_of, study_members
-from tests.conftest import exits_with_error, member_rows, rows, short_run, tiny
+from tests.conftest import METRICS, exits_with_error, member_rows, rows, short_run, tiny
 
 REPO = Path(__file__).parents[1]
-METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
 B = ["--epochs=2", "--data.val_holdout=2000"]  # a short study: 2 epochs of 5 batches, validated on 2000 images
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from noise_robustness.cli import cli_main
+from tests.conftest import METRICS
 
 REFERENCES = Path(__file__).parent / "reference"
 STUDIES = {
@@ -41,7 +42,6 @@ STUDIES = {
 # machine type moved them by up to 0.002 and 0.003 (MLP) and 0.022 and 0.042 (CNN, 10 batches);
 # another machine draws other noise and dropout, about a seed's difference on these short studies.
 TOLERANCE = {"short_study": {"acc": 0.05, "loss": 0.15}, "short_cnn_study": {"acc": 0.15, "loss": 0.4}}
-METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
 
 
 def machine_type() -> str:

@@ -1,6 +1,5 @@
 """The cluster scripts on a live single-node Slurm (scripts/start_slurm.sh), on the CPU, as users submit them."""
 
-import csv
 import os
 import re
 import shutil
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import rows
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).parents[1]
@@ -46,11 +47,6 @@ def wait_for(jobs: list[str], env: dict[str, str], timeout: float = 600) -> None
         time.sleep(1)
 
 
-def results(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def study_options(data_dir, out: Path) -> list[str]:
     return [
         "--scales=[0, 1.0]",
@@ -79,8 +75,8 @@ def test_the_study_runs_as_a_job_array_and_its_gather_matches_a_local_run(slurm,
         run(
             [sys.executable, "-m", "noise_robustness", "sweep", *study_options(data_dir, local), *role], LOCAL, tmp_path
         )
-    cluster = results(tmp_path / "cluster" / "results.csv")
-    assert len(cluster) == 4 and cluster == results(local / "results.csv")
+    cluster = rows(tmp_path / "cluster" / "results.csv")
+    assert len(cluster) == 4 and cluster == rows(local / "results.csv")
     assert (tmp_path / "cluster" / "accuracy_vs_noise.png").is_file()
     log = (tmp_path / f"slurm-noise-study-{array}_0.out").read_text()
     assert "epoch 1/1:" in log and "\r" not in log  # one line per epoch, no progress bar redrawn in the log

@@ -15,10 +15,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from noise_robustness.cli import cli_main
 from noise_robustness.study import RESULT_COLUMNS, ROBUSTNESS_COLUMNS, Member
-from tests.conftest import events, exits_with_error, independent_accuracy, member_rows, rows, tiny
+from tests.conftest import METRICS, events, exits_with_error, independent_accuracy, member_rows, rows, tiny
 
 REPO = Path(__file__).parents[1]
-METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
 
 
 @pytest.fixture(scope="module")
