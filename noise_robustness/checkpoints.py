@@ -43,6 +43,13 @@ def checksum(checkpoint: dict) -> str:
     return digest.hexdigest()
 
 
+def checksum_of(value) -> str:
+    """A digest of ``value`` (tensors, containers of them, plain values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
 def record(checkpoint: dict, identity: dict, epoch_metrics: dict[str, torch.Tensor]) -> None:
     """Adds the record to a checkpoint Lightning is about to save."""
     checkpoint[RECORD] = {
@@ -81,3 +88,38 @@ def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str) ->
         differ = differences(kept["identity"], identity, keys, "now")
         if differ:
             raise ValueError(f"{path} was written by a run with other options ({'; '.join(differ)}); {remedy}")
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor], study_id: str) -> None:
+    """Writes one member's final weights (its network's ``state_dict``) atomically, with a checksum and the
+    ``study_id`` that trained them: what ``certify`` evaluates."""
+    weights = {name: tensor.detach().cpu().clone() for name, tensor in weights.items()}
+    saved = {"weights": weights, "study_id": study_id}
+    saved["checksum"] = checksum_of(saved)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(saved, tmp)
+    tmp.replace(path)
+
+
+def load_weights(path: Path, study_id: str) -> dict[str, torch.Tensor]:
+    """A member's final weights as ``save_weights`` wrote them.
+
+    Raises:
+        ValueError: naming the file: missing, damaged, or trained by another study.
+    """
+    if not path.is_file():
+        raise ValueError(
+            f"{path} does not exist: the study kept no final weights for this member (studies trained before "
+            "weights were kept have none); train the study anew in a new --out to certify it"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged or truncated file
+        raise ValueError(f"{path} is damaged or not a weights file ({type(err).__name__})") from None
+    unchecked = {key: value for key, value in saved.items() if key != "checksum"} if isinstance(saved, dict) else None
+    if unchecked is None or saved.get("checksum") != checksum_of(unchecked):
+        raise ValueError(f"{path} is damaged: its weights no longer match the checksum written with them")
+    if saved["study_id"] != study_id:
+        raise ValueError(f"{path} was written by another study (study_id {saved['study_id']}, not {study_id})")
+    return saved["weights"]

@@ -21,8 +21,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from noise_robustness import checkpoints
+from noise_robustness import certification, checkpoints
 from noise_robustness.callbacks import CheckpointRecord, EpochLines, NoisySamples, StudyHParams
+from noise_robustness.certification import Setting
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
@@ -41,6 +42,12 @@ RESUME = {
     "sweep": "rerun the same command to resume the study from its last finished epoch",
     "fit": "rerun it with --ckpt_path last to resume from its last finished epoch",
 }
+
+# What `certify` reads from its command; the network, the data and the noise are the study's.
+CERTIFY_OPTIONS = {
+    "out", "sigma", "n0", "n", "alpha", "images", "config", "print_config",
+    "data.data_dir", "trainer.accelerator", "trainer.devices",
+}  # fmt: skip
 
 # Options of the one-run design that the study now sets per member, and what to use instead.
 OWNED = {
@@ -130,6 +137,13 @@ def check_owned(tokens: list[str], configs: list[dict | None]) -> None:
             raise ValueError(f"`{key}` is set per member by the study: use {instead} instead")
     if tokens and tokens[0] == "sweep" and "ckpt_path" in given:
         raise ValueError("`ckpt_path` is chosen by the study: rerun the same sweep command to resume it")
+    if tokens and tokens[0] == "certify":
+        unknown = sorted(given - CERTIFY_OPTIONS - {"help"})
+        if unknown:
+            raise ValueError(
+                f"`{unknown[0]}` is not an option of `certify`: the network, data and noise are the study's (`--out`); "
+                f"certify takes {', '.join(f'--{k}' for k in sorted(CERTIFY_OPTIONS - {'config', 'print_config'}))}"
+            )
 
 
 def with_epochs_alias(tokens: list[str]) -> list[str]:
@@ -178,6 +192,31 @@ class StudyTrainer(pl.Trainer):
         """
         raise NotImplementedError("a study runs through NoiseCLI.sweep, which checks it against its folder first")
 
+    def certify(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        out: list[str] | str,
+        sigma: float | None = None,
+        n0: int = 100,
+        n: int = 1000,
+        alpha: float = 0.001,
+        images: int = 500,
+    ) -> None:
+        """Certifies every member of finished studies by randomized smoothing (Cohen et al. 2019): the certified
+        L2 radius of each validation image, and certified accuracy against radius (docs/certify.md).
+
+        Args:
+            out: a finished study's folder, or a list of them (one per network, reported side by side);
+                the certification goes to ``<out>/certify/<setting>/``, and the same command resumes it.
+            sigma: the smoothing noise σ; null: each member's training σ (members trained clean are skipped).
+            n0: noise samples that select the class to certify (CERTIFY's n0).
+            n: noise samples that estimate its probability (CERTIFY's n).
+            alpha: the failure probability of each certificate (and PREDICT's test level).
+            images: validation images to certify, the first of one fixed seeded order.
+        """
+        raise NotImplementedError("a certification runs through NoiseCLI.certify, which checks its studies first")
+
 
 class SaveRunConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml`` in a run's folder; a study writes its own into its folder instead."""
@@ -196,7 +235,7 @@ class NoiseCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "sweep": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "sweep": {"model", "datamodule"}, "certify": {"model", "datamodule"}}
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -256,6 +295,11 @@ class NoiseCLI(LightningCLI):
                 )
             if self.subcommand == "sweep":
                 self.study = self.plan_study(config)
+            elif self.subcommand == "certify":
+                setting = Setting(config.n0, config.n, config.alpha, config.images, config.sigma)
+                self.certifications = certification.plan(
+                    [config.out] if isinstance(config.out, str) else config.out, setting
+                )
             else:
                 name_run(config)
                 self.check_resumed_checkpoint(config)
@@ -348,6 +392,14 @@ class NoiseCLI(LightningCLI):
     ) -> None:
         """Runs the study in ``out`` (``self.study``, checked against that folder before the classes were built)."""
         run_study(self.trainer, model, datamodule, self.study, task, gather, [Path(folder) for folder in compare or []])
+
+    def certify(self, model: pl.LightningModule, datamodule: pl.LightningDataModule, **setting) -> None:
+        """Certifies the studies planned (and checked) before the classes were built, on the trainer's device."""
+        try:
+            certification.run(self.certifications, datamodule.hparams.data_dir, self.trainer.strategy.root_device)
+        except ValueError as err:  # another command is certifying one of them
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
 
 
 def name_run(config: Namespace) -> None:

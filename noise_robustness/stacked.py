@@ -248,7 +248,12 @@ def stack_members(
     factory: Callable[[], nn.Module], seeds: list[int], fast: bool = True
 ) -> StackedSequential | MemberLoop:
     """One network per seed from ``factory``, stacked when its layers allow, else looped over."""
-    members = [build_member(factory, seed) for seed in seeds]
+    return stack([build_member(factory, seed) for seed in seeds], seeds, fast)
+
+
+def stack(members: list[nn.Module], seeds: list[int], fast: bool = True) -> StackedSequential | MemberLoop:
+    """``members`` (one network each, of one class; ``seeds`` their dropout streams) as one module, stacked
+    when their layers allow, else looped over."""
     if stackable(members[0]):
         return StackedSequential(members, seeds, fast)
     return MemberLoop(members, seeds)

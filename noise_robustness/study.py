@@ -5,7 +5,8 @@ A study is one network per (noise level σ, seed), its *members*. Its folder ``o
 - ``study.yaml``: the study's identity, every option that decides a result; a command with other
   options is refused, naming each key that differs;
 - ``config.yaml``: the full resolved config of the last command that trained in it;
-- ``members/sigma=<σ>/seed=<s>.json``: one result file per finished member, written atomically;
+- ``members/sigma=<σ>/seed=<s>.json``: one result file per finished member, written atomically, and
+  ``seed=<s>.pt`` beside it, the member's final weights (written first);
 - ``locks/``: one lock per member in training (``flock``), so two commands never train the same member;
 - ``checkpoints/<group>/``: the checkpoint of a group of members trained together, to resume it;
 - ``results.csv`` and ``robustness.csv``: the members' results, gathered.
@@ -227,6 +228,10 @@ class Study:
 
     def result_file(self, member: Member) -> Path:
         return self.out / "members" / f"sigma={sigma_text(member.noise_scale)}" / f"seed={member.seed}.json"
+
+    def weights_file(self, member: Member) -> Path:
+        """The member's final weights (``certify`` evaluates them), written just before its result file."""
+        return self.result_file(member).with_suffix(".pt")
 
     def read_member(self, member: Member) -> dict | None:
         """A member's result file (``{"result": ..., "robustness": [...]}``); None if it has none or a damaged one."""

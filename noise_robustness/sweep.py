@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from noise_robustness.checkpoints import save_weights
 from noise_robustness.report import write_report
 from noise_robustness.study import Member, Study, compared_rows, scales_of
 
@@ -79,7 +80,7 @@ def fit(trainer: pl.Trainer, model, datamodule, checkpoint_dir: Path) -> None:
 
 
 def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[Member]) -> None:
-    """Writes each trained member's final metrics and its accuracy at every σ of the study, one file each."""
+    """Writes each trained member's final weights, metrics and accuracy at every σ of the study, a file each."""
     final = dict(model.epoch_metrics)  # the last epoch's (or its checkpoint's), before the robustness pass
     accuracy = robustness(trainer, model, datamodule, sorted(scales_of(study.members)))
     network = type(model.net.member(0)).__name__
@@ -103,6 +104,8 @@ def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[
              "eval_noise_scale": scale, "acc": float(acc[k])}
             for scale, acc in accuracy.items()
         ]  # fmt: skip
+        # the weights first: a member's result file marks it finished, with everything `certify` needs
+        save_weights(study.weights_file(member), model.net.member(k).state_dict(), study.study_id)
         study.write_member(member, result, cells)
 
 

@@ -1,0 +1,375 @@
+"""Certifying finished studies: randomized smoothing of every member (``smoothing.py``), resumable, reported.
+
+``python -m noise_robustness certify --out <study> [--out ...]``: ``cli.py`` parses the command and
+calls ``plan`` (every check, nothing created), then ``run``. A study's certification lives in
+``<study>/certify/<setting>/``, named after its setting (n0, n, α, images, σ), so that two settings
+never mix or overwrite each other:
+
+- ``certify.yaml``: the setting and the ``study_id`` of the weights certified;
+- ``members/sigma=<σ>/seed=<s>.csv``: one row per certified image (in the subset's order), rewritten
+  atomically every ``SAVE_EVERY`` images: a rerun of the same command resumes from the last saved
+  image, to the same numbers (the noise of every sample is a pure function of its key);
+- ``summary.md`` and ``certified_accuracy.png``: certified accuracy against L2 radius, every study of
+  the command side by side (one panel per network); the member curves go to the study's TensorBoard.
+"""
+
+import csv
+import fcntl
+import functools
+import importlib
+import io
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
+from noise_robustness.checkpoints import load_weights
+from noise_robustness.data import N_TEST, NoisyMNISTDataModule
+from noise_robustness.noise import derive_seed
+from noise_robustness.report import mean_std
+from noise_robustness.smoothing import ABSTAIN, Votes, certificate
+from noise_robustness.stacked import stack
+from noise_robustness.study import Member, Study, StudyIncomplete, check_writable, run_names, sigma_text, write_atomic
+
+SUBSET_SEED = 0  # the certified images: the first `images` of one seeded order of the validation split
+SAVE_EVERY = 20  # images between saves of the members' rows
+RADIUS_STEP = 0.25  # the summary's radii: 0, 0.25, 0.5, ... up to the largest certified
+COLUMNS = ["image", "label", "predict", "prediction", "correct", "count", "counts", "p_lower", "radius"]
+
+
+def say(text: str) -> None:
+    print(f"[certify] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What decides a certification's numbers (besides the study): Cohen et al.'s n0, n and α, how many
+    validation images, and the smoothing σ (None: each member's training σ; members trained clean are skipped)."""
+
+    n0: int = 100
+    n: int = 1000
+    alpha: float = 0.001
+    images: int = 500
+    sigma: float | None = None
+
+    def check(self) -> None:
+        """Raises ValueError naming the first option out of its range."""
+        for name in ("n0", "n", "images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"Expected `alpha` to be in (0, 1), but got {self.alpha}")
+        if self.sigma is not None and not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(
+                f"Expected `sigma` to be a finite number > 0 (or null: each member's), but got {self.sigma}"
+            )
+
+    @property
+    def name(self) -> str:
+        """The certification's folder name, e.g. ``n0=100,n=1000,alpha=0.001,images=500,sigma=trained``."""
+        sigma = "trained" if self.sigma is None else sigma_text(self.sigma)
+        return f"n0={self.n0},n={self.n},alpha={self.alpha:g},images={self.images},sigma={sigma}"
+
+    def record(self, study_id: str) -> dict:
+        return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "images": self.images, "sigma": self.sigma,
+                "subset_seed": SUBSET_SEED, "study_id": study_id}  # fmt: skip
+
+
+@dataclass
+class Certification:
+    """One study's certification: its members to certify, with their smoothing σ and final weights."""
+
+    study: Study
+    setting: Setting
+    members: list[Member]
+    sigmas: list[float]
+    weights: list[dict[str, torch.Tensor]]
+
+    @property
+    def folder(self) -> Path:
+        return self.study.out / "certify" / self.setting.name
+
+    @property
+    def network(self) -> str:
+        return self.study.resolved["model"]["net"]["class_path"].rsplit(".", 1)[-1]
+
+    def rows_file(self, member: Member) -> Path:
+        return self.folder / "members" / f"sigma={sigma_text(member.noise_scale)}" / f"seed={member.seed}.csv"
+
+    def read_rows(self, member: Member) -> list[dict]:
+        return list(csv.DictReader(io.StringIO(self.rows_file(member).read_text())))
+
+    def saved_rows(self, member: Member, positions: list[int]) -> list[dict]:
+        """The member's rows saved so far, if they are the subset's first images (else none: certify anew)."""
+        try:
+            rows = self.read_rows(member)
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError, csv.Error):
+            rows = [{}]  # damaged: not a saved part
+        if any(set(COLUMNS) - set(row) for row in rows) or [int(r["image"]) for r in rows] != positions[: len(rows)]:
+            say(f"{self.rows_file(member)} is not a saved part of this certification: certifying its member anew")
+            return []
+        return rows
+
+
+def plan(folders: list[str], setting: Setting) -> list[Certification]:
+    """Checks the command: its setting, and that each folder is a finished study with its members' final weights.
+    Creates nothing.
+
+    Raises:
+        ValueError: naming the option or folder and what is wrong.
+    """
+    setting.check()
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"Expected `out` to name each study once, but got {folders}")
+    certifications = []
+    for folder in folders:
+        try:
+            study = Study.open(Path(folder))
+            study.finished_runs()
+        except StudyIncomplete as err:
+            raise ValueError(f"Expected `out` to name finished studies, but {err}") from None
+        except ValueError as err:
+            raise ValueError(f"Expected `out` to name finished studies, but {err}") from None
+        holdout = study.resolved.get("data", {}).get("val_holdout", 0)
+        split = holdout or N_TEST
+        if setting.images > split:
+            raise ValueError(
+                f"Expected `images` to be at most the {split} validation images of {folder}, but got {setting.images}"
+            )
+        members = [m for m in study.members if setting.sigma is not None or m.noise_scale > 0]
+        if not members:
+            raise ValueError(
+                f"Expected {folder} to hold members trained on noise (σ > 0), whose σ smooths them, but every member "
+                "is clean: name the smoothing σ with --sigma"
+            )
+        sigmas = [setting.sigma if setting.sigma is not None else m.noise_scale for m in members]
+        weights = [load_weights(study.weights_file(m), study.study_id) for m in members]
+        certification = Certification(study, setting, members, sigmas, weights)
+        check_writable(certification.folder, "out")
+        recorded = certification.folder / "certify.yaml"
+        if recorded.is_file() and yaml.safe_load(recorded.read_text()) != setting.record(study.study_id):
+            raise ValueError(f"{recorded} records another certification; move {certification.folder} away to certify")
+        certifications.append(certification)
+    if len({c.network for c in certifications}) != len(certifications):
+        raise ValueError(f"Expected `out` to name studies of different networks, but got {folders}")
+    return certifications
+
+
+def subset(split_size: int, images: int) -> list[int]:
+    """The certified validation positions: the first ``images`` of a fixed seeded order (more images extend it)."""
+    order = torch.randperm(split_size, generator=torch.Generator().manual_seed(derive_seed("certify", SUBSET_SEED)))
+    return order[:images].tolist()
+
+
+def network_factory(spec: dict):
+    """The network a study recorded (``model.net``: ``class_path`` and ``init_args``), as a factory."""
+    module, name = spec["class_path"].rsplit(".", 1)
+    return functools.partial(getattr(importlib.import_module(module), name), **spec.get("init_args", {}))
+
+
+def certify_study(certification: Certification, data_dir: str, device: torch.device) -> None:
+    """Certifies the study's members not finished yet, side by side, resuming from their saved rows."""
+    setting, folder = certification.setting, certification.folder
+    data = certification.study.resolved.get("data", {})
+    datamodule = NoisyMNISTDataModule(data_dir=data_dir, val_holdout=data.get("val_holdout", 0))
+    datamodule.prepare_data()
+    datamodule.setup()
+    positions = subset(datamodule.split_size("val"), setting.images)
+    saved = {m: certification.saved_rows(m, positions) for m in certification.members}
+    todo = [k for k, m in enumerate(certification.members) if len(saved[m]) < setting.images]
+    if not todo:
+        say(f"{folder}: every member certified earlier")
+        return
+    (folder / "members").mkdir(parents=True, exist_ok=True)
+    lock = open(folder / "lock", "a")  # noqa: SIM115 (held while this process certifies)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"Another command is certifying {folder}; let it finish (rerun this one afterwards)") from None
+    write_atomic(folder / "certify.yaml", yaml.safe_dump(setting.record(certification.study.study_id)))
+    members = [certification.members[k] for k in todo]
+    sigmas = [certification.sigmas[k] for k in todo]
+    factory = network_factory(certification.study.resolved["model"]["net"])
+    nets = []
+    for k in todo:
+        net = factory()
+        net.load_state_dict(certification.weights[k])
+        nets.append(net)
+    votes = Votes(stack(nets, [m.seed for m in members]).to(device).eval(), [m.seed for m in members], sigmas,
+                  bool(data.get("clip", False)), device)  # fmt: skip
+    start = min(len(saved[m]) for m in members)
+    rows = {m: saved[m][:start] for m in members}
+    file, indices = datamodule.splits["val"]
+    say(f"{folder}: {len(members)} member(s) side by side, images {start + 1} to {setting.images}")
+    began = time.perf_counter()
+    for i in range(start, setting.images):
+        index = int(indices[positions[i]])
+        image = datamodule.images[file][index].to(device).float().div_(255)
+        label = int(datamodule.file_labels[file][index])
+        selection = votes.count(image, file, index, "selection", setting.n0).cpu()
+        estimation = votes.count(image, file, index, "estimation", setting.n).cpu()
+        for k, member in enumerate(members):
+            answer = certificate(selection[k], estimation[k], setting.alpha, sigmas[k])
+            rows[member].append(
+                {
+                    "image": positions[i],
+                    "label": label,
+                    "predict": answer.predict,
+                    "prediction": answer.prediction,
+                    "correct": int(answer.prediction == label),
+                    "count": answer.counts[answer.chosen],
+                    "counts": " ".join(map(str, answer.counts)),
+                    "p_lower": repr(answer.p_lower),
+                    "radius": repr(answer.radius),
+                }  # fmt: skip
+            )
+        if (i + 1) % SAVE_EVERY == 0 or i + 1 == setting.images:
+            for member in members:
+                path = certification.rows_file(member)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, csv_text(rows[member]))
+            seconds = time.perf_counter() - began
+            say(f"{i + 1}/{setting.images} images ({(i + 1 - start) / seconds:.2f} images/s for each member)")
+    lock.close()
+
+
+def csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def run(certifications: list[Certification], data_dir: str, device: torch.device) -> None:
+    """Certifies every study of the command, then writes the report into each study's certification."""
+    for certification in certifications:
+        certify_study(certification, data_dir, device)
+    report(certifications)
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def curves(certification: Certification) -> dict[float, list[list[tuple[float, bool]]]]:
+    """Training σ -> per seed, each image's (radius, certified and correct), from the members' files."""
+    by_sigma: dict[float, list] = defaultdict(list)
+    for member in certification.members:
+        by_sigma[member.noise_scale].append(radii_of(certification.read_rows(member)))
+    return dict(by_sigma)
+
+
+def radii_of(rows: list[dict]) -> list[tuple[float, bool]]:
+    return [(float(r["radius"]), r["correct"] == "1") for r in rows]
+
+
+def certified_accuracy(images: list[tuple[float, bool]], radius: float) -> float:
+    """The share of images whose smoothed prediction is correct and certified at L2 radius >= ``radius``."""
+    return sum(correct and r >= radius for r, correct in images) / len(images)
+
+
+def report(certifications: list[Certification]) -> None:
+    """``summary.md`` and ``certified_accuracy.png`` (every study of the command) in each certification folder,
+    and each member's curve (step = radius × 100) and the figure in its study's TensorBoard."""
+    by_network = {c.network: (c, curves(c)) for c in certifications}
+    largest = max(r for _, by_sigma in by_network.values() for seeds in by_sigma.values() for s in seeds for r, _ in s)
+    radii = [RADIUS_STEP * i for i in range(int(largest / RADIUS_STEP) + 1)]
+    text = summary_markdown(by_network, radii)
+    figure = certified_figure(by_network, largest)
+    for certification in certifications:
+        (certification.folder / "summary.md").write_text(text)
+        figure.savefig(certification.folder / "certified_accuracy.png", dpi=120)
+        log_tensorboard(certification, figure)
+    say(f"done: summary.md and certified_accuracy.png in {', '.join(str(c.folder) for c in certifications)}")
+
+
+def summary_markdown(by_network: dict, radii: list[float]) -> str:
+    setting = next(iter(by_network.values()))[0].setting
+    smoothing = "each member's training σ" if setting.sigma is None else f"σ = {sigma_text(setting.sigma)}"
+    lines = [
+        f"## Certified accuracy (%) against L2 radius: randomized smoothing at {smoothing}",
+        "",
+        f"Cohen et al.'s CERTIFY with n0 = {setting.n0}, n = {setting.n}, α = {setting.alpha:g}, on {setting.images} "
+        f"validation images (a fixed seeded subset). Certified accuracy at r: the share of the images whose "
+        "smoothed prediction is correct and certified at radius ≥ r (an abstention counts as wrong); r in units "
+        "of the [0, 1] pixel range, as σ. Mean ± std over seeds.",
+        "",
+    ]
+    for network, (certification, by_sigma) in by_network.items():
+        seeds = sorted({m.seed for m in certification.members})
+        lines += [
+            f"### {network}, seeds {seeds}",
+            "",
+            f"| trained at σ | {' | '.join(f'r = {sigma_text(r)}' for r in radii)} | abstained | PREDICT abstained |",
+            f"| ---: |{' ---: |' * (len(radii) + 2)}",
+        ]
+        for sigma, per_seed in sorted(by_sigma.items()):
+            cells = [fmt([certified_accuracy(images, r) for images in per_seed]) for r in radii]
+            members = [m for m in certification.members if m.noise_scale == sigma]
+            abstained, predict_abstained = [], []
+            for member in members:
+                rows = certification.read_rows(member)
+                abstained.append(statistics.fmean(int(r["prediction"]) == ABSTAIN for r in rows))
+                predict_abstained.append(statistics.fmean(int(r["predict"]) == ABSTAIN for r in rows))
+            lines.append(f"| {sigma_text(sigma)} | {' | '.join(cells)} | {fmt(abstained)} | {fmt(predict_abstained)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fmt(values: list[float]) -> str:
+    mean, std = mean_std([100 * v for v in values])
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def certified_figure(by_network: dict, largest: float) -> Figure:
+    """Certified accuracy against radius, a panel per network, a curve per training σ (mean over seeds, ± std)."""
+    fig = Figure(figsize=(5.5 * len(by_network), 4.2))
+    axes = fig.subplots(1, len(by_network), squeeze=False)[0]
+    grid = [largest * i / 400 for i in range(401)]
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    for ax, (network, (_, by_sigma)) in zip(axes, by_network.items()):
+        for colour, (sigma, per_seed) in zip(colours, sorted(by_sigma.items())):
+            stats = [mean_std([100 * certified_accuracy(images, r) for images in per_seed]) for r in grid]
+            ax.plot(grid, [m for m, _ in stats], color=colour, label=f"trained at σ = {sigma_text(sigma)}")
+            ax.fill_between(grid, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.2)
+        ax.set(xlabel="L2 radius (units of the [0, 1] pixel range)", ylabel="certified accuracy (%)", ylim=(0, 101),
+               title=f"{network}: randomized smoothing")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    setting = next(iter(by_network.values()))[0].setting
+    fig.suptitle(
+        f"n0 = {setting.n0}, n = {setting.n}, α = {setting.alpha:g}, {setting.images} validation images; "
+        "mean ± std over seeds",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def log_tensorboard(certification: Certification, figure: Figure) -> None:
+    """Each member's certified accuracy against radius (step = radius × 100) in its run, the figure at the root."""
+    study = certification.study
+    names = dict(zip(study.members, run_names(study.members)))
+    tag = f"certify/{certification.setting.name}"
+    for member in certification.members:
+        images = radii_of(certification.read_rows(member))
+        folder = study.out / "tensorboard" / names[member] if len(study.members) > 1 else study.out / "tensorboard"
+        writer = SummaryWriter(str(folder))
+        largest = max(r for r, _ in images)
+        for step in range(int(100 * largest) + 1):
+            writer.add_scalar(f"{tag}/certified_acc", certified_accuracy(images, step / 100), step)
+        writer.close()
+    writer = SummaryWriter(str(study.out / "tensorboard"))
+    writer.add_figure(tag, figure)
+    writer.close()
