@@ -37,7 +37,16 @@ from noise_robustness.noise import derive_seed
 from noise_robustness.report import mean_std
 from noise_robustness.smoothing import ABSTAIN, Votes, certificate
 from noise_robustness.stacked import stack
-from noise_robustness.study import Member, Study, StudyIncomplete, check_writable, run_names, sigma_text, write_atomic
+from noise_robustness.study import (
+    Member,
+    Study,
+    StudyIncomplete,
+    check_writable,
+    csv_text,
+    run_names,
+    sigma_text,
+    write_atomic,
+)
 
 SUBSET_SEED = 0  # the certified images: the first `images` of one seeded order of the validation split
 SAVE_EVERY = 20  # images between saves of the members' rows
@@ -192,11 +201,28 @@ def certify_study(certification: Certification, data_dir: str, device: torch.dev
         say(f"{folder}: every member certified earlier")
         return
     (folder / "members").mkdir(parents=True, exist_ok=True)
-    lock = open(folder / "lock", "a")  # noqa: SIM115 (held while this process certifies)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"Another command is certifying {folder}; let it finish (rerun this one afterwards)") from None
+    with open(folder / "lock", "a") as lock:  # held while this process certifies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"Another command is certifying {folder}; let it finish (rerun this one afterwards)"
+            ) from None
+        certify_members(certification, todo, saved, datamodule, positions, device)
+
+
+def certify_members(
+    certification: Certification,
+    todo: list[int],
+    saved: dict[Member, list[dict]],
+    datamodule: NoisyMNISTDataModule,
+    positions: list[int],
+    device: torch.device,
+) -> None:
+    """Certifies the members at positions ``todo`` side by side, from the first image one of them lacks, saving
+    their rows every ``SAVE_EVERY`` images."""
+    setting, folder = certification.setting, certification.folder
+    data = certification.study.resolved.get("data", {})
     write_atomic(folder / "certify.yaml", yaml.safe_dump(setting.record(certification.study.study_id)))
     members = [certification.members[k] for k in todo]
     sigmas = [certification.sigmas[k] for k in todo]
@@ -232,24 +258,19 @@ def certify_study(certification: Certification, data_dir: str, device: torch.dev
                     "counts": " ".join(map(str, answer.counts)),
                     "p_lower": repr(answer.p_lower),
                     "radius": repr(answer.radius),
-                }  # fmt: skip
+                }
             )
         if (i + 1) % SAVE_EVERY == 0 or i + 1 == setting.images:
             for member in members:
                 path = certification.rows_file(member)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, csv_text(rows[member]))
+                write_atomic(path, csv_text(COLUMNS, rows[member]))
             seconds = time.perf_counter() - began
-            say(f"{i + 1}/{setting.images} images ({(i + 1 - start) / seconds:.2f} images/s for each member)")
-    lock.close()
-
-
-def csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+            rate = (i + 1 - start) / seconds
+            say(
+                f"{i + 1}/{setting.images} images ({rate:.2f}/s for each of {len(members)} members: "
+                f"{rate * len(members):.1f} member-images/s)"
+            )
 
 
 def run(certifications: list[Certification], data_dir: str, device: torch.device) -> None:

@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = {"trainer.max_epochs", "trainer.callbacks"}
 RESUME = {
     "sweep": "rerun the same command to resume the study from its last finished epoch",
     "fit": "rerun it with --ckpt_path last to resume from its last finished epoch",
+    "certify": "rerun the same command to resume the certification from its last saved image",
 }
 
 # What `certify` reads from its command; the network, the data and the noise are the study's.
