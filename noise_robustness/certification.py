@@ -35,7 +35,7 @@ from noise_robustness.checkpoints import load_weights
 from noise_robustness.data import N_TEST, NoisyMNISTDataModule
 from noise_robustness.noise import derive_seed
 from noise_robustness.report import mean_std
-from noise_robustness.smoothing import ABSTAIN, Votes, certificate
+from noise_robustness.smoothing import ABSTAIN, Votes, certificate, certified_radius, lower_confidence_bound
 from noise_robustness.stacked import stack
 from noise_robustness.study import (
     Member,
@@ -66,7 +66,7 @@ class Setting:
     n0: int = 100
     n: int = 1000
     alpha: float = 0.001
-    images: int = 500
+    images: int = 200
     sigma: float | None = None
 
     def check(self) -> None:
@@ -84,7 +84,7 @@ class Setting:
 
     @property
     def name(self) -> str:
-        """The certification's folder name, e.g. ``n0=100,n=1000,alpha=0.001,images=500,sigma=trained``."""
+        """The certification's folder name, e.g. ``n0=100,n=1000,alpha=0.001,images=200,sigma=trained``."""
         sigma = "trained" if self.sigma is None else sigma_text(self.sigma)
         return f"n0={self.n0},n={self.n},alpha={self.alpha:g},images={self.images},sigma={sigma}"
 
@@ -303,11 +303,9 @@ def certified_accuracy(images: list[tuple[float, bool]], radius: float) -> float
 def report(certifications: list[Certification]) -> None:
     """``summary.md`` and ``certified_accuracy.png`` (every study of the command) in each certification folder,
     and each member's curve (step = radius × 100) and the figure in its study's TensorBoard."""
-    by_network = {c.network: (c, curves(c)) for c in certifications}
-    largest = max(r for _, by_sigma in by_network.values() for seeds in by_sigma.values() for s in seeds for r, _ in s)
-    radii = [RADIUS_STEP * i for i in range(int(largest / RADIUS_STEP) + 1)]
-    text = summary_markdown(by_network, radii)
-    figure = certified_figure(by_network, largest)
+    by_network = gathered(certifications)
+    text = summary_markdown(by_network)
+    figure = certified_figure(by_network, largest_certified(by_network))
     for certification in certifications:
         (certification.folder / "summary.md").write_text(text)
         figure.savefig(certification.folder / "certified_accuracy.png", dpi=120)
@@ -315,8 +313,20 @@ def report(certifications: list[Certification]) -> None:
     say(f"done: summary.md and certified_accuracy.png in {', '.join(str(c.folder) for c in certifications)}")
 
 
-def summary_markdown(by_network: dict, radii: list[float]) -> str:
+def gathered(certifications: list[Certification]) -> dict[str, tuple[Certification, dict]]:
+    """Network -> (its certification, its ``curves``), networks in alphabetical order (whatever the command's)."""
+    return {c.network: (c, curves(c)) for c in sorted(certifications, key=lambda c: c.network)}
+
+
+def largest_certified(by_network: dict) -> float:
+    return max(r for _, by_sigma in by_network.values() for seeds in by_sigma.values() for s in seeds for r, _ in s)
+
+
+def summary_markdown(by_network: dict) -> str:
+    """Per network, a row per training σ: certified accuracy at radii 0, 0.25, ... up to the largest certified
+    (mean ± std over seeds), and how often CERTIFY and PREDICT abstained."""
     setting = next(iter(by_network.values()))[0].setting
+    radii = [RADIUS_STEP * i for i in range(int(largest_certified(by_network) / RADIUS_STEP) + 1)]
     smoothing = "each member's training σ" if setting.sigma is None else f"σ = {sigma_text(setting.sigma)}"
     lines = [
         f"## Certified accuracy (%) against L2 radius: randomized smoothing at {smoothing}",
@@ -324,7 +334,8 @@ def summary_markdown(by_network: dict, radii: list[float]) -> str:
         f"Cohen et al.'s CERTIFY with n0 = {setting.n0}, n = {setting.n}, α = {setting.alpha:g}, on {setting.images} "
         f"validation images (a fixed seeded subset). Certified accuracy at r: the share of the images whose "
         "smoothed prediction is correct and certified at radius ≥ r (an abstention counts as wrong); r in units "
-        "of the [0, 1] pixel range, as σ. Mean ± std over seeds.",
+        "of the [0, 1] pixel range, as σ. Mean ± std over seeds. With these n and α no radius beyond "
+        f"{largest_radius(setting, 1.0):.2f} σ can be certified (p_A ≤ α^(1/n)); PREDICT reads the same n samples.",
         "",
     ]
     for network, (certification, by_sigma) in by_network.items():
@@ -348,6 +359,11 @@ def summary_markdown(by_network: dict, radii: list[float]) -> str:
     return "\n".join(lines)
 
 
+def largest_radius(setting: Setting, sigma: float) -> float:
+    """The largest radius CERTIFY can return: every one of the n samples votes for the class."""
+    return certified_radius(lower_confidence_bound(setting.n, setting.n, setting.alpha), sigma)
+
+
 def fmt(values: list[float]) -> str:
     mean, std = mean_std([100 * v for v in values])
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
@@ -355,6 +371,7 @@ def fmt(values: list[float]) -> str:
 
 def certified_figure(by_network: dict, largest: float) -> Figure:
     """Certified accuracy against radius, a panel per network, a curve per training σ (mean over seeds, ± std)."""
+    setting = next(iter(by_network.values()))[0].setting
     fig = Figure(figsize=(5.5 * len(by_network), 4.2))
     axes = fig.subplots(1, len(by_network), squeeze=False)[0]
     grid = [largest * i / 400 for i in range(401)]
@@ -363,15 +380,17 @@ def certified_figure(by_network: dict, largest: float) -> Figure:
         for colour, (sigma, per_seed) in zip(colours, sorted(by_sigma.items())):
             stats = [mean_std([100 * certified_accuracy(images, r) for images in per_seed]) for r in grid]
             ax.plot(grid, [m for m, _ in stats], color=colour, label=f"trained at σ = {sigma_text(sigma)}")
+            if setting.sigma is None:  # each smoothed at its own σ: where its n samples stop certifying
+                ax.axvline(largest_radius(setting, sigma), color=colour, lw=0.8, ls=":")
             ax.fill_between(grid, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.2)
         ax.set(xlabel="L2 radius (units of the [0, 1] pixel range)", ylabel="certified accuracy (%)", ylim=(0, 101),
                title=f"{network}: randomized smoothing")  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    setting = next(iter(by_network.values()))[0].setting
+    smoothing = "each at its training σ" if setting.sigma is None else f"at σ = {sigma_text(setting.sigma)}"
     fig.suptitle(
-        f"n0 = {setting.n0}, n = {setting.n}, α = {setting.alpha:g}, {setting.images} validation images; "
-        "mean ± std over seeds",
+        f"Smoothed {smoothing}; n0 = {setting.n0}, n = {setting.n}, α = {setting.alpha:g}, {setting.images} "
+        "validation images;\nmean ± std over seeds (dotted: the largest radius n samples can certify)",
         fontsize=9,
     )
     fig.tight_layout()

@@ -202,7 +202,7 @@ class StudyTrainer(pl.Trainer):
         n0: int = 100,
         n: int = 1000,
         alpha: float = 0.001,
-        images: int = 500,
+        images: int = 200,
     ) -> None:
         """Certifies every member of finished studies by randomized smoothing (Cohen et al. 2019): the certified
         L2 radius of each validation image, and certified accuracy against radius (docs/certify.md).

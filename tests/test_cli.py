@@ -116,3 +116,13 @@ def test_the_sweep_takes_its_options_from_the_trainers_signature_and_runs_the_cl
     assert "the study's folder. Rerunning the same command resumes" in text  # its docstring, as the option's help
     with pytest.raises(NotImplementedError, match="NoiseCLI.sweep"):
         StudyTrainer(logger=False, enable_checkpointing=False).sweep(None, None)
+
+
+def test_certify_takes_its_options_from_the_trainers_signature_too(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["certify", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{option} " in text for option in ("out", "sigma", "n0", "n", "alpha", "images"))
+    assert "noise samples that select the class to certify" in text
+    with pytest.raises(NotImplementedError, match="NoiseCLI.certify"):
+        StudyTrainer(logger=False, enable_checkpointing=False).certify(None, None, "out")

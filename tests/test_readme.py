@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from noise_robustness.certification import Certification, Setting, gathered, summary_markdown
 from noise_robustness.cli import cli_main
-from noise_robustness.study import compared_rows
+from noise_robustness.study import Study, compared_rows
 
 REPO = Path(__file__).parents[1]
 MEAN_STD = re.compile(r"(\d+\.\d\d) ± (\d+\.\d\d)")  # a result as the tables print it: "98.38 ± 0.08"
@@ -63,3 +64,37 @@ def test_every_result_the_readme_quotes_is_in_a_committed_summary():
     }
     assert len(quoted) > 30
     assert quoted <= committed, sorted(quoted - committed)
+
+
+CERTIFIED = re.compile(
+    r"(\d+\.\d) ± (\d+\.\d)(?!\d)"
+)  # certified accuracy as certify's summary prints it: "97.2 ± 0.3"
+
+
+def test_every_certified_accuracy_the_readme_quotes_is_in_the_committed_certification():
+    section = (REPO / "README.md").read_text().split("## Certified robustness", 1)[1].split("\n## ", 1)[0]
+    quoted = set(CERTIFIED.findall(section))
+    committed = {
+        pair
+        for path in (REPO / "docs" / "results").glob("smoothing_*/certify/*/summary.md")
+        for pair in CERTIFIED.findall(path.read_text())
+    }
+    assert len(quoted) >= 10
+    assert quoted <= committed, sorted(quoted - committed)
+
+
+def test_the_committed_certification_summary_is_what_its_member_rows_give():
+    """summary.md recomputed from the committed per-image rows: a hand-edited or stale number fails here."""
+    folders = sorted((REPO / "docs" / "results").glob("smoothing_*/certify/*"))
+    assert len(folders) == 2
+    certifications = []
+    for folder in folders:
+        recorded = yaml.safe_load((folder / "certify.yaml").read_text())
+        setting = Setting(recorded["n0"], recorded["n"], recorded["alpha"], recorded["images"], recorded["sigma"])
+        study = Study.open(folder.parents[1])
+        members = [m for m in study.members if m.noise_scale > 0]
+        certification = Certification(study, setting, members, [m.noise_scale for m in members], [])
+        assert certification.folder == folder
+        certifications.append(certification)
+    for folder in folders:
+        assert (folder / "summary.md").read_text() == summary_markdown(gathered(certifications))
