@@ -87,6 +87,7 @@ def test_a_named_sigma_smooths_every_member_clean_ones_too(study, data_dir, tmp_
     [
         (("--sigma=0",), "Expected `sigma` to be a finite number > 0"),
         (("--sigma=-1",), "Expected `sigma` to be a finite number > 0"),
+        (("--sigma=nan",), 'key "sigma"'),  # jsonargparse's own message, naming the option
         (("--n0=0",), "Expected `n0` to be a positive integer"),
         (("--n=-5",), "Expected `n` to be a positive integer"),
         (("--alpha=1",), "Expected `alpha` to be in (0, 1)"),
@@ -95,7 +96,7 @@ def test_a_named_sigma_smooths_every_member_clean_ones_too(study, data_dir, tmp_
         (("--model.lr=0.1",), "`model.lr` is not an option of `certify`"),
         (("--scales=[1.0]",), "`scales` is not an option of `certify`"),
     ],
-    ids=["sigma0", "sigma-negative", "n0", "n", "alpha1", "alpha0", "images", "model", "scales"],
+    ids=["sigma0", "sigma-negative", "sigma-nan", "n0", "n", "alpha1", "alpha0", "images", "model", "scales"],
 )
 def test_bad_options_are_refused_naming_them_before_anything_is_created(args, message, study, data_dir, capsys):
     before = sorted(study.rglob("*"))
