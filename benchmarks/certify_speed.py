@@ -24,7 +24,7 @@ from scipy.stats import beta, norm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from noise_robustness.certification import Setting, network_factory, plan, subset  # noqa: E402
+from noise_robustness.certification import Setting, plan, subset  # noqa: E402
 from noise_robustness.data import NoisyMNISTDataModule  # noqa: E402
 from noise_robustness.smoothing import Votes, certificate  # noqa: E402
 from noise_robustness.stacked import stack  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--data_dir", default=str(REPO / "data"))
     args = parser.parse_args()
-    setting = Setting(args.n0, args.n, 0.001, args.images)
+    setting = Setting(args.n0, args.n, 0.001, args.images, sigma=None)
     (certification,) = plan([args.study], setting)
     data = certification.study.resolved.get("data", {})
     datamodule = NoisyMNISTDataModule(data_dir=args.data_dir, val_holdout=data.get("val_holdout", 0))
@@ -84,12 +84,7 @@ def main() -> None:
     file, indices = datamodule.splits["val"]
     picks = [int(indices[p]) for p in subset(datamodule.split_size("val"), args.images)]
     images = [datamodule.images[file][i].float().div(255) for i in picks]
-    factory = network_factory(certification.study.resolved["model"]["net"])
-    nets = []
-    for weights in certification.weights:
-        net = factory()
-        net.load_state_dict(weights)
-        nets.append(net.eval())
+    nets = certification.networks(list(range(len(certification.members))))
     members, sigmas = certification.members, certification.sigmas
     k = len(members)
     print(f"{certification.network}: {k} members, {args.images} images, n0 = {args.n0}, n = {args.n}, "

@@ -35,15 +35,14 @@ from noise_robustness.checkpoints import load_weights
 from noise_robustness.data import N_TEST, NoisyMNISTDataModule
 from noise_robustness.noise import derive_seed
 from noise_robustness.report import mean_std
+from noise_robustness.run_logger import member_run
 from noise_robustness.smoothing import ABSTAIN, Votes, certificate, certified_radius, lower_confidence_bound
 from noise_robustness.stacked import stack
 from noise_robustness.study import (
     Member,
     Study,
-    StudyIncomplete,
     check_writable,
     csv_text,
-    run_names,
     sigma_text,
     write_atomic,
 )
@@ -61,13 +60,14 @@ def say(text: str) -> None:
 @dataclass(frozen=True)
 class Setting:
     """What decides a certification's numbers (besides the study): Cohen et al.'s n0, n and α, how many
-    validation images, and the smoothing σ (None: each member's training σ; members trained clean are skipped)."""
+    validation images, and the smoothing σ (None: each member's training σ; members trained clean are skipped).
+    The defaults are the command's (``StudyTrainer.certify``)."""
 
-    n0: int = 100
-    n: int = 1000
-    alpha: float = 0.001
-    images: int = 200
-    sigma: float | None = None
+    n0: int
+    n: int
+    alpha: float
+    images: int
+    sigma: float | None
 
     def check(self) -> None:
         """Raises ValueError naming the first option out of its range."""
@@ -114,6 +114,16 @@ class Certification:
     def rows_file(self, member: Member) -> Path:
         return self.folder / "members" / f"sigma={sigma_text(member.noise_scale)}" / f"seed={member.seed}.csv"
 
+    def networks(self, indices: list[int]) -> list[torch.nn.Module]:
+        """The networks of the members at ``indices``, each with its final weights, in eval mode."""
+        factory = network_factory(self.study.resolved["model"]["net"])
+        nets = []
+        for k in indices:
+            net = factory()
+            net.load_state_dict(self.weights[k])
+            nets.append(net.eval())
+        return nets
+
     def read_rows(self, member: Member) -> list[dict]:
         return list(csv.DictReader(io.StringIO(self.rows_file(member).read_text())))
 
@@ -146,9 +156,7 @@ def plan(folders: list[str], setting: Setting) -> list[Certification]:
         try:
             study = Study.open(Path(folder))
             study.finished_runs()
-        except StudyIncomplete as err:
-            raise ValueError(f"Expected `out` to name finished studies, but {err}") from None
-        except ValueError as err:
+        except ValueError as err:  # no study, or members without results (StudyIncomplete)
             raise ValueError(f"Expected `out` to name finished studies, but {err}") from None
         holdout = study.resolved.get("data", {}).get("val_holdout", 0)
         split = holdout or N_TEST
@@ -226,12 +234,7 @@ def certify_members(
     write_atomic(folder / "certify.yaml", yaml.safe_dump(setting.record(certification.study.study_id)))
     members = [certification.members[k] for k in todo]
     sigmas = [certification.sigmas[k] for k in todo]
-    factory = network_factory(certification.study.resolved["model"]["net"])
-    nets = []
-    for k in todo:
-        net = factory()
-        net.load_state_dict(certification.weights[k])
-        nets.append(net)
+    nets = certification.networks(todo)
     votes = Votes(stack(nets, [m.seed for m in members]).to(device).eval(), [m.seed for m in members], sigmas,
                   bool(data.get("clip", False)), device)  # fmt: skip
     start = min(len(saved[m]) for m in members)
@@ -283,12 +286,12 @@ def run(certifications: list[Certification], data_dir: str, device: torch.device
 # -- the report ------------------------------------------------------------------------------------
 
 
-def curves(certification: Certification) -> dict[float, list[list[tuple[float, bool]]]]:
-    """Training σ -> per seed, each image's (radius, certified and correct), from the members' files."""
-    by_sigma: dict[float, list] = defaultdict(list)
+def by_sigma(certification: Certification, rows: dict[Member, list[dict]]) -> dict[float, list[list[tuple]]]:
+    """Training σ -> per seed, each image's (radius, certified and correct)."""
+    curves: dict[float, list] = defaultdict(list)
     for member in certification.members:
-        by_sigma[member.noise_scale].append(radii_of(certification.read_rows(member)))
-    return dict(by_sigma)
+        curves[member.noise_scale].append(radii_of(rows[member]))
+    return dict(curves)
 
 
 def radii_of(rows: list[dict]) -> list[tuple[float, bool]]:
@@ -305,21 +308,24 @@ def report(certifications: list[Certification]) -> None:
     and each member's curve (step = radius × 100) and the figure in its study's TensorBoard."""
     by_network = gathered(certifications)
     text = summary_markdown(by_network)
-    figure = certified_figure(by_network, largest_certified(by_network))
-    for certification in certifications:
+    figure = certified_figure(by_network)
+    for certification, rows in by_network.values():
         (certification.folder / "summary.md").write_text(text)
         figure.savefig(certification.folder / "certified_accuracy.png", dpi=120)
-        log_tensorboard(certification, figure)
+        log_tensorboard(certification, rows, figure)
     say(f"done: summary.md and certified_accuracy.png in {', '.join(str(c.folder) for c in certifications)}")
 
 
-def gathered(certifications: list[Certification]) -> dict[str, tuple[Certification, dict]]:
-    """Network -> (its certification, its ``curves``), networks in alphabetical order (whatever the command's)."""
-    return {c.network: (c, curves(c)) for c in sorted(certifications, key=lambda c: c.network)}
+def gathered(certifications: list[Certification]) -> dict[str, tuple[Certification, dict[Member, list[dict]]]]:
+    """Network -> (its certification, each member's rows, read once), networks in alphabetical order (whatever
+    the command's)."""
+    return {
+        c.network: (c, {m: c.read_rows(m) for m in c.members}) for c in sorted(certifications, key=lambda c: c.network)
+    }
 
 
 def largest_certified(by_network: dict) -> float:
-    return max(r for _, by_sigma in by_network.values() for seeds in by_sigma.values() for s in seeds for r, _ in s)
+    return max(float(r["radius"]) for _, rows in by_network.values() for member in rows.values() for r in member)
 
 
 def summary_markdown(by_network: dict) -> str:
@@ -338,7 +344,7 @@ def summary_markdown(by_network: dict) -> str:
         f"{largest_radius(setting, 1.0):.2f} σ can be certified (p_A ≤ α^(1/n)); PREDICT reads the same n samples.",
         "",
     ]
-    for network, (certification, by_sigma) in by_network.items():
+    for network, (certification, rows) in by_network.items():
         seeds = sorted({m.seed for m in certification.members})
         lines += [
             f"### {network}, seeds {seeds}",
@@ -346,14 +352,11 @@ def summary_markdown(by_network: dict) -> str:
             f"| trained at σ | {' | '.join(f'r = {sigma_text(r)}' for r in radii)} | abstained | PREDICT abstained |",
             f"| ---: |{' ---: |' * (len(radii) + 2)}",
         ]
-        for sigma, per_seed in sorted(by_sigma.items()):
+        for sigma, per_seed in sorted(by_sigma(certification, rows).items()):
             cells = [fmt([certified_accuracy(images, r) for images in per_seed]) for r in radii]
             members = [m for m in certification.members if m.noise_scale == sigma]
-            abstained, predict_abstained = [], []
-            for member in members:
-                rows = certification.read_rows(member)
-                abstained.append(statistics.fmean(int(r["prediction"]) == ABSTAIN for r in rows))
-                predict_abstained.append(statistics.fmean(int(r["predict"]) == ABSTAIN for r in rows))
+            abstained = [statistics.fmean(int(r["prediction"]) == ABSTAIN for r in rows[m]) for m in members]
+            predict_abstained = [statistics.fmean(int(r["predict"]) == ABSTAIN for r in rows[m]) for m in members]
             lines.append(f"| {sigma_text(sigma)} | {' | '.join(cells)} | {fmt(abstained)} | {fmt(predict_abstained)} |")
         lines.append("")
     return "\n".join(lines)
@@ -369,15 +372,16 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def certified_figure(by_network: dict, largest: float) -> Figure:
+def certified_figure(by_network: dict) -> Figure:
     """Certified accuracy against radius, a panel per network, a curve per training σ (mean over seeds, ± std)."""
     setting = next(iter(by_network.values()))[0].setting
+    largest = largest_certified(by_network)
     fig = Figure(figsize=(5.5 * len(by_network), 4.2))
     axes = fig.subplots(1, len(by_network), squeeze=False)[0]
     grid = [largest * i / 400 for i in range(401)]
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
-    for ax, (network, (_, by_sigma)) in zip(axes, by_network.items()):
-        for colour, (sigma, per_seed) in zip(colours, sorted(by_sigma.items())):
+    for ax, (network, (certification, rows)) in zip(axes, by_network.items()):
+        for colour, (sigma, per_seed) in zip(colours, sorted(by_sigma(certification, rows).items())):
             stats = [mean_std([100 * certified_accuracy(images, r) for images in per_seed]) for r in grid]
             ax.plot(grid, [m for m, _ in stats], color=colour, label=f"trained at σ = {sigma_text(sigma)}")
             if setting.sigma is None:  # each smoothed at its own σ: where its n samples stop certifying
@@ -397,15 +401,13 @@ def certified_figure(by_network: dict, largest: float) -> Figure:
     return fig
 
 
-def log_tensorboard(certification: Certification, figure: Figure) -> None:
+def log_tensorboard(certification: Certification, rows: dict[Member, list[dict]], figure: Figure) -> None:
     """Each member's certified accuracy against radius (step = radius × 100) in its run, the figure at the root."""
     study = certification.study
-    names = dict(zip(study.members, run_names(study.members)))
     tag = f"certify/{certification.setting.name}"
     for member in certification.members:
-        images = radii_of(certification.read_rows(member))
-        folder = study.out / "tensorboard" / names[member] if len(study.members) > 1 else study.out / "tensorboard"
-        writer = SummaryWriter(str(folder))
+        images = radii_of(rows[member])
+        writer = SummaryWriter(str(member_run(study.out / "tensorboard", member, study.members)))
         largest = max(r for r, _ in images)
         for step in range(int(100 * largest) + 1):
             writer.add_scalar(f"{tag}/certified_acc", certified_accuracy(images, step / 100), step)

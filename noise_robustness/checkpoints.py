@@ -7,11 +7,12 @@ record. A checkpoint is resumed only when it is whole and was written with the s
 """
 
 import hashlib
+import io
 from pathlib import Path
 
 import torch
 
-from noise_robustness.study import differences
+from noise_robustness.study import differences, write_atomic
 
 RECORD = "noise_robustness"  # the checkpoint key of the record
 CHECKED = ("state_dict", "optimizer_states", "epoch", "global_step")  # what training continues from
@@ -96,10 +97,10 @@ def save_weights(path: Path, weights: dict[str, torch.Tensor], study_id: str) ->
     weights = {name: tensor.detach().cpu().clone() for name, tensor in weights.items()}
     saved = {"weights": weights, "study_id": study_id}
     saved["checksum"] = checksum_of(saved)
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(saved, tmp)
-    tmp.replace(path)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_weights(path: Path, study_id: str) -> dict[str, torch.Tensor]:

@@ -36,6 +36,12 @@ def claim_run_folder(root: str | Path) -> int:
             version += 1
 
 
+def member_run(log_dir: Path, member: Member, members: list[Member]) -> Path:
+    """The folder of ``member``'s TensorBoard run: ``<log_dir>/sigma=0.5/seed=0``, or ``log_dir`` itself for a
+    study of one member."""
+    return log_dir / run_names(members)[members.index(member)] if len(members) > 1 else log_dir
+
+
 class RunLogger(TensorBoardLogger):
     """TensorBoardLogger that claims each new ``version_<n>`` atomically and gives every member its own run.
 
@@ -62,9 +68,7 @@ class RunLogger(TensorBoardLogger):
     def member_writer(self, member: Member, members: list[Member]) -> SummaryWriter:
         """The SummaryWriter of ``member``'s run."""
         if member.name not in self._member_writers:
-            name = run_names(members)[members.index(member)]
-            folder = Path(self.log_dir) / name if len(members) > 1 else Path(self.log_dir)
-            self._member_writers[member.name] = SummaryWriter(str(folder))
+            self._member_writers[member.name] = SummaryWriter(str(member_run(Path(self.log_dir), member, members)))
         return self._member_writers[member.name]
 
     @rank_zero_only

@@ -146,14 +146,15 @@ def check_writable(folder: str | Path, argument: str) -> None:
         raise ValueError(f"Expected `{argument}` to be a folder this user can write, but {existing} is not")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (a crash leaves the old file or the new one), readable as umask allows."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Writes ``content`` to ``path`` atomically (a crash leaves the old file or the new one), readable as umask
+    allows."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; colleagues in a shared folder should read them
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
