@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
 from noise_robustness.checkpoints import load_weights
+from noise_robustness.corruptions import GAUSSIAN
 from noise_robustness.data import N_TEST, NoisyMNISTDataModule
 from noise_robustness.noise import derive_seed
 from noise_robustness.report import mean_std
@@ -164,11 +165,14 @@ def plan(folders: list[str], setting: Setting) -> list[Certification]:
             raise ValueError(
                 f"Expected `images` to be at most the {split} validation images of {folder}, but got {setting.images}"
             )
-        members = [m for m in study.members if setting.sigma is not None or m.noise_scale > 0]
+        # members trained on Gaussian noise (or clean, smoothed at a named σ); other corruptions' are not certified
+        members = [
+            m for m in study.members if m.corruption == GAUSSIAN and (setting.sigma is not None or m.noise_scale > 0)
+        ]
         if not members:
             raise ValueError(
-                f"Expected {folder} to hold members trained on noise (σ > 0), whose σ smooths them, but every member "
-                "is clean: name the smoothing σ with --sigma"
+                f"Expected {folder} to hold members trained on Gaussian noise (σ > 0), whose σ smooths them, but "
+                "none is: name the smoothing σ with --sigma to certify its clean members"
             )
         sigmas = [setting.sigma if setting.sigma is not None else m.noise_scale for m in members]
         weights = [load_weights(study.weights_file(m), study.study_id) for m in members]

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Metric
 
+from noise_robustness.corruptions import Corruption
 from noise_robustness.models import DropoutMLP
 from noise_robustness.stacked import StackedRMSprop, stack_members
 from noise_robustness.study import study_members
@@ -48,6 +49,7 @@ class NoiseClassifier(pl.LightningModule):
             ``bernoulli_`` dropout and ``torch.optim.RMSprop``, the reference to check them against.
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
+        corruptions: what the members train on; set by the study's ``--corruptions``.
     """
 
     def __init__(
@@ -59,12 +61,13 @@ class NoiseClassifier(pl.LightningModule):
         fast: bool = True,
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
+        corruptions: list[Corruption] | None = None,
     ):
         super().__init__()
         # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
         # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
         self.lr, self.rho, self.eps, self.fast = lr, rho, eps, fast
-        self.members = study_members(scales, seeds)
+        self.members = study_members(scales, seeds, corruptions)
         self.net = stack_members(net, [m.seed for m in self.members], fast)
         # One metric pair per stage, so their states never mix; updated every step, logged per epoch.
         self.metrics = nn.ModuleDict(

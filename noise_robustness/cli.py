@@ -25,10 +25,20 @@ from noise_robustness import certification, checkpoints
 from noise_robustness.callbacks import CheckpointRecord, EpochLines, NoisySamples, StudyHParams
 from noise_robustness.certification import Setting
 from noise_robustness.classifier import NoiseClassifier
+from noise_robustness.corruptions import BUILT_IN, Corruption
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
 from noise_robustness.run_logger import run_folders
-from noise_robustness.study import Study, compared_rows, flatten, identity_of, scales_of, seeds_of, study_members
+from noise_robustness.study import (
+    Study,
+    compared_rows,
+    evaluations,
+    flatten,
+    identity_of,
+    scales_of,
+    seeds_of,
+    study_members,
+)
 from noise_robustness.sweep import run_study
 
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
@@ -177,6 +187,7 @@ class StudyTrainer(pl.Trainer):
         task: int | None = None,
         gather: bool = False,
         compare: list[str] | None = None,
+        eval_corruptions: list[Corruption] | None = None,
     ) -> None:
         """Trains the whole study (every σ and seed) as one model, then writes its tables and figures.
 
@@ -251,9 +262,17 @@ class NoiseCLI(LightningCLI):
             help="The study's noise levels σ, in units of the [0, 1] pixel range.",
         )
         parser.add_argument("--seeds", type=list[int], default=[0], help="The study's seeds: one member per (σ, seed).")
+        parser.add_argument(
+            "--corruptions",
+            type=list[Corruption] | None,
+            default=None,
+            help="What the members train on, each at its `severities` (null: the `--scales`); null: Gaussian noise. "
+            f"One of {', '.join(cls.__name__ for cls in BUILT_IN.values())} by class_path (docs/corruptions.md).",
+        )
         for target in ("data", "model"):
             parser.link_arguments("scales", f"{target}.scales")
             parser.link_arguments("seeds", f"{target}.seeds")
+            parser.link_arguments("corruptions", f"{target}.corruptions")
 
     def parse_arguments(self, parser, args) -> None:
         tokens = list(sys.argv[1:] if args is None else args)
@@ -337,7 +356,9 @@ class NoiseCLI(LightningCLI):
             ValueError: bad study options, or a folder that holds another study or no study.
         """
         resolved = self.resolved()
-        study = Study(Path(options.out), identity_of(resolved), study_members(options.scales, options.seeds), resolved)
+        members = study_members(options.scales, options.seeds, options.corruptions)
+        cells = evaluations(options.eval_corruptions, options.scales, members)
+        study = Study(Path(options.out), identity_of(resolved), members, resolved, cells)
         to_train = study.to_train(options.task, options.gather)
         if str(options.trainer.devices) not in ("auto", "1") or options.trainer.num_nodes != 1:
             raise ValueError(
@@ -351,8 +372,9 @@ class NoiseCLI(LightningCLI):
         if options.gather:
             study.finished_runs()  # nothing to train: a gather needs no GPU time to say what is missing
         train = to_train or study.members  # nothing to train: the classes are built, never fitted
-        for target in (options.data, options.model):
-            target.scales, target.seeds = scales_of(train), seeds_of(train)  # a product of σ and seeds covering them
+        covering = covering_corruptions(train)
+        for target in (options.data, options.model):  # a product of severities and seeds covering them
+            target.scales, target.seeds, target.corruptions = scales_of(train), seeds_of(train), covering
         options.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
         options.trainer.logger = {
             "class_path": "noise_robustness.run_logger.RunLogger",
@@ -390,6 +412,7 @@ class NoiseCLI(LightningCLI):
         task: int | None = None,
         gather: bool = False,
         compare: list[str] | None = None,
+        eval_corruptions: list | None = None,
     ) -> None:
         """Runs the study in ``out`` (``self.study``, checked against that folder before the classes were built)."""
         run_study(self.trainer, model, datamodule, self.study, task, gather, [Path(folder) for folder in compare or []])
@@ -401,6 +424,21 @@ class NoiseCLI(LightningCLI):
         except ValueError as err:  # another command is certifying one of them
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
+
+
+def covering_corruptions(members: list) -> list[Namespace]:
+    """Each corruption of ``members`` at exactly their severities (in their order), as config values: with their
+    seeds, a product that covers ``members`` (severity 0, clean, is Gaussian noise's)."""
+    by_corruption = {}
+    for m in members:
+        by_corruption.setdefault(m.corruption, []).append(m.noise_scale)
+    return [
+        Namespace(
+            class_path=f"{type(c).__module__}.{type(c).__qualname__}",
+            init_args=Namespace(severities=list(dict.fromkeys(levels))),
+        )
+        for c, levels in by_corruption.items()
+    ]
 
 
 def name_run(config: Namespace) -> None:

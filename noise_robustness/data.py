@@ -9,12 +9,14 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
 
 from noise_robustness import mnist
-from noise_robustness.noise import add_noise, check_noise_mode, derive_seed, standard_normal
+from noise_robustness.corruptions import Corruption
+from noise_robustness.noise import check_noise_mode, derive_seed, draw
 from noise_robustness.study import Member, study_members
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -40,6 +42,17 @@ def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: i
             "with the same number of batches on every process; use a batch_size of at least 2"
         )
     return list(torch.tensor_split(mine, n_batches))  # one image short: spread it, keep the batch count
+
+
+class Group(NamedTuple):
+    """The members of one corruption in a batch: their positions among the members, their seeds' rows of the
+    patterns, their severities ``[G, 1, 1, 1, 1]``, and whether any severity is above 0."""
+
+    corruption: Corruption
+    members: torch.Tensor
+    pattern_rows: torch.Tensor
+    severity: torch.Tensor
+    corrupts: bool
 
 
 class MemberBatches:
@@ -94,13 +107,15 @@ class MemberBatches:
 
 
 class NoisyMNISTDataModule(pl.LightningDataModule):
-    """MNIST in [0, 1] with additive Gaussian noise, for every (σ, seed) member of a study.
+    """MNIST in [0, 1] with additive Gaussian noise (or another corruption), for every member of a study.
 
     Args:
         scales: the study's noise levels σ, in units of the [0, 1] pixel range (1.0 = the whole
             black-to-white range); set by the study's ``--scales``.
         seeds: the study's seeds; seed s draws the noise pattern and the shuffle order of its
             members; set by the study's ``--seeds``.
+        corruptions: what the members train on, each at its severities (default: Gaussian noise at the
+            ``scales``); set by the study's ``--corruptions``.
         noise_mode: ``fixed`` draws each image's noise once; ``resample`` draws training noise
             afresh each epoch (validation and test noise stay fixed, so epochs compare).
         clip: clip noisy pixels to [0, 1].
@@ -115,6 +130,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         self,
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
+        corruptions: list[Corruption] | None = None,
         noise_mode: str = "fixed",
         clip: bool = False,
         batch_size: int = 128,
@@ -123,7 +139,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         download: bool = False,
     ):
         super().__init__()
-        self.members = study_members(scales, seeds)
+        self.members = study_members(scales, seeds, corruptions)
         check_noise_mode(noise_mode)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")
@@ -133,9 +149,9 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}"
             )
-        self.save_hyperparameters()
-        self._patterns: dict[tuple[str, int], torch.Tensor] = {}  # (file, noise epoch) -> z of every seed
-        self._member_rows: dict[tuple, tuple] = {}  # (members, seeds) -> their rows and σ (member_rows)
+        self.save_hyperparameters(ignore=["corruptions"])  # its members hold them; a checkpoint keeps plain values
+        self._patterns: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, file, noise epoch) -> every seed's
+        self._member_rows: dict[tuple, tuple] = {}  # (members, seeds) -> their rows and groups (member_rows)
 
     # -- the data ---------------------------------------------------------------------------------
 
@@ -169,17 +185,17 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             "test": ("test", torch.arange(N_TEST, device=self.device)),
         }
 
-    def patterns(self, file: str, noise_epoch: int) -> torch.Tensor:
-        """Standard-normal noise of every image of an MNIST ``file``, one pattern per study seed, drawn once and
-        kept: ``[seeds, images, 1, 28, 28]``, row ``i`` for ``hparams.seeds[i]``."""
-        key = (file, noise_epoch)
+    def patterns(self, file: str, noise_epoch: int, kind: str = "normal") -> torch.Tensor:
+        """The ``kind`` patterns (standard-normal or uniform, ``noise.draw``) of every image of an MNIST ``file``, one
+        per study seed, drawn once and kept: ``[seeds, images, 1, 28, 28]``, row ``i`` for ``hparams.seeds[i]``."""
+        key = (kind, file, noise_epoch)
         if key not in self._patterns:
-            # keep the fixed draw (epoch 0: validation and test) and this epoch's; free the rest first
-            self._patterns = {k: z for k, z in self._patterns.items() if k[1] in (0, noise_epoch)}
+            # keep the fixed draws (epoch 0: validation and test) and this epoch's; free the rest first
+            self._patterns = {k: z for k, z in self._patterns.items() if k[2] in (0, noise_epoch)}
             n, seeds = len(self.images[file]), self.hparams.seeds
             patterns = torch.empty((len(seeds), n, *IMAGE_SHAPE), device=self.device)
             for row, seed in enumerate(seeds):
-                standard_normal(n, IMAGE_SHAPE, seed, file, noise_epoch, self.device, out=patterns[row])
+                draw(kind, n, IMAGE_SHAPE, seed, file, noise_epoch, self.device, out=patterns[row])
             self._patterns[key] = patterns
         return self._patterns[key]
 
@@ -194,36 +210,60 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
     def noisy_images(
         self, split: str, positions: dict[int, torch.Tensor], members: list[Member] | None = None, epoch: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images at split ``positions[seed]`` for each member (default: the study's), noise composed now.
+        """Images at split ``positions[seed]`` for each member (default: the study's), corrupted now.
 
         Returns:
-            ``(images [K, n, 1, 28, 28], labels [K, n])``. Member (σ, s) gets the clean images at
-            ``positions[s]`` plus σ times seed s's pattern (this epoch's for training in ``resample`` mode).
+            ``(images [K, n, 1, 28, 28], labels [K, n])``. Member (corruption, severity, s) gets the clean images
+            at ``positions[s]`` corrupted at its severity from seed s's patterns (this epoch's for training in
+            ``resample`` mode): for Gaussian noise, the clean images plus σ times seed s's pattern.
         """
         members = self.members if members is None else members
         file, idx = self.splits[split]
         noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
         seeds = list(positions)
-        by_seed, pattern_rows, sigmas, noisy = self.member_rows(tuple(members), tuple(seeds))
+        by_seed, groups, order = self.member_rows(tuple(members), tuple(seeds))
         rows = idx[torch.stack([positions[seed] for seed in seeds])][by_seed]  # [K, n]: member k's file indices
-        # One gather per tensor for every member: clean pixels, labels, and (if any σ > 0) noise
+        # One gather per tensor for every member of a corruption: clean pixels, labels, and the patterns it reads
         clean = self.images[file][rows].float().div_(255)
-        z = self.patterns(file, noise_epoch)[pattern_rows[:, None], rows] if noisy else None
-        return add_noise(clean, sigmas, z, self.hparams.clip), self.file_labels[file][rows]
+        corrupted = []
+        for group in groups:
+            images, group_rows = (clean, rows) if len(groups) == 1 else (clean[group.members], rows[group.members])
+            if not group.corrupts:  # every severity 0: the clean images
+                corrupted.append(images)
+                continue
+            patterns = {
+                kind: self.patterns(file, noise_epoch, kind)[group.pattern_rows[:, None], group_rows]
+                for kind in group.corruption.patterns
+            }
+            corrupted.append(group.corruption(images, group.severity, **patterns))
+        images = corrupted[0] if len(groups) == 1 else torch.cat(corrupted)[order]
+        return images.clamp(0.0, 1.0) if self.hparams.clip else images, self.file_labels[file][rows]
 
     def member_rows(self, members: tuple[Member, ...], seeds: tuple[int, ...]) -> tuple:
-        """For each member: its seed's position in ``seeds``, its seed's row of ``patterns`` and its σ
-        (``[K, 1, 1, 1, 1]``), on the data's device, and whether any σ > 0; made once per (members, seeds),
-        not per batch."""
+        """For each member, its seed's position in ``seeds``; the members grouped by corruption (``Group``); and
+        where each member's images sit among the groups' (None for one group). On the data's device, made once per
+        (members, seeds), not per batch."""
         key = (members, seeds)
         if key not in self._member_rows:
             study_seeds = self.hparams.seeds
-            self._member_rows[key] = (
-                torch.tensor([seeds.index(m.seed) for m in members], device=self.device),
-                torch.tensor([study_seeds.index(m.seed) for m in members], device=self.device),
-                torch.tensor([m.noise_scale for m in members], device=self.device).view(-1, 1, 1, 1, 1),
-                any(m.noise_scale for m in members),
-            )
+            corruptions = list(dict.fromkeys(m.corruption for m in members))
+            groups, positions = [], []
+            for corruption in corruptions:
+                ks = [k for k, m in enumerate(members) if m.corruption == corruption]
+                levels = [members[k].noise_scale for k in ks]
+                groups.append(
+                    Group(
+                        corruption,
+                        torch.tensor(ks, device=self.device),
+                        torch.tensor([study_seeds.index(members[k].seed) for k in ks], device=self.device),
+                        torch.tensor(levels, device=self.device).view(-1, 1, 1, 1, 1),
+                        any(levels),
+                    )
+                )
+                positions += ks
+            order = torch.argsort(torch.tensor(positions, device=self.device)) if len(groups) > 1 else None
+            by_seed = torch.tensor([seeds.index(m.seed) for m in members], device=self.device)
+            self._member_rows[key] = by_seed, groups, order
         return self._member_rows[key]
 
     # -- the loaders ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Additive Gaussian pixel noise: a pure function of (seed, split, image index, epoch).
+"""Additive Gaussian pixel noise, and the random patterns of every corruption: pure functions of (seed, split,
+image index, epoch).
 
 σ (``noise_scale``) is in units of the [0, 1] pixel range: σ = 1.0 is noise whose standard
 deviation equals the whole black-to-white range. The original study used 255·σ on [0, 1] images;
@@ -8,7 +9,8 @@ Image ``i`` of a split always gets the same standard-normal pattern ``z_i`` for 
 epoch, in ``resample`` mode), whatever the batch size, shuffle order, subset or number of processes:
 ``z`` is drawn in fixed blocks of ``BLOCK`` images, each block from its own generator whose seed
 is a hash of (seed, split, epoch, block). The noise at level σ is ``σ · z_i``, so one image
-carries the same pattern, only scaled, at every σ.
+carries the same pattern, only scaled, at every σ. The other corruptions (``corruptions.py``) read these
+patterns too, and a uniform [0, 1) pattern drawn the same way from a stream of its own.
 """
 
 import hashlib
@@ -49,6 +51,41 @@ def standard_normal_block(
     return torch.randn((BLOCK, *image_shape), generator=generator, device=device)
 
 
+def uniform_block(
+    block: int, image_shape: tuple[int, ...], seed: int, split: str, epoch: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Uniform [0, 1) patterns of images ``block * BLOCK`` to ``(block + 1) * BLOCK - 1`` of ``split`` (a stream of
+    their own: independent of the standard-normal ones)."""
+    generator = torch.Generator(device=device).manual_seed(derive_seed("uniform", seed, split, epoch, block))
+    return torch.rand((BLOCK, *image_shape), generator=generator, device=device)
+
+
+BLOCKS = {"normal": standard_normal_block, "uniform": uniform_block}  # a pattern's kind -> how a block is drawn
+
+
+def draw(
+    kind: str,
+    n_images: int,
+    image_shape: tuple[int, ...],
+    seed: int,
+    split: str,
+    epoch: int = 0,
+    device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``kind`` patterns (``BLOCKS``) of images ``0 .. n_images - 1`` of ``split`` (written into ``out`` if given).
+
+    Returns:
+        A float32 tensor of shape ``(n_images, *image_shape)``; row ``i`` depends only on
+        (seed, split, epoch, i) and the device type (CPU and CUDA generators differ).
+    """
+    out = torch.empty((n_images, *image_shape), device=device) if out is None else out
+    for block, start in enumerate(range(0, n_images, BLOCK)):
+        # Always a whole block, so a shorter split (or a subset) gets the same rows.
+        out[start : start + BLOCK] = BLOCKS[kind](block, image_shape, seed, split, epoch, device)[: n_images - start]
+    return out
+
+
 def standard_normal(
     n_images: int,
     image_shape: tuple[int, ...],
@@ -58,19 +95,8 @@ def standard_normal(
     device: torch.device | str = "cpu",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Standard-normal noise patterns for images ``0 .. n_images - 1`` of ``split`` (written into ``out`` if given).
-
-    Returns:
-        A float32 tensor of shape ``(n_images, *image_shape)``; row ``i`` depends only on
-        (seed, split, epoch, i) and the device type (CPU and CUDA generators differ).
-    """
-    out = torch.empty((n_images, *image_shape), device=device) if out is None else out
-    for block, start in enumerate(range(0, n_images, BLOCK)):
-        # Always a whole block, so a shorter split (or a subset) gets the same rows.
-        out[start : start + BLOCK] = standard_normal_block(block, image_shape, seed, split, epoch, device)[
-            : n_images - start
-        ]
-    return out
+    """The standard-normal noise patterns of images ``0 .. n_images - 1`` of ``split``: ``draw("normal", ...)``."""
+    return draw("normal", n_images, image_shape, seed, split, epoch, device, out)
 
 
 def add_noise(

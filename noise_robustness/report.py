@@ -8,6 +8,7 @@ import torch
 from matplotlib.figure import Figure  # a Figure of its own needs no pyplot and no display backend
 from torch.utils.tensorboard import SummaryWriter
 
+from noise_robustness.corruptions import GAUSSIAN
 from noise_robustness.study import Member, sigma_text
 
 PREVIEW_DIGITS = 10  # the first validation image of each digit 0-9: a fixed choice
@@ -18,11 +19,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(results: list[dict]) -> dict[str, dict[float, dict[str, list[float]]]]:
-    """network (in the order of ``results``) -> σ -> {"train_acc": [per seed], "val_acc": [...], "gap": [...]}."""
+def trained_on(row: dict, prefix: str = "") -> tuple[str, float]:
+    """The (corruption, severity) a result or robustness row names (``prefix`` ``train_`` or ``eval_``)."""
+    return row.get(f"{prefix}corruption", GAUSSIAN.name), float(row[f"{prefix}noise_scale"])
+
+
+def label(cell: tuple[str, float], gaussian_only: bool) -> str:
+    """``0.5`` (Gaussian σ, in a study of Gaussian noise alone), ``gaussian 0.5``, ``impulse 0.1``, ``clean``."""
+    corruption, severity = cell
+    if gaussian_only:
+        return sigma_text(severity)
+    return "clean" if severity == 0 else f"{corruption} {sigma_text(severity)}"
+
+
+def cell_order(cells) -> list[tuple[str, float]]:
+    """``cells`` (an iterable in a fixed order), each once: clean first, then Gaussian noise by σ, then each other
+    corruption (in order of first appearance) by severity."""
+    cells = list(dict.fromkeys(cells))
+    corruptions = list(dict.fromkeys([GAUSSIAN.name, *(c for c, _ in cells)]))
+    return sorted(cells, key=lambda cell: (cell[1] > 0, corruptions.index(cell[0]), cell[1]))
+
+
+def aggregate(results: list[dict]) -> dict[str, dict[tuple[str, float], dict[str, list[float]]]]:
+    """network (in the order of ``results``) -> (corruption, severity) -> {"train_acc": [per seed], "val_acc": [...],
+    "gap": [...]}."""
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for row in results:
-        cell = table[row["network"]][float(row["noise_scale"])]
+        cell = table[row["network"]][trained_on(row)]
         train, val = float(row["train_acc"]), float(row["val_acc"])
         cell["train_acc"].append(train)
         cell["val_acc"].append(val)
@@ -35,47 +58,133 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def only_gaussian(cells) -> bool:
+    return all(corruption == GAUSSIAN.name for corruption, _ in cells)
+
+
 def side_by_side(table: dict) -> list[str]:
     """Validation accuracy (%) of every network at every σ, one column per network."""
     networks = list(table)
-    scales = sorted({s for by_scale in table.values() for s in by_scale})
+    cells = cell_order(cell for by_cell in table.values() for cell in by_cell)
+    gaussian = only_gaussian(cells)
     lines = [
         "### Validation accuracy (%) by network",
         "",
-        f"| σ | {' | '.join(networks)} |",
+        f"| {'σ' if gaussian else 'trained on'} | {' | '.join(networks)} |",
         f"| ---: |{' ---: |' * len(networks)}",
     ]
-    for scale in scales:
-        cells = [_fmt(table[n][scale]["val_acc"]) if scale in table[n] else "" for n in networks]
-        lines.append(f"| {sigma_text(scale)}{' (clean)' if scale == 0 else ''} | {' | '.join(cells)} |")
+    for cell in cells:
+        values = [_fmt(table[n][cell]["val_acc"]) if cell in table[n] else "" for n in networks]
+        lines.append(
+            f"| {label(cell, gaussian)}{' (clean)' if gaussian and cell[1] == 0 else ''} | {' | '.join(values)} |"
+        )
     return [*lines, ""]
 
 
-def summary_markdown(results: list[dict]) -> str:
+def summary_markdown(results: list[dict], robustness: list[dict] | None = None) -> str:
     """One table per network: rows = σ (clean first), train and validation accuracy (%) and their gap.
 
-    With several networks, a table of their validation accuracy side by side comes first.
+    With several networks, a table of their validation accuracy side by side comes first. With any corruption
+    but Gaussian noise (trained or evaluated), the corruption summary of ``robustness`` follows
+    (``corruption_summary``).
     """
     table = aggregate(results)
     lines = side_by_side(table) if len(table) > 1 else []
-    for network, by_scale in table.items():
+    for network, by_cell in table.items():
         rows = [r for r in results if r["network"] == network]
         seeds = sorted({int(r["seed"]) for r in rows})
         settings = ", ".join(
             f"{key} {', '.join(sorted({str(r[key]) for r in rows}))}" for key in ("epochs", "noise_mode", "clip")
         )
         spread = f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+        gaussian = only_gaussian(by_cell)
         lines += [
             f"### {network}: {settings}, seeds {seeds}{spread}",
             "",
-            "| σ | train acc (%) | val acc (%) | train − val (points) |",
+            f"| {'σ' if gaussian else 'trained on'} | train acc (%) | val acc (%) | train − val (points) |",
             "| ---: | ---: | ---: | ---: |",
         ]
-        for scale, cell in sorted(by_scale.items()):
-            name = f"{sigma_text(scale)} (clean)" if scale == 0 else sigma_text(scale)
-            lines.append(f"| {name} | {_fmt(cell['train_acc'])} | {_fmt(cell['val_acc'])} | {_fmt(cell['gap'])} |")
+        for cell in cell_order(by_cell):
+            values = by_cell[cell]
+            name = f"{label(cell, gaussian)}{' (clean)' if gaussian and cell[1] == 0 else ''}"
+            lines.append(
+                f"| {name} | {_fmt(values['train_acc'])} | {_fmt(values['val_acc'])} | {_fmt(values['gap'])} |"
+            )
         lines.append("")
+    robustness = robustness or []
+    cells = {trained_on(r, "eval_") for r in robustness} | {trained_on(r) for r in results}
+    if not only_gaussian(cells):
+        lines += corruption_summary(robustness)
     return "\n".join(lines)
+
+
+CLEAN = (GAUSSIAN.name, 0.0)
+AUC_NOTE = "Each: the mean accuracy from severity 0 to the largest evaluated (trapezoids from the clean accuracy)."
+CE_NOTE = (
+    "Each: the member's errors summed over the corruption's severities, over those of the clean-trained member of "
+    "the same network and seed (the baseline: 100 %); mCE: their mean over the corruptions."
+)
+
+
+def area_under_accuracy(accuracy: dict, levels: list[float], corruption: str) -> float | None:
+    """The mean of accuracy against severity over [0, the top level], by trapezoids from the clean accuracy.
+    ``accuracy``: (corruption, severity) -> accuracy of one member; None if a cell is missing."""
+    points = [(0.0, accuracy.get(CLEAN))] + [(s, accuracy.get((corruption, s))) for s in levels]
+    if any(a is None for _, a in points):
+        return None
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(points, points[1:]))
+    return area / points[-1][0]
+
+
+def corruption_error(accuracy: dict, baseline: dict, levels: list[float], corruption: str) -> float | None:
+    """ImageNet-C's corruption error: the member's errors summed over ``levels``, over the baseline member's."""
+    errors = [accuracy.get((corruption, s)) for s in levels]
+    base = [baseline.get((corruption, s)) for s in levels]
+    if None in errors + base or sum(1 - a for a in base) == 0:
+        return None
+    return sum(1 - a for a in errors) / sum(1 - a for a in base)
+
+
+def corruption_summary(robustness: list[dict]) -> list[str]:
+    """Per network, one row per training (corruption, severity): for each evaluated corruption, the area under
+    accuracy against severity (%) and the corruption error relative to the clean-trained member of the same seed
+    (%), with their means over the corruptions (mCE), mean ± std over seeds (docs/corruptions.md)."""
+    lines = []
+    for network in dict.fromkeys(r["network"] for r in robustness):
+        accuracy = defaultdict(dict)  # (seed, training cell) -> evaluation cell -> accuracy
+        for r in robustness:
+            if r["network"] == network:
+                accuracy[int(r["seed"]), trained_on(r, "train_")][trained_on(r, "eval_")] = float(r["acc"])
+        seeds = sorted({seed for seed, _ in accuracy})
+        trained = cell_order(train for _, train in accuracy)
+        evaluated = cell_order(cell for cells in accuracy.values() for cell in cells if cell[1] > 0)
+        corruptions = list(dict.fromkeys(c for c, _ in evaluated))
+        levels = {c: [s for e, s in evaluated if e == c] for c in corruptions}
+        if not corruptions:
+            continue
+
+        def auc(seed: int, train: tuple, corruption: str, levels: dict = levels, accuracy: dict = accuracy):
+            return area_under_accuracy(accuracy[seed, train], levels[corruption], corruption)
+
+        def ce(seed: int, train: tuple, corruption: str, levels: dict = levels, accuracy: dict = accuracy):
+            return corruption_error(accuracy[seed, train], accuracy[seed, CLEAN], levels[corruption], corruption)
+
+        spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+        header = " | ".join(f"{c} ({', '.join(sigma_text(s) for s in levels[c])})" for c in corruptions)
+        for title, measure, mean_name, note in (
+            ("area under accuracy against severity (%)", auc, "mean", AUC_NOTE),
+            ("corruption error (%), relative to the clean-trained member", ce, "mCE", CE_NOTE),
+        ):
+            lines += [f"### {network}: {title}, {spread}", "", note, "", f"| trained on | {header} | {mean_name} |"]
+            lines.append(f"| --- |{' ---: |' * (len(corruptions) + 1)}")
+            for train in trained:
+                per_seed = [[measure(seed, train, c) for c in corruptions] for seed in seeds]
+                columns = [[v[i] for v in per_seed if v[i] is not None] for i in range(len(corruptions))]
+                means = [statistics.fmean(v) for v in per_seed if None not in v]
+                values = [_fmt(column) if column else "" for column in [*columns, means]]
+                lines.append(f"| {label(train, False)} | {' | '.join(values)} |")
+            lines.append("")
+    return lines
 
 
 def _shaded(ax, scales: list[float], per_seed: list[list[float]], style: str, colour: str, label: str) -> None:
@@ -95,7 +204,9 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     fig = Figure(figsize=(11, 4.5))
     accuracy, gap = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
-    for colour, (network, by_scale) in zip(colours, aggregate(results).items()):
+    results = [r for r in results if trained_on(r)[0] == GAUSSIAN.name]  # σ is Gaussian noise's
+    for colour, (network, by_cell) in zip(colours, aggregate(results).items()):
+        by_scale = {severity: values for (_, severity), values in by_cell.items()}
         scales = sorted(by_scale)
         for split, style in (("train_acc", "--"), ("val_acc", "-")):
             _shaded(
@@ -139,66 +250,115 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     return fig
 
 
-def preview_figure(images: torch.Tensor, scales: list[float]) -> Figure:
-    """The same digits at every σ: ``images`` ``[σ, digit, 1, H, W]``; pixels shown clipped to [0, 1]."""
+def preview_figure(images: torch.Tensor, rows: list[tuple[str, float]]) -> Figure:
+    """The same digits at every training level: ``images`` ``[row, digit, 1, H, W]``, a row per (corruption,
+    severity) of ``rows``; pixels shown clipped to [0, 1]."""
     n = images.shape[1]
-    fig = Figure(figsize=(n * 0.8, len(scales) * 0.85))
-    axes = fig.subplots(len(scales), n, squeeze=False)
-    for row, scale, digits in zip(axes, scales, images.cpu().clamp(0, 1)):
-        for ax, image in zip(row, digits):
+    gaussian = only_gaussian(rows)
+    fig = Figure(figsize=(n * 0.8 + (0 if gaussian else 0.6), len(rows) * 0.85))
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for axes_row, cell, digits in zip(axes, rows, images.cpu().clamp(0, 1)):
+        for ax, image in zip(axes_row, digits):
             ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(f"σ={sigma_text(scale)}", rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("The same validation digits at every noise level", fontsize=10)
+        name = f"σ={sigma_text(cell[1])}" if gaussian else label(cell, False)
+        axes_row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(f"The same validation digits at every {'noise level' if gaussian else 'training level'}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def corruption_preview(images: dict[tuple[str, float], torch.Tensor], digits: int = 4) -> Figure:
+    """Every evaluated corruption (a row) at each of its severities (columns, clean first), the same ``digits``
+    validation digits side by side in each; ``images``: (corruption, severity) -> ``[digit, 1, H, W]``."""
+    clean = (GAUSSIAN.name, 0.0)
+    corruptions = list(dict.fromkeys(c for c, s in images if s > 0))
+    levels = {c: [s for e, s in images if e == c and s > 0] for c in corruptions}
+    columns = 1 + max(len(v) for v in levels.values())
+    fig = Figure(figsize=(columns * 1.9, len(corruptions) * 0.75 + 0.4))
+    axes = fig.subplots(len(corruptions), columns, squeeze=False)
+    for axes_row, corruption in zip(axes, corruptions):
+        for ax, severity in zip(axes_row, [0.0, *levels[corruption]]):
+            strip = images[clean if severity == 0 else (corruption, severity)][:digits, 0].cpu().clamp(0, 1)
+            ax.imshow(torch.cat(list(strip), dim=1), cmap="gray", vmin=0, vmax=1)
+            ax.set_title("clean" if severity == 0 else f"{corruption} {sigma_text(severity)}", fontsize=8, pad=2)
+        for ax in axes_row:
+            ax.axis("off")
+    fig.suptitle("The same validation digits under every evaluated corruption, at each severity", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def robustness_figure(robustness: list[dict]) -> Figure:
-    """Heatmap per network: rows = training σ, columns = evaluation σ, cells = val accuracy (%), mean over seeds."""
+    """Heatmap per network: rows = training (corruption, severity), columns = evaluation (corruption, severity),
+    cells = val accuracy (%), mean over seeds. For Gaussian noise alone, rows and columns are σ."""
     networks = list(dict.fromkeys(r["network"] for r in robustness))
-    fig = Figure(figsize=(5.5 * len(networks), 4.5))
+    train_cells = cell_order(trained_on(r, "train_") for r in robustness)
+    eval_cells = cell_order(trained_on(r, "eval_") for r in robustness)
+    gaussian = only_gaussian(train_cells + eval_cells)
+    width, height = (
+        (5.5, 4.5) if gaussian else (max(6.5, 0.55 * len(eval_cells) + 2.5), max(4.5, 0.4 * len(train_cells) + 2))
+    )
+    fig = Figure(figsize=(width * len(networks), height))
     axes = fig.subplots(1, len(networks), squeeze=False)
     for ax, network in zip(axes[0], networks):
         cells = defaultdict(list)
         for r in robustness:
             if r["network"] == network:
-                cells[float(r["train_noise_scale"]), float(r["eval_noise_scale"])].append(100 * float(r["acc"]))
-        train_scales = sorted({t for t, _ in cells})
-        eval_scales = sorted({e for _, e in cells})
+                cells[trained_on(r, "train_"), trained_on(r, "eval_")].append(100 * float(r["acc"]))
+        rows = [t for t in train_cells if any(k[0] == t for k in cells)]
         grid = [
-            [statistics.fmean(cells[t, e]) if cells.get((t, e)) else float("nan") for e in eval_scales]
-            for t in train_scales
+            [statistics.fmean(cells[t, e]) if cells.get((t, e)) else float("nan") for e in eval_cells] for t in rows
         ]
-        ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
+        ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto" if not gaussian else None)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
                 ax.text(
-                    j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color="white" if value < 60 else "black"
-                )
-        ax.set_xticks(range(len(eval_scales)), [sigma_text(s) for s in eval_scales])
-        ax.set_yticks(range(len(train_scales)), [sigma_text(s) for s in train_scales])
-        ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
+                    j, i, f"{value:.1f}" if gaussian else f"{value:.0f}", ha="center", va="center",
+                    fontsize=8 if gaussian else 7, color="white" if value < 60 else "black",
+                )  # fmt: skip
+        if gaussian:
+            ax.set_xticks(range(len(eval_cells)), [sigma_text(s) for _, s in eval_cells])
+            ax.set_yticks(range(len(rows)), [sigma_text(s) for _, s in rows])
+            ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
+        else:
+            ax.set_xticks(range(len(eval_cells)), [label(e, False) for e in eval_cells], rotation=60, ha="right")
+            ax.set_yticks(range(len(rows)), [label(t, False) for t in rows])
+            ax.tick_params(labelsize=8)
+            ax.set(xlabel="evaluated on", ylabel="trained on", title=f"{network}: val. accuracy (%), mean over seeds")
     fig.tight_layout()
     return fig
 
 
-def write_report(out: Path, results: list[dict], robustness: list[dict], datamodule, scales: list[float]) -> None:
-    """Writes the study's table and figures into ``out``, and the figures into its TensorBoard root run."""
-    (out / "summary.md").write_text(summary_markdown(results))
+def write_report(
+    out: Path, results: list[dict], robustness: list[dict], datamodule, members: list[Member], cells: list[tuple]
+) -> list[str]:
+    """Writes the study's table and figures into ``out``, and the figures into its TensorBoard root run; returns
+    the files' names. ``members`` and ``cells``: the study's members and the (corruption, severity) each is
+    evaluated at, whose previews it shows."""
+    (out / "summary.md").write_text(summary_markdown(results, robustness))
     labels = datamodule.labels("val")
     majority = torch.bincount(labels).max().item() / len(labels)
     seed = int(results[0]["seed"])
     picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
-    preview, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed) for s in scales])
+    levels = cell_order((m.corruption.name, m.noise_scale) for m in members)
+    by_name = {m.corruption.name: m.corruption for m in members} | {c.name: c for c, _ in cells}
+    preview, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, by_name[c]) for c, s in levels])
     figures = {
         "accuracy_vs_noise": accuracy_figure(results, majority),
-        "noise_preview": preview_figure(preview, scales),
+        "noise_preview": preview_figure(preview, levels),
         "robustness": robustness_figure(robustness),
     }
+    if not only_gaussian([(c.name, s) for c, s in cells] + levels):
+        shown = [(c, s) for c, s in cells]
+        corrupted, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, c) for c, s in shown])
+        figures["corruption_preview"] = corruption_preview(
+            {(c.name, s): images for (c, s), images in zip(shown, corrupted)}
+        )
     writer = SummaryWriter(str(out / "tensorboard"))
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=120)
         writer.add_figure(f"study/{name}", fig)
     writer.close()
+    return ["summary.md", *(f"{name}.png" for name in figures)]

@@ -29,17 +29,22 @@ from pathlib import Path
 
 import yaml
 
+from noise_robustness.corruptions import GAUSSIAN, Corruption, build
 from noise_robustness.noise import check_noise_scale
 
 RESULT_COLUMNS = [
-    "network", "noise_scale", "seed", "noise_mode", "clip", "epochs",
+    "network", "corruption", "noise_scale", "seed", "noise_mode", "clip", "epochs",
     "train_acc", "val_acc", "train_loss", "val_loss", "study_id",
 ]  # fmt: skip
-ROBUSTNESS_COLUMNS = ["network", "seed", "train_noise_scale", "eval_noise_scale", "acc"]
+ROBUSTNESS_COLUMNS = [
+    "network", "seed", "train_corruption", "train_noise_scale", "eval_corruption", "eval_noise_scale", "acc",
+]  # fmt: skip
 # Keys that name where or how a study runs, not what it computes; they may differ between commands.
 NOT_IDENTITY = {
     "config", "out", "task", "gather", "compare", "ckpt_path",
     "scales", "seeds", "data.scales", "data.seeds", "model.scales", "model.seeds",
+    # which members a study has, and what each is evaluated on: each member's file records its own
+    "corruptions", "data.corruptions", "model.corruptions", "eval_corruptions",
     "data.data_dir", "data.download",
     "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes",  # tasks may run on GPUs, the gather on a CPU
@@ -55,15 +60,27 @@ def sigma_text(sigma: float) -> str:
 
 @dataclass(frozen=True)
 class Member:
-    """One network of the study. ``seed`` seeds its weights, shuffle order, dropout and noise draw."""
+    """One network of the study, trained on ``corruption`` at severity ``noise_scale`` (in the corruption's unit;
+    Gaussian noise's σ by default). ``seed`` seeds its weights, shuffle order, dropout and corruption patterns.
+    Severity 0 is the clean member, whatever the corruption: one per seed."""
 
     noise_scale: float
     seed: int
+    corruption: Corruption = GAUSSIAN
+
+    def __post_init__(self):
+        if self.noise_scale == 0 and self.corruption != GAUSSIAN:
+            object.__setattr__(self, "corruption", GAUSSIAN)  # clean is clean: one member, named as it always was
+
+    @property
+    def key(self) -> str:
+        """``sigma`` for Gaussian noise (and clean), else the corruption's name: what names its folder."""
+        return "sigma" if self.corruption == GAUSSIAN else self.corruption.name
 
     @property
     def name(self) -> str:
-        """``sigma=0.5/seed=0``: how results and messages name it."""
-        return f"sigma={sigma_text(self.noise_scale)}/seed={self.seed}"
+        """``sigma=0.5/seed=0``, ``impulse=0.1/seed=0``: how files, results and messages name it."""
+        return f"{self.key}={sigma_text(self.noise_scale)}/seed={self.seed}"
 
 
 def scales_of(members: list[Member]) -> list[float]:
@@ -87,14 +104,16 @@ def run_names(members: list[Member]) -> list[str]:
     sigmas = [f"{m.noise_scale:.{decimals}f}" for m in members]
     width = max(len(s) for s in sigmas)
     seed_width = max(len(str(m.seed)) for m in members)
-    return [f"sigma={s.zfill(width)}/seed={m.seed:0{seed_width}d}" for s, m in zip(sigmas, members)]
+    return [f"{m.key}={s.zfill(width)}/seed={m.seed:0{seed_width}d}" for s, m in zip(sigmas, members)]
 
 
-def study_members(scales: list[float], seeds: list[int]) -> list[Member]:
-    """Every (σ, seed) of the study, seed-major: members of one seed share a shuffle order and noise pattern.
+def study_members(scales: list[float], seeds: list[int], corruptions: list | None = None) -> list[Member]:
+    """Every (corruption, severity, seed) of the study, seed-major: members of one seed share a shuffle order and
+    corruption patterns. Each corruption (``corruptions.build`` specs; default Gaussian noise alone) is trained at
+    its own severities, else at ``scales``; severity 0 is one clean member per seed.
 
     Raises:
-        ValueError: an empty or repeated list, or a σ that is not a finite number >= 0.
+        ValueError: an empty or repeated list, a corruption named twice, or a severity outside its corruption's range.
     """
     if not scales:
         raise ValueError("Expected `scales` to be a non-empty list of noise levels, but got []")
@@ -107,7 +126,43 @@ def study_members(scales: list[float], seeds: list[int]) -> list[Member]:
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"Expected `seeds` to be integers >= 0, but got {seed!r}")
-    return [Member(scale, seed) for seed in seeds for scale in scales]
+    trained = [Member(level, -1, c) for c in distinct(corruptions, "corruptions") for level in c.levels(scales)]
+    grid = list(dict.fromkeys((m.noise_scale, m.corruption) for m in trained))  # clean once
+    return [Member(level, seed, corruption) for seed in seeds for level, corruption in grid]
+
+
+def distinct(corruptions: list | None, option: str) -> list[Corruption]:
+    """The corruptions of ``option`` built from their specs (default: Gaussian noise alone), each named once.
+
+    Raises:
+        ValueError: an unknown corruption or a bad severity (naming it), or one named twice.
+    """
+    try:
+        built = [GAUSSIAN] if corruptions is None else [build(spec) for spec in corruptions]
+    except ValueError as err:
+        raise ValueError(f"{err} (in `{option}`)") from None
+    names = [c.name for c in built]
+    if not built or len(set(names)) != len(names):
+        raise ValueError(f"Expected `{option}` to name each corruption once, but got {names}")
+    return built
+
+
+def evaluations(eval_corruptions: list | None, scales: list[float], members: list[Member]) -> list[tuple]:
+    """The (corruption, severity) cells every member is evaluated at, each once: by default each of the members'
+    training corruptions at its severities; with ``eval_corruptions``, clean first, then each of them at its
+    severities (its own, else ``scales``).
+
+    Raises:
+        ValueError: an unknown corruption, one named twice, or a severity outside its range, naming the option.
+    """
+    if eval_corruptions is None:
+        order = list(dict.fromkeys(m.corruption for m in members))
+        cells = sorted({(m.corruption, m.noise_scale) for m in members}, key=lambda c: (order.index(c[0]), c[1]))
+    else:
+        built = distinct(eval_corruptions, "eval_corruptions")
+        cells = [(GAUSSIAN, 0.0)] + [(c, s) for c in built for s in sorted(c.levels(scales))]
+    as_members = [Member(severity, 0, corruption) for corruption, severity in cells]  # clean is Gaussian at 0
+    return list(dict.fromkeys((m.corruption, m.noise_scale) for m in as_members))
 
 
 # -- options and files ---------------------------------------------------------------------------
@@ -221,14 +276,23 @@ class Study:
         resolved: the command's full resolved config, nested (``config.yaml``).
     """
 
-    def __init__(self, out: Path, identity: dict, members: list[Member], resolved: dict | None = None):
+    def __init__(
+        self,
+        out: Path,
+        identity: dict,
+        members: list[Member],
+        resolved: dict | None = None,
+        cells: list[tuple] | None = None,
+    ):
         self.out, self.identity, self.members, self.resolved = Path(out), identity, members, resolved or {}
+        # (corruption, severity) each member is evaluated at; default: Gaussian noise at the members' σ
+        self.cells = cells or evaluations(None, [], members)
         digest = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(), digest_size=4)
         self.study_id = digest.hexdigest()
         self._locks: list = []  # open lock files, held until this process ends
 
     def result_file(self, member: Member) -> Path:
-        return self.out / "members" / f"sigma={sigma_text(member.noise_scale)}" / f"seed={member.seed}.json"
+        return self.out / "members" / f"{member.name}.json"
 
     def weights_file(self, member: Member) -> Path:
         """The member's final weights (``certify`` evaluates them), written just before its result file."""
@@ -368,11 +432,18 @@ class Study:
                 f"{self.study_id}): {', '.join(foreign)}. Their results cannot mix with this study's: move them "
                 "out of members/ and rerun the same command to train them"
             )
-        results = [run["result"] for run in runs.values()]
-        # a member trained in a larger study holds cells at σ values this one leaves out
-        scales = set(scales_of(self.members))
-        robustness = [row for run in runs.values() for row in run["robustness"] if row["eval_noise_scale"] in scales]
-        return results, robustness
+        # files written before the corruption axis name none: theirs is Gaussian noise
+        results = [
+            {**run["result"], "corruption": run["result"].get("corruption", GAUSSIAN.name)} for run in runs.values()
+        ]
+        robustness = [
+            {**row, **{k: row.get(k, GAUSSIAN.name) for k in ("train_corruption", "eval_corruption")}}
+            for run in runs.values()
+            for row in run["robustness"]
+        ]
+        # a member trained in a larger study holds cells this one leaves out
+        cells = {(corruption.name, severity) for corruption, severity in self.cells}
+        return results, [row for row in robustness if (row["eval_corruption"], row["eval_noise_scale"]) in cells]
 
     def gather(self) -> tuple[list[dict], list[dict]]:
         """Writes ``results.csv`` and ``robustness.csv`` from the members' files; returns their rows."""
@@ -391,8 +462,10 @@ class Study:
         if not (out / "study.yaml").is_file() or not (out / "config.yaml").is_file():
             raise ValueError(f"{out} is not a study folder (with study.yaml and config.yaml)")
         resolved = read_options(out / "config.yaml")
-        members = study_members(resolved["scales"], resolved["seeds"])
-        return cls(out, read_options(out / "study.yaml"), members, resolved)
+        scales, corruptions = resolved["scales"], resolved.get("corruptions")
+        members = study_members(scales, resolved["seeds"], corruptions)
+        cells = evaluations(resolved.get("eval_corruptions"), scales, members)
+        return cls(out, read_options(out / "study.yaml"), members, resolved, cells)
 
 
 def compared_rows(folder: Path, identity: dict) -> tuple[list[dict], list[dict]]:

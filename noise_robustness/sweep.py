@@ -14,7 +14,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from noise_robustness.checkpoints import save_weights
 from noise_robustness.report import write_report
-from noise_robustness.study import Member, Study, compared_rows, scales_of
+from noise_robustness.study import Member, Study, compared_rows
 
 
 def say(text: str) -> None:
@@ -82,7 +82,7 @@ def fit(trainer: pl.Trainer, model, datamodule, checkpoint_dir: Path) -> None:
 def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[Member]) -> None:
     """Writes each trained member's final weights, metrics and accuracy at every σ of the study, a file each."""
     final = dict(model.epoch_metrics)  # the last epoch's (or its checkpoint's), before the robustness pass
-    accuracy = robustness(trainer, model, datamodule, sorted(scales_of(study.members)))
+    accuracy = robustness(trainer, model, datamodule, study.cells)
     network = type(model.net.member(0)).__name__
     data = datamodule.hparams
     for k, member in enumerate(model.members):
@@ -95,31 +95,33 @@ def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[
             for name in ("acc", "loss")
         }
         result = {
-            "network": network, "noise_scale": member.noise_scale, "seed": member.seed,
+            "network": network, "corruption": member.corruption.name, "noise_scale": member.noise_scale,
+            "seed": member.seed,
             "noise_mode": data.noise_mode, "clip": data.clip, "epochs": trainer.max_epochs, "study_id": study.study_id,
             **metrics,
         }  # fmt: skip
         cells = [
-            {"network": network, "seed": member.seed, "train_noise_scale": member.noise_scale,
-             "eval_noise_scale": scale, "acc": float(acc[k])}
-            for scale, acc in accuracy.items()
+            {"network": network, "seed": member.seed,
+             "train_corruption": member.corruption.name, "train_noise_scale": member.noise_scale,
+             "eval_corruption": corruption.name, "eval_noise_scale": severity, "acc": float(acc[k])}
+            for (corruption, severity), acc in accuracy.items()
         ]  # fmt: skip
         # the weights first: a member's result file marks it finished, with everything `certify` needs
         save_weights(study.weights_file(member), model.net.member(k).state_dict(), study.study_id)
         study.write_member(member, result, cells)
 
 
-def robustness(trainer: pl.Trainer, model, datamodule, scales: list[float]) -> dict[float, torch.Tensor]:
-    """Each member's validation accuracy with the noise of every σ in ``scales`` (its own seed's pattern).
+def robustness(trainer: pl.Trainer, model, datamodule, cells: list[tuple]) -> dict[tuple, torch.Tensor]:
+    """Each member's validation accuracy under every (corruption, severity) of ``cells`` (its own seed's patterns).
 
-    One test pass of the trainer per σ over the validation split, each member given that σ: the
-    same ``model_step`` and metrics as validation, with the trainer's device placement.
+    One test pass of the trainer per cell over the validation split, every member given that
+    corruption: the same ``model_step`` and metrics as validation, with the trainer's device placement.
     """
     accuracy = {}
-    for scale in scales:
-        loader = datamodule.loader("val", [Member(scale, m.seed) for m in model.members])
+    for corruption, severity in cells:
+        loader = datamodule.loader("val", [Member(severity, m.seed, corruption) for m in model.members])
         trainer.test(model, dataloaders=loader, verbose=False)
-        accuracy[scale] = model.epoch_metrics["test/acc"]
+        accuracy[corruption, severity] = model.epoch_metrics["test/acc"]
     return accuracy
 
 
@@ -134,5 +136,5 @@ def report(study: Study, datamodule, compare: list[Path]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     datamodule.setup("validate")
-    write_report(study.out, results, robustness_rows, datamodule, scales_of(study.members))
-    say(f"done: {study.out}/results.csv, summary.md, accuracy_vs_noise.png, noise_preview.png, robustness.png")
+    written = write_report(study.out, results, robustness_rows, datamodule, study.members, study.cells)
+    say(f"done: {study.out}/results.csv, {', '.join(written)}")
