@@ -32,6 +32,7 @@ from noise_robustness.run_logger import run_folders
 from noise_robustness.study import (
     Study,
     compared_rows,
+    distinct,
     evaluations,
     flatten,
     identity_of,
@@ -155,6 +156,31 @@ def check_owned(tokens: list[str], configs: list[dict | None]) -> None:
                 f"`{unknown[0]}` is not an option of `certify`: the network, data and noise are the study's (`--out`); "
                 f"certify takes {', '.join(f'--{k}' for k in sorted(CERTIFY_OPTIONS - {'config', 'print_config'}))}"
             )
+
+
+def check_corruptions(tokens: list[str], configs: list[dict | None]) -> None:
+    """Builds every corruption named by ``--corruptions`` or ``--eval_corruptions`` (in ``tokens`` or a parsed config
+    file), so that an unknown one, a bad severity or one named twice is one message naming the option.
+
+    Raises:
+        ValueError: naming the option, the value and what is allowed.
+    """
+    given = {}
+    for key in ("corruptions", "eval_corruptions"):
+        for config in configs:
+            if isinstance(config, dict) and key in config:
+                given[key] = config[key]
+        for flag, value in zip(tokens, tokens[1:]):
+            if flag == f"--{key}":
+                given[key] = yaml.safe_load(value)
+        for token in tokens:
+            if token.startswith(f"--{key}="):
+                given[key] = yaml.safe_load(token.split("=", 1)[1])
+    for key, specs in given.items():
+        if specs is not None and not isinstance(specs, list):
+            raise ValueError(f"Expected `{key}` to be a list of corruptions (or null), but got {specs!r}")
+        if specs is not None:
+            distinct(specs, key)
 
 
 def with_epochs_alias(tokens: list[str]) -> list[str]:
@@ -292,7 +318,8 @@ class NoiseCLI(LightningCLI):
                 )
         try:
             check_owned(tokens, configs)
-        except ValueError as err:
+            check_corruptions(tokens, configs)
+        except (ValueError, yaml.YAMLError) as err:
             parser.error(str(err))
         if tokens and tokens[0] == "sweep":
             tokens = with_epochs_alias(tokens)

@@ -63,7 +63,12 @@ class Corruption:
 
     def levels(self, scales: list[float]) -> list[float]:
         """The severities it is trained or evaluated at: its own, else the study's ``scales`` (checked)."""
-        return self.severities if self.severities is not None else [self.check(s) for s in scales]
+        if self.severities is not None:
+            return self.severities
+        try:
+            return [self.check(s) for s in scales]
+        except ValueError as err:
+            raise ValueError(f"{err} from `scales`: give `{self.name}` severities of its own") from None
 
     def __call__(
         self,
@@ -346,7 +351,7 @@ BUILT_IN = {
 
 def build(spec) -> Corruption:
     """A corruption from a config's value: an instance, or ``{"class_path": ..., "init_args": {...}}`` (a dict or a
-    jsonargparse Namespace); a bare class name of this module (``ImpulseNoise``) or a name (``impulse``) too.
+    jsonargparse Namespace), or a class path alone; a bare class name (``ImpulseNoise``) is this module's.
 
     Raises:
         ValueError: naming the value and the corruptions there are.
@@ -358,8 +363,8 @@ def build(spec) -> Corruption:
     if isinstance(spec, str):
         spec = {"class_path": spec}
     path = spec.get("class_path") if isinstance(spec, dict) else None
-    cls = BUILT_IN.get(path) if isinstance(path, str) else None
-    if cls is None and isinstance(path, str):
+    cls = None
+    if isinstance(path, str):
         module, _, name = path.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module or __name__), name)
@@ -367,7 +372,10 @@ def build(spec) -> Corruption:
             cls = None
     if not (isinstance(cls, type) and issubclass(cls, Corruption) and hasattr(cls, "name")):
         raise ValueError(
-            f"Expected a corruption, one of {', '.join(BUILT_IN)} (or a Corruption's class_path), "
-            f"but got {path or spec!r}"
+            f"Expected corruptions to be among {', '.join(c.__name__ for c in BUILT_IN.values())} (or the "
+            f"class_path of a Corruption), but got {path or spec!r}"
         )
-    return cls(**(spec.get("init_args") or {}))
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict) or set(init_args) - {"severities"}:
+        raise ValueError(f"Expected the init_args of {path} to be `severities` alone, but got {init_args!r}")
+    return cls(**init_args)
