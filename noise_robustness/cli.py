@@ -364,7 +364,8 @@ class NoiseCLI(LightningCLI):
         if self.subcommand != "fit" and not config.get("ckpt_path"):
             return  # nothing to record or check: no need to resolve the config
         resolved = self.resolved()
-        identity = identity_of(resolved) | {"scales": resolved["scales"], "seeds": resolved["seeds"]}  # its members
+        members = {key: resolved[key] for key in ("scales", "seeds", "corruptions") if resolved.get(key) is not None}
+        identity = identity_of(resolved) | members  # a run's checkpoint is of its members (Gaussian: no corruptions)
         if self.subcommand == "fit":
             self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], CheckpointRecord(identity)]
         if config.get("ckpt_path"):

@@ -2,6 +2,7 @@
 
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,11 +146,29 @@ def corruption_error(accuracy: dict, baseline: dict, levels: list[float], corrup
     return sum(1 - a for a in errors) / sum(1 - a for a in base)
 
 
-def corruption_summary(robustness: list[dict]) -> list[str]:
-    """Per network, one row per training (corruption, severity): for each evaluated corruption, the area under
-    accuracy against severity (%) and the corruption error relative to the clean-trained member of the same seed
-    (%), with their means over the corruptions (mCE), mean ± std over seeds (docs/corruptions.md)."""
-    lines = []
+@dataclass
+class CorruptionMeasures:
+    """One network's summary numbers: per training cell, per seed, one value per evaluated corruption (None where
+    a cell is missing); the mean over corruptions is taken per seed."""
+
+    seeds: list[int]
+    trained: list[tuple[str, float]]
+    corruptions: list[str]
+    levels: dict[str, list[float]]
+    auc: dict[tuple, list[list[float | None]]]  # training cell -> per seed -> per corruption
+    ce: dict[tuple, list[list[float | None]]]
+
+    def columns(self, measure: str, train: tuple) -> list[list[float]]:
+        """Per corruption, then the mean over corruptions: the values over seeds (missing ones left out)."""
+        per_seed = getattr(self, measure)[train]
+        columns = [[v[i] for v in per_seed if v[i] is not None] for i in range(len(self.corruptions))]
+        return [*columns, [statistics.fmean(v) for v in per_seed if None not in v]]
+
+
+def corruption_measures(robustness: list[dict]) -> dict[str, CorruptionMeasures]:
+    """Per network with any corruption evaluated above severity 0: the area under accuracy against severity and
+    the corruption error relative to the clean-trained member of the same seed, of every training cell."""
+    measures = {}
     for network in dict.fromkeys(r["network"] for r in robustness):
         accuracy = defaultdict(dict)  # (seed, training cell) -> evaluation cell -> accuracy
         for r in robustness:
@@ -162,29 +181,61 @@ def corruption_summary(robustness: list[dict]) -> list[str]:
         levels = {c: [s for e, s in evaluated if e == c] for c in corruptions}
         if not corruptions:
             continue
+        auc, ce = {}, {}
+        for train in trained:
+            mine = [accuracy.get((seed, train), {}) for seed in seeds]
+            baseline = [accuracy.get((seed, CLEAN), {}) for seed in seeds]
+            auc[train] = [[area_under_accuracy(a, levels[c], c) for c in corruptions] for a in mine]
+            ce[train] = [[corruption_error(a, b, levels[c], c) for c in corruptions] for a, b in zip(mine, baseline)]
+        measures[network] = CorruptionMeasures(seeds, trained, corruptions, levels, auc, ce)
+    return measures
 
-        def auc(seed: int, train: tuple, corruption: str, levels: dict = levels, accuracy: dict = accuracy):
-            return area_under_accuracy(accuracy[seed, train], levels[corruption], corruption)
 
-        def ce(seed: int, train: tuple, corruption: str, levels: dict = levels, accuracy: dict = accuracy):
-            return corruption_error(accuracy[seed, train], accuracy[seed, CLEAN], levels[corruption], corruption)
-
-        spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
-        header = " | ".join(f"{c} ({', '.join(sigma_text(s) for s in levels[c])})" for c in corruptions)
+def corruption_summary(robustness: list[dict]) -> list[str]:
+    """Per network, one row per training (corruption, severity): for each evaluated corruption, the area under
+    accuracy against severity (%) and the corruption error relative to the clean-trained member of the same seed
+    (%), with their means over the corruptions (mCE), mean ± std over seeds (docs/corruptions.md)."""
+    lines = []
+    for network, m in corruption_measures(robustness).items():
+        spread = f"mean ± std over seeds {m.seeds}" if len(m.seeds) > 1 else f"seed {m.seeds[0]}"
+        header = " | ".join(f"{c} ({', '.join(sigma_text(s) for s in m.levels[c])})" for c in m.corruptions)
         for title, measure, mean_name, note in (
-            ("area under accuracy against severity (%)", auc, "mean", AUC_NOTE),
-            ("corruption error (%), relative to the clean-trained member", ce, "mCE", CE_NOTE),
+            ("area under accuracy against severity (%)", "auc", "mean", AUC_NOTE),
+            ("corruption error (%), relative to the clean-trained member", "ce", "mCE", CE_NOTE),
         ):
             lines += [f"### {network}: {title}, {spread}", "", note, "", f"| trained on | {header} | {mean_name} |"]
-            lines.append(f"| --- |{' ---: |' * (len(corruptions) + 1)}")
-            for train in trained:
-                per_seed = [[measure(seed, train, c) for c in corruptions] for seed in seeds]
-                columns = [[v[i] for v in per_seed if v[i] is not None] for i in range(len(corruptions))]
-                means = [statistics.fmean(v) for v in per_seed if None not in v]
-                values = [_fmt(column) if column else "" for column in [*columns, means]]
+            lines.append(f"| --- |{' ---: |' * (len(m.corruptions) + 1)}")
+            for train in m.trained:
+                values = [_fmt(column) if column else "" for column in m.columns(measure, train)]
                 lines.append(f"| {label(train, False)} | {' | '.join(values)} |")
             lines.append("")
     return lines
+
+
+def corruption_error_figure(measures: dict[str, CorruptionMeasures]) -> Figure:
+    """Per network, a heatmap of the corruption error (%, mean over seeds): rows = what the member trained on,
+    columns = the evaluated corruptions and their mean (mCE); below 100 (blue): fewer errors than the clean-trained
+    member, above (red): more."""
+    columns = len(next(iter(measures.values())).corruptions) + 1
+    fig = Figure(figsize=(0.62 * columns + 3.5, 4.3 * len(measures) + 0.5), layout="constrained")
+    axes = fig.subplots(len(measures), 1, squeeze=False)[:, 0]
+    for ax, (network, m) in zip(axes, measures.items()):
+        grid = [
+            [100 * statistics.fmean(v) if v else float("nan") for v in m.columns("ce", train)] for train in m.trained
+        ]
+        image = ax.imshow(grid, cmap="RdBu_r", vmin=0, vmax=200, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                far = abs(value - 100) > 60  # a dark cell: white text
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if far else "black")
+        ax.axvline(len(m.corruptions) - 0.5, color="black", lw=1)
+        ax.set_xticks(range(len(m.corruptions) + 1), [*m.corruptions, "mCE"], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(m.trained)), [label(t, False) for t in m.trained], fontsize=8)
+        seeds = f"mean over seeds {m.seeds}" if len(m.seeds) > 1 else f"seed {m.seeds[0]}"
+        ax.set(xlabel="evaluated on (each at its severities)", ylabel="trained on", title=f"{network}, {seeds}")
+    fig.colorbar(image, ax=axes.tolist(), label="corruption error (%), clean-trained member = 100", shrink=0.8)
+    fig.suptitle("Corruption error of each member, relative to the clean-trained member of its network", fontsize=10)
+    return fig
 
 
 def _shaded(ax, scales: list[float], per_seed: list[list[float]], style: str, colour: str, label: str) -> None:
@@ -350,6 +401,9 @@ def write_report(
         "noise_preview": preview_figure(preview, levels),
         "robustness": robustness_figure(robustness),
     }
+    measures = corruption_measures(robustness)
+    if measures and not only_gaussian([trained_on(r, "eval_") for r in robustness] + levels):
+        figures["corruption_errors"] = corruption_error_figure(measures)
     if not only_gaussian([(c.name, s) for c, s in cells] + levels):
         shown = [(c, s) for c, s in cells]
         corrupted, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, c) for c, s in shown])

@@ -43,13 +43,16 @@ ROBUSTNESS_COLUMNS = [
 NOT_IDENTITY = {
     "config", "out", "task", "gather", "compare", "ckpt_path",
     "scales", "seeds", "data.scales", "data.seeds", "model.scales", "model.seeds",
-    # which members a study has, and what each is evaluated on: each member's file records its own
-    "corruptions", "data.corruptions", "model.corruptions", "eval_corruptions",
+    # which members a study has (each member's file is its own): like --scales, more train only the new ones
+    "corruptions", "data.corruptions", "model.corruptions",
     "data.data_dir", "data.download",
     "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes",  # tasks may run on GPUs, the gather on a CPU
 }  # fmt: skip
 UNSET = "<unset>"  # how a key that one of two configs lacks is shown
+# Options added after studies were recorded without them: at this value (what those studies did) they are left
+# out of the identity, so that those studies keep theirs.
+ADDED_LATER = {"eval_corruptions": None}
 
 
 def sigma_text(sigma: float) -> str:
@@ -181,7 +184,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def identity_of(resolved: dict) -> dict[str, object]:
     """The options of a resolved config (nested, as YAML) that decide a study's results, flat."""
-    return {k: v for k, v in flatten(resolved).items() if k not in NOT_IDENTITY}
+    return {
+        k: v
+        for k, v in flatten(resolved).items()
+        if k not in NOT_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])
+    }
 
 
 def differences(recorded: dict, identity: dict, keys: set[str], now: str) -> list[str]:

@@ -336,3 +336,11 @@ def test_a_bad_corruption_is_one_message_naming_it_before_anything_is_made(args,
     error = exits_with_error(tiny(data_dir, out, *args), capsys)
     assert message in error and error.count("error:") == 1
     assert not out.exists()
+
+
+def test_the_evaluation_list_is_part_of_a_studys_identity(corruption_study, data_dir, capsys):
+    other = "--eval_corruptions=[{class_path: ShotNoise, init_args: {severities: [0.2]}}]"
+    message = exits_with_error(
+        tiny(data_dir, corruption_study, f"--corruptions={TRAIN}", other, seeds="[0, 1]"), capsys
+    )
+    assert "holds a study made with other options (eval_corruptions:" in message
