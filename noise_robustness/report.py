@@ -120,7 +120,10 @@ def summary_markdown(results: list[dict], robustness: list[dict] | None = None) 
 
 
 CLEAN = (GAUSSIAN.name, 0.0)
-AUC_NOTE = "Each: the mean accuracy from severity 0 to the largest evaluated (trapezoids from the clean accuracy)."
+AUC_NOTE = (
+    "clean: the accuracy on clean validation images. Each corruption: the mean accuracy from severity 0 to the "
+    "largest evaluated (trapezoids from the clean accuracy); mean: their mean over the corruptions."
+)
 CE_NOTE = (
     "Each: the member's errors summed over the corruption's severities, over those of the clean-trained member of "
     "the same network and seed (the baseline: 100 %); mCE: their mean over the corruptions."
@@ -155,6 +158,7 @@ class CorruptionMeasures:
     trained: list[tuple[str, float]]
     corruptions: list[str]
     levels: dict[str, list[float]]
+    clean: dict[tuple, list[float]]  # training cell -> per seed: the accuracy on clean images
     auc: dict[tuple, list[list[float | None]]]  # training cell -> per seed -> per corruption
     ce: dict[tuple, list[list[float | None]]]
 
@@ -181,13 +185,14 @@ def corruption_measures(robustness: list[dict]) -> dict[str, CorruptionMeasures]
         levels = {c: [s for e, s in evaluated if e == c] for c in corruptions}
         if not corruptions:
             continue
-        auc, ce = {}, {}
+        clean, auc, ce = {}, {}, {}
         for train in trained:
             mine = [accuracy.get((seed, train), {}) for seed in seeds]
             baseline = [accuracy.get((seed, CLEAN), {}) for seed in seeds]
+            clean[train] = [a[CLEAN] for a in mine if CLEAN in a]
             auc[train] = [[area_under_accuracy(a, levels[c], c) for c in corruptions] for a in mine]
             ce[train] = [[corruption_error(a, b, levels[c], c) for c in corruptions] for a, b in zip(mine, baseline)]
-        measures[network] = CorruptionMeasures(seeds, trained, corruptions, levels, auc, ce)
+        measures[network] = CorruptionMeasures(seeds, trained, corruptions, levels, clean, auc, ce)
     return measures
 
 
@@ -199,14 +204,16 @@ def corruption_summary(robustness: list[dict]) -> list[str]:
     for network, m in corruption_measures(robustness).items():
         spread = f"mean ± std over seeds {m.seeds}" if len(m.seeds) > 1 else f"seed {m.seeds[0]}"
         header = " | ".join(f"{c} ({', '.join(sigma_text(s) for s in m.levels[c])})" for c in m.corruptions)
-        for title, measure, mean_name, note in (
-            ("area under accuracy against severity (%)", "auc", "mean", AUC_NOTE),
-            ("corruption error (%), relative to the clean-trained member", "ce", "mCE", CE_NOTE),
+        for title, measure, first, mean_name, note in (
+            ("area under accuracy against severity (%)", "auc", "clean | ", "mean", AUC_NOTE),
+            ("corruption error (%), relative to the clean-trained member", "ce", "", "mCE", CE_NOTE),
         ):
-            lines += [f"### {network}: {title}, {spread}", "", note, "", f"| trained on | {header} | {mean_name} |"]
-            lines.append(f"| --- |{' ---: |' * (len(m.corruptions) + 1)}")
+            lines += [f"### {network}: {title}, {spread}", "", note, ""]
+            lines.append(f"| trained on | {first}{header} | {mean_name} |")
+            lines.append(f"| --- |{' ---: |' * (len(m.corruptions) + 1 + bool(first))}")
             for train in m.trained:
-                values = [_fmt(column) if column else "" for column in m.columns(measure, train)]
+                columns = ([m.clean[train]] if first else []) + m.columns(measure, train)
+                values = [_fmt(column) if column else "" for column in columns]
                 lines.append(f"| {label(train, False)} | {' | '.join(values)} |")
             lines.append("")
     return lines

@@ -303,11 +303,15 @@ def test_the_summary_numbers_are_recomputed_from_robustness_csv(corruption_study
 
     summary = (corruption_study / "summary.md").read_text()
     auc_line, ce_line = [line for line in summary.splitlines() if line.startswith("| impulse 0.2 |")][1:]
-    expected_auc = [text([s[i] for s in per_seed_auc]) for i in range(3)] + [text([np.mean(s) for s in per_seed_auc])]
+    clean = text([acc[(seed, *impulse, "gaussian", 0.0)] for seed in (0, 1)])
+    expected_auc = (
+        [clean] + [text([s[i] for s in per_seed_auc]) for i in range(3)] + [text([np.mean(s) for s in per_seed_auc])]
+    )
     expected_ce = [text([s[i] for s in per_seed_ce]) for i in range(3)] + [text([np.mean(s) for s in per_seed_ce])]
     assert auc_line == f"| impulse 0.2 | {' | '.join(expected_auc)} |"
     assert ce_line == f"| impulse 0.2 | {' | '.join(expected_ce)} |"
     assert "| clean | 100.00 ± 0.00 | 100.00 ± 0.00 | 100.00 ± 0.00 | 100.00 ± 0.00 |" in summary  # the baseline
+    assert "| trained on | clean | shot (0.2, 0.5) | rotate (0.5, 1) | stripe (5) | mean |" in summary
 
 
 @pytest.mark.slow
