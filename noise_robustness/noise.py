@@ -13,6 +13,7 @@ carries the same pattern, only scaled, at every σ. The other corruptions (``cor
 patterns too, and a uniform [0, 1) pattern drawn the same way from a stream of its own.
 """
 
+import functools
 import hashlib
 import math
 
@@ -86,17 +87,8 @@ def draw(
     return out
 
 
-def standard_normal(
-    n_images: int,
-    image_shape: tuple[int, ...],
-    seed: int,
-    split: str,
-    epoch: int = 0,
-    device: torch.device | str = "cpu",
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The standard-normal noise patterns of images ``0 .. n_images - 1`` of ``split``: ``draw("normal", ...)``."""
-    return draw("normal", n_images, image_shape, seed, split, epoch, device, out)
+# The standard-normal patterns of images 0 .. n_images - 1 of a split: Gaussian noise's z.
+standard_normal = functools.partial(draw, "normal")
 
 
 def add_noise(

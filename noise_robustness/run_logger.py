@@ -82,7 +82,8 @@ class RunLogger(TensorBoardLogger):
 
     @rank_zero_only
     def log_member_hparams(self, members: list[Member], constants: dict[str, object]) -> None:
-        """The HParams view: σ and seed first, then the study's other settings, against the final metrics.
+        """The HParams view: σ (or corruption and severity) and seed first, then the study's other settings, against
+        the final metrics.
 
         An experiment summary at the root lists the columns in that order (with every value, so
         TensorBoard knows σ and seed differ); each member's run holds its own values. Its metric
@@ -90,7 +91,13 @@ class RunLogger(TensorBoardLogger):
         """
         # TensorBoard shows numbers with five digits ("128.00"): integers go as text, to read as such.
         shown = {name: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for name, v in constants.items()}
-        values = {m: {"sigma": m.noise_scale, "seed": str(m.seed), **shown} for m in members}
+        if all(m.key == "sigma" for m in members):
+            values = {m: {"sigma": m.noise_scale, "seed": str(m.seed), **shown} for m in members}
+        else:  # other corruptions: what each member trained on, and at which severity (in its unit)
+            values = {
+                m: {"corruption": m.corruption.name, "severity": m.noise_scale, "seed": str(m.seed), **shown}
+                for m in members
+            }
         columns = {name: sorted({v[name] for v in values.values()}) for name in values[members[0]]}
         # `differs`: TensorBoard lists the columns that differ first (and shows only the first few by default).
         infos = [hparam_info(name, column) for name, column in columns.items()]

@@ -266,8 +266,9 @@ def test_a_corruption_study_records_each_members_corruption_and_every_evaluation
             == (result["corruption"], result["noise_scale"], result["seed"])
         ]
         assert [(r["eval_corruption"], float(r["eval_noise_scale"])) for r in mine] == evaluated
-    for name in ("robustness", "corruption_preview", "noise_preview"):
+    for name in ("robustness", "corruption_preview", "noise_preview", "corruption_errors"):
         assert (corruption_study / f"{name}.png").stat().st_size > 10_000
+    assert (corruption_study / "tensorboard" / "impulse=0.2" / "seed=1").is_dir()  # a TensorBoard run per member
 
 
 def test_the_summary_numbers_are_recomputed_from_robustness_csv(corruption_study):
