@@ -349,3 +349,12 @@ def test_the_evaluation_list_is_part_of_a_studys_identity(corruption_study, data
         tiny(data_dir, corruption_study, f"--corruptions={TRAIN}", other, seeds="[0, 1]"), capsys
     )
     assert "holds a study made with other options (eval_corruptions:" in message
+
+
+def test_certify_smooths_the_members_trained_on_gaussian_noise_only(corruption_study):
+    from noise_robustness.certification import Setting, plan
+
+    (certification,) = plan([str(corruption_study)], Setting(n0=10, n=100, alpha=0.001, images=10, sigma=None))
+    assert [m.name for m in certification.members] == ["sigma=1/seed=0", "sigma=1/seed=1"]  # not impulse, not clean
+    (named,) = plan([str(corruption_study)], Setting(n0=10, n=100, alpha=0.001, images=10, sigma=0.5))
+    assert [m.name for m in named.members] == ["sigma=0/seed=0", "sigma=1/seed=0", "sigma=0/seed=1", "sigma=1/seed=1"]
