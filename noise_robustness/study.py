@@ -5,7 +5,8 @@ A study is one network per (noise level σ, seed), its *members*. Its folder ``o
 - ``study.yaml``: the study's identity, every option that decides a result; a command with other
   options is refused, naming each key that differs;
 - ``config.yaml``: the full resolved config of the last command that trained in it;
-- ``members/sigma=<σ>/seed=<s>.json``: one result file per finished member, written atomically, and
+- ``members/sigma=<σ>/seed=<s>.json`` (``impulse=<severity>/...`` for other corruptions): one result file per
+  finished member, written atomically, and
   ``seed=<s>.pt`` beside it, the member's final weights (written first);
 - ``locks/``: one lock per member in training (``flock``), so two commands never train the same member;
 - ``checkpoints/<group>/``: the checkpoint of a group of members trained together, to resume it;
