@@ -113,7 +113,7 @@ class Certification:
         return self.study.resolved["model"]["net"]["class_path"].rsplit(".", 1)[-1]
 
     def rows_file(self, member: Member) -> Path:
-        return self.folder / "members" / f"sigma={sigma_text(member.noise_scale)}" / f"seed={member.seed}.csv"
+        return self.folder / "members" / f"{member.name}.csv"
 
     def networks(self, indices: list[int]) -> list[torch.nn.Module]:
         """The networks of the members at ``indices``, each with its final weights, in eval mode."""

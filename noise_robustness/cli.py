@@ -133,10 +133,21 @@ def check_checkpoint(path: str) -> None:
         raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} holds no `state_dict`")
 
 
+def option_values(tokens: list[str], *flags: str) -> list[str]:
+    """The values ``tokens`` give any of ``flags``, in order: ``FLAG V``, or ``--FLAG=V`` for a long flag."""
+    values = []
+    for token, following in zip(tokens, [*tokens[1:], None]):
+        name, equals, value = token.partition("=")
+        if equals and name.startswith("--") and name in flags:
+            values.append(value)
+        elif token in flags and following is not None:
+            values.append(following)
+    return values
+
+
 def config_files(tokens: list[str]) -> list[str]:
     """The config files named in ``tokens``: ``-c F``, ``--config F`` or ``--config=F``."""
-    files = [value for flag, value in zip(tokens, tokens[1:]) if flag in ("-c", "--config")]
-    return files + [token.split("=", 1)[1] for token in tokens if token.startswith("--config=")]
+    return option_values(tokens, "-c", "--config")
 
 
 def check_owned(tokens: list[str], configs: list[dict | None]) -> None:
@@ -170,12 +181,9 @@ def check_corruptions(tokens: list[str], configs: list[dict | None]) -> None:
         for config in configs:
             if isinstance(config, dict) and key in config:
                 given[key] = config[key]
-        for flag, value in zip(tokens, tokens[1:]):
-            if flag == f"--{key}":
-                given[key] = yaml.safe_load(value)
-        for token in tokens:
-            if token.startswith(f"--{key}="):
-                given[key] = yaml.safe_load(token.split("=", 1)[1])
+        typed = option_values(tokens, f"--{key}")
+        if typed:  # the command line's last value wins over the config files'
+            given[key] = yaml.safe_load(typed[-1])
     for key, specs in given.items():
         if specs is not None and not isinstance(specs, list):
             raise ValueError(f"Expected `{key}` to be a list of corruptions (or null), but got {specs!r}")

@@ -29,8 +29,6 @@ from torch.nn import functional as F
 
 from noise_robustness.noise import add_noise
 
-PATTERNS = ("normal", "uniform")  # the per-image random patterns a corruption may read (see data.py)
-
 
 class Corruption:
     """A corruption at a severity per member; subclasses set ``name``, ``unit``, the range and ``__call__``.
@@ -44,7 +42,7 @@ class Corruption:
     unit: ClassVar[str]  # what a severity means
     max_severity: ClassVar[float] = math.inf
     integer: ClassVar[bool] = False  # only whole severities
-    patterns: ClassVar[tuple[str, ...]] = ()  # which of PATTERNS it reads
+    patterns: ClassVar[tuple[str, ...]] = ()  # which kinds of per-image pattern it reads (noise.KINDS)
 
     def __init__(self, severities: list[float] | None = None):
         self.severities = None if severities is None else [self.check(s) for s in severities]

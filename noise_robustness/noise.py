@@ -44,24 +44,25 @@ def derive_seed(*key: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def standard_normal_block(
-    block: int, image_shape: tuple[int, ...], seed: int, split: str, epoch: int = 0, device: torch.device | str = "cpu"
+# A pattern's kind -> its generators' stream name and how a block is drawn. "noise" is Gaussian noise's stream,
+# named before there were other kinds: part of the noise definition, so never rename it.
+KINDS = {"normal": ("noise", torch.randn), "uniform": ("uniform", torch.rand)}
+
+
+def pattern_block(
+    kind: str,
+    block: int,
+    image_shape: tuple[int, ...],
+    seed: int,
+    split: str,
+    epoch: int = 0,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Standard-normal noise of images ``block * BLOCK`` to ``(block + 1) * BLOCK - 1`` of ``split``."""
-    generator = torch.Generator(device=device).manual_seed(derive_seed("noise", seed, split, epoch, block))
-    return torch.randn((BLOCK, *image_shape), generator=generator, device=device)
-
-
-def uniform_block(
-    block: int, image_shape: tuple[int, ...], seed: int, split: str, epoch: int = 0, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Uniform [0, 1) patterns of images ``block * BLOCK`` to ``(block + 1) * BLOCK - 1`` of ``split`` (a stream of
-    their own: independent of the standard-normal ones)."""
-    generator = torch.Generator(device=device).manual_seed(derive_seed("uniform", seed, split, epoch, block))
-    return torch.rand((BLOCK, *image_shape), generator=generator, device=device)
-
-
-BLOCKS = {"normal": standard_normal_block, "uniform": uniform_block}  # a pattern's kind -> how a block is drawn
+    """The ``kind`` patterns (standard normal, or uniform in [0, 1)) of images ``block * BLOCK`` to
+    ``(block + 1) * BLOCK - 1`` of ``split``; each kind from generators of its own."""
+    stream, sample = KINDS[kind]
+    generator = torch.Generator(device=device).manual_seed(derive_seed(stream, seed, split, epoch, block))
+    return sample((BLOCK, *image_shape), generator=generator, device=device)
 
 
 def draw(
@@ -74,7 +75,7 @@ def draw(
     device: torch.device | str = "cpu",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ``kind`` patterns (``BLOCKS``) of images ``0 .. n_images - 1`` of ``split`` (written into ``out`` if given).
+    """The ``kind`` patterns (``KINDS``) of images ``0 .. n_images - 1`` of ``split`` (written into ``out`` if given).
 
     Returns:
         A float32 tensor of shape ``(n_images, *image_shape)``; row ``i`` depends only on
@@ -83,7 +84,9 @@ def draw(
     out = torch.empty((n_images, *image_shape), device=device) if out is None else out
     for block, start in enumerate(range(0, n_images, BLOCK)):
         # Always a whole block, so a shorter split (or a subset) gets the same rows.
-        out[start : start + BLOCK] = BLOCKS[kind](block, image_shape, seed, split, epoch, device)[: n_images - start]
+        out[start : start + BLOCK] = pattern_block(kind, block, image_shape, seed, split, epoch, device)[
+            : n_images - start
+        ]
     return out
 
 

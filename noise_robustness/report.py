@@ -26,10 +26,11 @@ def trained_on(row: dict, prefix: str = "") -> tuple[str, float]:
 
 
 def label(cell: tuple[str, float], gaussian_only: bool) -> str:
-    """``0.5`` (Gaussian σ, in a study of Gaussian noise alone), ``gaussian 0.5``, ``impulse 0.1``, ``clean``."""
+    """``0.5`` and ``0 (clean)`` (Gaussian σ, in a study of Gaussian noise alone), ``gaussian 0.5``, ``impulse 0.1``,
+    ``clean``."""
     corruption, severity = cell
     if gaussian_only:
-        return sigma_text(severity)
+        return f"{sigma_text(severity)}{' (clean)' if severity == 0 else ''}"
     return "clean" if severity == 0 else f"{corruption} {sigma_text(severity)}"
 
 
@@ -76,9 +77,7 @@ def side_by_side(table: dict) -> list[str]:
     ]
     for cell in cells:
         values = [_fmt(table[n][cell]["val_acc"]) if cell in table[n] else "" for n in networks]
-        lines.append(
-            f"| {label(cell, gaussian)}{' (clean)' if gaussian and cell[1] == 0 else ''} | {' | '.join(values)} |"
-        )
+        lines.append(f"| {label(cell, gaussian)} | {' | '.join(values)} |")
     return [*lines, ""]
 
 
@@ -107,16 +106,20 @@ def summary_markdown(results: list[dict], robustness: list[dict] | None = None) 
         ]
         for cell in cell_order(by_cell):
             values = by_cell[cell]
-            name = f"{label(cell, gaussian)}{' (clean)' if gaussian and cell[1] == 0 else ''}"
             lines.append(
-                f"| {name} | {_fmt(values['train_acc'])} | {_fmt(values['val_acc'])} | {_fmt(values['gap'])} |"
+                f"| {label(cell, gaussian)} | {_fmt(values['train_acc'])} | {_fmt(values['val_acc'])} | "
+                f"{_fmt(values['gap'])} |"
             )
         lines.append("")
-    robustness = robustness or []
-    cells = {trained_on(r, "eval_") for r in robustness} | {trained_on(r) for r in results}
-    if not only_gaussian(cells):
+    if robustness and corrupted(results, robustness):
         lines += corruption_summary(robustness)
     return "\n".join(lines)
+
+
+def corrupted(results: list[dict], robustness: list[dict]) -> bool:
+    """Whether any member trained, or was evaluated, on another corruption than Gaussian noise: what adds the
+    corruption summary to ``summary.md``."""
+    return not only_gaussian([trained_on(r) for r in results] + [trained_on(r, "eval_") for r in robustness])
 
 
 CLEAN = (GAUSSIAN.name, 0.0)
@@ -330,7 +333,6 @@ def preview_figure(images: torch.Tensor, rows: list[tuple[str, float]]) -> Figur
 def corruption_preview(images: dict[tuple[str, float], torch.Tensor], digits: int = 4) -> Figure:
     """Every evaluated corruption (a row) at each of its severities (columns, clean first), the same ``digits``
     validation digits side by side in each; ``images``: (corruption, severity) -> ``[digit, 1, H, W]``."""
-    clean = (GAUSSIAN.name, 0.0)
     corruptions = list(dict.fromkeys(c for c, s in images if s > 0))
     levels = {c: [s for e, s in images if e == c and s > 0] for c in corruptions}
     columns = 1 + max(len(v) for v in levels.values())
@@ -338,7 +340,7 @@ def corruption_preview(images: dict[tuple[str, float], torch.Tensor], digits: in
     axes = fig.subplots(len(corruptions), columns, squeeze=False)
     for axes_row, corruption in zip(axes, corruptions):
         for ax, severity in zip(axes_row, [0.0, *levels[corruption]]):
-            strip = images[clean if severity == 0 else (corruption, severity)][:digits, 0].cpu().clamp(0, 1)
+            strip = images[CLEAN if severity == 0 else (corruption, severity)][:digits, 0].cpu().clamp(0, 1)
             ax.imshow(torch.cat(list(strip), dim=1), cmap="gray", vmin=0, vmax=1)
             ax.set_title("clean" if severity == 0 else f"{corruption} {sigma_text(severity)}", fontsize=8, pad=2)
         for ax in axes_row:
@@ -401,7 +403,7 @@ def write_report(
     seed = int(results[0]["seed"])
     picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
     levels = cell_order((m.corruption.name, m.noise_scale) for m in members)
-    by_name = {m.corruption.name: m.corruption for m in members} | {c.name: c for c, _ in cells}
+    by_name = {m.corruption.name: m.corruption for m in members}
     preview, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, by_name[c]) for c, s in levels])
     figures = {
         "accuracy_vs_noise": accuracy_figure(results, majority),
@@ -412,10 +414,9 @@ def write_report(
     if measures and not only_gaussian([trained_on(r, "eval_") for r in robustness] + levels):
         figures["corruption_errors"] = corruption_error_figure(measures)
     if not only_gaussian([(c.name, s) for c, s in cells] + levels):
-        shown = [(c, s) for c, s in cells]
-        corrupted, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, c) for c, s in shown])
+        shown, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, c) for c, s in cells])
         figures["corruption_preview"] = corruption_preview(
-            {(c.name, s): images for (c, s), images in zip(shown, corrupted)}
+            {(c.name, s): images for (c, s), images in zip(cells, shown)}
         )
     writer = SummaryWriter(str(out / "tensorboard"))
     for name, fig in figures.items():
