@@ -1,6 +1,7 @@
 """The LightningModule: K members (one network per (σ, seed)) trained in one step, cross-entropy each."""
 
 from collections.abc import Callable
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -18,22 +19,25 @@ METRICS = ("acc", "loss")  # logged as "<stage>/<metric>", per member
 
 
 class MemberMeans(Metric):
-    """The mean of per-image values, one mean per member; summed across DDP processes before dividing."""
+    """Per member, the mean accuracy and loss over the images seen: kept on the device, updated every step
+    without reading anything back, summed across DDP processes before dividing, read once an epoch."""
 
     full_state_update = False
 
     def __init__(self, members: int):
         super().__init__()
-        self.add_state("total", torch.zeros(members, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in METRICS:
+            self.add_state(name, torch.zeros(members, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, values: torch.Tensor) -> None:
-        """``values``: ``[K, B]``, one value per member and image."""
-        self.total += values.sum(dim=1, dtype=torch.float64)
-        self.count += values.shape[1]
+    def update(self, correct: torch.Tensor, losses: torch.Tensor) -> None:
+        """``correct`` (bool) and ``losses``: ``[K, B]``, one per member and image."""
+        self.acc += correct.sum(dim=1, dtype=torch.float64)
+        self.loss += losses.sum(dim=1, dtype=torch.float64)
+        self.count += correct.shape[1]
 
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count  # float64: an accuracy is an exact ratio of counts
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) / self.count for name in METRICS}  # float64: an accuracy is a ratio of counts
 
 
 class NoiseClassifier(pl.LightningModule):
@@ -47,6 +51,10 @@ class NoiseClassifier(pl.LightningModule):
         eps: RMSprop epsilon, added to the root mean square (1e-7 in Keras, 1e-8 in PyTorch).
         fast: the fast dropout masks and RMSprop step (see ``stacked.py``); false selects torch's own
             ``bernoulli_`` dropout and ``torch.optim.RMSprop``, the reference to check them against.
+        dropout_masks: ``per_member`` draws each member's dropout masks from a generator of its own (the
+            committed results); ``counter`` draws every member's in one counter-based draw a step, the same
+            handful of operations at any number of members (``stacked.CounterMasks``; other masks, so other
+            numbers).
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
         corruptions: what the members train on; set by the study's ``--corruptions``.
@@ -59,6 +67,7 @@ class NoiseClassifier(pl.LightningModule):
         rho: float = 0.9,
         eps: float = 1e-7,
         fast: bool = True,
+        dropout_masks: Literal["per_member", "counter"] = "per_member",
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
         corruptions: list[Corruption] | None = None,
@@ -68,11 +77,9 @@ class NoiseClassifier(pl.LightningModule):
         # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
         self.lr, self.rho, self.eps, self.fast = lr, rho, eps, fast
         self.members = study_members(scales, seeds, corruptions)
-        self.net = stack_members(net, [m.seed for m in self.members], fast)
-        # One metric pair per stage, so their states never mix; updated every step, logged per epoch.
-        self.metrics = nn.ModuleDict(
-            {f"{stage}_{name}": MemberMeans(len(self.members)) for stage in STAGES for name in METRICS}
-        )
+        self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks)
+        # One metric per stage, so their states never mix; updated every step, logged per epoch.
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": MemberMeans(len(self.members)) for stage in STAGES})
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
 
     def on_train_epoch_start(self) -> None:
@@ -89,16 +96,15 @@ class NoiseClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-        self.metrics[f"{stage}_acc"].update((logits.detach().argmax(-1) == labels).float())
-        self.metrics[f"{stage}_loss"].update(losses.detach())
+        self.metrics[f"{stage}_metrics"].update(logits.detach().argmax(-1) == labels, losses.detach())
         return losses.mean(dim=1).sum()
 
     def end_epoch(self, stage: str) -> None:
         """Reduces the epoch's metrics (across DDP processes too), keeps them per member, resets them."""
+        means = self.metrics[f"{stage}_metrics"].compute()
+        self.metrics[f"{stage}_metrics"].reset()
         for name in METRICS:
-            metric = self.metrics[f"{stage}_{name}"]
-            values = metric.compute().reshape(len(self.members))  # torchmetrics squeezes a single member's
-            metric.reset()
+            values = means[name].reshape(len(self.members))  # torchmetrics squeezes a single member's
             self.epoch_metrics[f"{stage}/{name}"] = values
             # the mean over members, for the progress bar and callbacks; each member's goes to its own run
             self.log(f"{stage}/{name}", values.float().mean(), logger=False, prog_bar=name == "acc" and stage != "test")
@@ -113,8 +119,7 @@ class NoiseClassifier(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.end_epoch("val")
         else:
-            self.metrics["val_acc"].reset()
-            self.metrics["val_loss"].reset()
+            self.metrics["val_metrics"].reset()
 
     def on_test_epoch_end(self) -> None:
         self.end_epoch("test")

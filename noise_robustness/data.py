@@ -58,8 +58,12 @@ class Group(NamedTuple):
 class MemberBatches:
     """Serves ``(images [K, B, 1, 28, 28], labels [K, B])`` batches of a split: no per-sample Python, no collate.
 
+    Each member's file rows for the whole epoch are looked up once when it starts (``rows``); a batch is
+    then a slice of them, composed with one gather per tensor (``compose``).
+
     Args:
-        compose: ``(positions by seed, epoch=...) -> (images, labels)`` for every member.
+        rows: ``(positions by seed) -> [K, n]``, each member's MNIST file rows at its seed's positions.
+        compose: ``(rows [K, B], epoch=...) -> (images, labels)`` for every member.
         size: images in the split.
         seeds: the study's seeds; each shuffles with its own permutation per epoch.
         batch_size: images per batch and process.
@@ -70,7 +74,8 @@ class MemberBatches:
 
     def __init__(
         self,
-        compose: Callable[[dict[int, torch.Tensor], int], tuple[torch.Tensor, torch.Tensor]],
+        rows: Callable[[dict[int, torch.Tensor]], torch.Tensor],
+        compose: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
         size: int,
         seeds: list[int],
         batch_size: int,
@@ -78,7 +83,7 @@ class MemberBatches:
         shuffle: bool,
         device: torch.device,
     ):
-        self.compose, self.size, self.seeds, self.batch_size = compose, size, seeds, batch_size
+        self.rows, self.compose, self.size, self.seeds, self.batch_size = rows, compose, size, seeds, batch_size
         self.position, self.shuffle, self.device = position, shuffle, device
 
     def batches(self, epoch: int, rank: int, world_size: int) -> dict[int, list[torch.Tensor]]:
@@ -102,8 +107,11 @@ class MemberBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, rank, world_size = self.position()
         by_seed = self.batches(epoch, rank, world_size)
-        for step in range(len(by_seed[self.seeds[0]])):
-            yield self.compose({seed: batches[step] for seed, batches in by_seed.items()}, epoch=epoch)
+        rows = self.rows({seed: torch.cat(batches) for seed, batches in by_seed.items()})  # [K, this epoch's shard]
+        start = 0
+        for batch in by_seed[self.seeds[0]]:  # every seed's batches have the same sizes
+            yield self.compose(rows[:, start : start + len(batch)], epoch=epoch)  # a view: no work per step
+            start += len(batch)
 
 
 class NoisyMNISTDataModule(pl.LightningDataModule):
@@ -151,7 +159,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             )
         self.save_hyperparameters(ignore=["corruptions"])  # its members hold them; a checkpoint keeps plain values
         self._patterns: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, file, noise epoch) -> every seed's
-        self._member_rows: dict[tuple, tuple] = {}  # (members, seeds) -> their rows and groups (member_rows)
+        self._member_groups: dict[tuple, tuple] = {}  # members -> their groups (member_groups)
 
     # -- the data ---------------------------------------------------------------------------------
 
@@ -217,13 +225,26 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             at ``positions[s]`` corrupted at its severity from seed s's patterns (this epoch's for training in
             ``resample`` mode): for Gaussian noise, the clean images plus σ times seed s's pattern.
         """
+        return self.corrupted(split, self.file_rows(split, positions, members), members, epoch)
+
+    def file_rows(
+        self, split: str, positions: dict[int, torch.Tensor], members: list[Member] | None = None
+    ) -> torch.Tensor:
+        """``[K, n]``: member k's MNIST file rows, the split's ``positions[seed]`` for its seed."""
         members = self.members if members is None else members
-        file, idx = self.splits[split]
-        noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
         seeds = list(positions)
-        by_seed, groups, order = self.member_rows(tuple(members), tuple(seeds))
-        rows = idx[torch.stack([positions[seed] for seed in seeds])][by_seed]  # [K, n]: member k's file indices
-        # One gather per tensor for every member of a corruption: clean pixels, labels, and the patterns it reads
+        by_seed = torch.tensor([seeds.index(m.seed) for m in members], device=self.device)
+        return self.splits[split][1][torch.stack([positions[seed] for seed in seeds])][by_seed]
+
+    def corrupted(
+        self, split: str, rows: torch.Tensor, members: list[Member] | None = None, epoch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``noisy_images`` at each member's file ``rows`` ``[K, n]`` (``file_rows``): one gather per tensor for
+        every member of a corruption (clean pixels, labels, and the patterns it reads)."""
+        members = self.members if members is None else members
+        file = self.splits[split][0]
+        noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
+        groups, order = self.member_groups(tuple(members))
         clean = self.images[file][rows].float().div_(255)
         corrupted = []
         for group in groups:
@@ -239,12 +260,10 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         images = corrupted[0] if len(groups) == 1 else torch.cat(corrupted)[order]
         return images.clamp(0.0, 1.0) if self.hparams.clip else images, self.file_labels[file][rows]
 
-    def member_rows(self, members: tuple[Member, ...], seeds: tuple[int, ...]) -> tuple:
-        """For each member, its seed's position in ``seeds``; the members grouped by corruption (``Group``); and
-        where each member's images sit among the groups' (None for one group). On the data's device, made once per
-        (members, seeds), not per batch."""
-        key = (members, seeds)
-        if key not in self._member_rows:
+    def member_groups(self, members: tuple[Member, ...]) -> tuple[list[Group], torch.Tensor | None]:
+        """The members grouped by corruption (``Group``), and where each member's images sit among the groups'
+        (None for one group). On the data's device, made once per set of members, not per batch."""
+        if members not in self._member_groups:
             study_seeds = self.hparams.seeds
             corruptions = list(dict.fromkeys(m.corruption for m in members))
             groups, positions = [], []
@@ -262,9 +281,8 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
                 )
                 positions += ks
             order = torch.argsort(torch.tensor(positions, device=self.device)) if len(groups) > 1 else None
-            by_seed = torch.tensor([seeds.index(m.seed) for m in members], device=self.device)
-            self._member_rows[key] = by_seed, groups, order
-        return self._member_rows[key]
+            self._member_groups[members] = groups, order
+        return self._member_groups[members]
 
     # -- the loaders ------------------------------------------------------------------------------
 
@@ -275,9 +293,10 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
     def loader(self, split: str, members: list[Member] | None = None, shuffle: bool = False) -> MemberBatches:
         """Batches of ``split`` for ``members`` (default: the study's)."""
         seeds = sorted({m.seed for m in (members or self.members)})
-        compose = functools.partial(self.noisy_images, split, members=members)
+        rows = functools.partial(self.file_rows, split, members=members)
+        compose = functools.partial(self.corrupted, split, members=members)
         return MemberBatches(
-            compose, self.split_size(split), seeds, self.hparams.batch_size, self._position, shuffle, self.device
+            rows, compose, self.split_size(split), seeds, self.hparams.batch_size, self._position, shuffle, self.device
         )
 
     def train_dataloader(self) -> MemberBatches:

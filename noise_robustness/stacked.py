@@ -1,13 +1,20 @@
 """K networks as one: parameters stacked along a leading member axis, one random stream per member.
 
 Member ``k`` computes exactly what its network would compute alone: its weights are built from its
-own seed, and its dropout masks come from its own generator, reseeded from (seed, epoch, rank) when
-an epoch starts. Stacking changes only the floating-point summation order of the matrix products.
+own seed, and its dropout masks depend on its own seed only, never on K or its position among the
+members. Stacking changes only the floating-point summation order of the matrix products.
+
+Two sources of dropout masks (``masks``):
+- ``per_member``: each member draws from its own generator, reseeded from (seed, epoch, rank) when an
+  epoch starts: three operations per member and dropout layer a step;
+- ``counter``: every member's and layer's masks in one draw a step, from a counter-based hash of
+  (member seed, epoch, rank, step) and the unit's index (``CounterMasks``): the same operations at any K,
+  and the same bits on any device.
 
 Two implementations of the same math, chosen by ``fast``:
 - fast: dropout masks from 16 random bits per unit (4 units per 64-bit draw, ~7x cheaper than
   ``bernoulli_`` on a CPU), ReLU and dropout fused into one multiplication by a saved mask, and an
-  RMSprop step that reuses its buffers;
+  RMSprop step as five multi-tensor (``_foreach``) operations;
 - reference: ``bernoulli_`` masks (what ``nn.Dropout`` draws), ReLU and dropout as separate ops, and
   ``torch.optim.RMSprop``.
 """
@@ -23,6 +30,7 @@ from torch.nn import functional as F
 from noise_robustness.noise import derive_seed
 
 KEEP_BITS = 16  # random bits per dropout decision: P(keep) is exact to 2**-16 (3e-6 for p = 0.2)
+MASKS = ("per_member", "counter")  # where dropout masks come from (see the module docstring)
 
 
 def build_member(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -70,6 +78,89 @@ class MemberGenerators:
         self.generators = [
             torch.Generator(device=device).manual_seed(derive_seed("dropout", s, epoch, rank)) for s in self.seeds
         ]
+
+
+def _int32(value: int) -> int:
+    """``value`` modulo 2**32 as a signed 32-bit integer (the hash's arithmetic is two's complement int32)."""
+    value &= 0xFFFFFFFF
+    return value - 2**32 if value >= 2**31 else value
+
+
+MIX = (_int32(0x7FEB352D), _int32(0x846CA68B))  # lowbias32's multipliers (C. Wellons' hash prospector)
+
+
+def _xorshift_(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """``x ^= x >>> shift`` in place: a logical shift (torch's is arithmetic on int32, so mask the sign copies)."""
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, shift).bitwise_and_((1 << (32 - shift)) - 1))
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' ``lowbias32`` integer hash of an int32 tensor (a bijection on 32-bit words), in place."""
+    _xorshift_(x, 16).mul_(MIX[0])
+    _xorshift_(x, 15).mul_(MIX[1])
+    return _xorshift_(x, 16)
+
+
+class CounterMasks:
+    """Dropout masks for every member and dropout layer in one draw a step, a pure function of (member seed,
+    epoch, rank, step, unit): a counter-based random function, no generator state.
+
+    Unit ``u`` of image ``b`` (the units of a step's dropout layers side by side, ``U`` an image) has the counter
+    ``c = b * U + u``; its word is ``finish(lowbias32(c) ^ key)`` with ``key`` the member's 32 bits for (seed,
+    epoch, rank, step) (``derive_seed``) and ``finish`` lowbias32's multiply-xorshift-multiply. The unit is kept
+    when the word, read as a signed 32-bit integer, is below its layer's ``round((1 - p) * 2**32) - 2**31``:
+    P(keep) exact to 2**-32. ``lowbias32(c)`` is kept between steps, so a step costs one xor, two
+    multiplications, one xorshift, one comparison and one selection of the scale over all members' units,
+    however many members there are. The arithmetic is two's-complement int32, the same on a CPU and a GPU.
+    """
+
+    STEPS = 512  # member keys are derived a block of steps at a time
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = seeds
+        self.epoch = self.rank = 0
+        self.keys = torch.empty(0, len(seeds), 1, 1, dtype=torch.int32)  # [steps, K, 1, 1]: this epoch's, so far
+        # (images, layers, dtype, device) -> lowbias32(c) [images, U], thresholds [U], scales [U], a zero
+        self.constants: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def start_epoch(self, epoch: int, rank: int) -> None:
+        self.epoch, self.rank = epoch, rank
+        self.keys = self.keys[:0]
+
+    def member_keys(self, step: int, device: torch.device) -> torch.Tensor:
+        """``[K, 1, 1]`` int32: each member's key for ``step`` of this epoch (a block of steps derived at a time)."""
+        while step >= len(self.keys):
+            first = len(self.keys)
+            block = [
+                [[[_int32(derive_seed("dropout", seed, self.epoch, self.rank, s))]] for seed in self.seeds]
+                for s in range(first, first + self.STEPS)
+            ]
+            self.keys = torch.cat([self.keys.to(device), torch.tensor(block, dtype=torch.int32, device=device)])
+        return self.keys[step]
+
+    def scaled_masks(
+        self, step: int, images: int, layers: tuple[tuple[int, float], ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """``[K, images, U]`` in ``dtype``: every member's dropout multipliers at ``step``, 1 / (1 - p) for a kept
+        unit and 0 for a dropped one; ``layers`` gives each dropout layer's units per image and p, in order."""
+        key = (images, layers, dtype, device)
+        if key not in self.constants:
+            units = [n for n, _ in layers]
+            self.constants[key] = (
+                lowbias32(torch.arange(images * sum(units), dtype=torch.int32, device=device)).view(images, -1),
+                torch.tensor([round((1 - p) * 2**32) - 2**31 for _, p in layers], device=device)
+                .to(torch.int32)
+                .repeat_interleave(torch.tensor(units, device=device)),
+                torch.tensor([1 / (1 - p) for _, p in layers], device=device)
+                .to(dtype)
+                .repeat_interleave(torch.tensor(units, device=device)),
+                torch.zeros((), dtype=dtype, device=device),
+            )
+        counters, thresholds, scales, zero = self.constants[key]
+        words = torch.bitwise_xor(counters, self.member_keys(step, device))  # [K, images, U]
+        words.mul_(MIX[0])
+        _xorshift_(words, 15).mul_(MIX[1])
+        return torch.where(words < thresholds, scales, zero)
 
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.Flatten)
@@ -133,12 +224,16 @@ class StackedSequential(nn.Module):
     ``[K, B, classes]``.
     """
 
-    def __init__(self, members: list[nn.Sequential], seeds: list[int], fast: bool = True):
+    def __init__(self, members: list[nn.Sequential], seeds: list[int], fast: bool = True, masks: str = "per_member"):
         super().__init__()
-        self.k, self.fast = len(members), fast
+        if masks not in MASKS:
+            raise ValueError(f"Expected `masks` to be one of {MASKS}, but got {masks!r}")
+        self.k, self.fast, self.masks = len(members), fast, masks
         self.template = [copy.deepcopy(members[0])]  # in a list: a pattern for `member()`, not a submodule
         self.plan = plan_steps(list(members[0]))
-        self.generators = MemberGenerators(seeds)
+        self.generators, self.counter = MemberGenerators(seeds), CounterMasks(seeds)
+        self.step = 0  # training steps this epoch (the counter masks' step)
+        self._dropout_layers: dict[tuple[int, ...], tuple[tuple[int, float], ...]] = {}  # image shape -> (units, p)
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for layers in zip(*members):
             if isinstance(layers[0], nn.Linear):  # [K, in, out]: x @ W, no transpose per step
@@ -152,9 +247,13 @@ class StackedSequential(nn.Module):
                 self.biases.append(torch.cat([layer.bias.detach() for layer in layers]))
 
     def start_epoch(self, epoch: int, rank: int) -> None:
-        self.generators.start_epoch(epoch, rank, self.weights[0].device)
+        self.step = 0
+        if self.masks == "counter":
+            self.counter.start_epoch(epoch, rank)
+        else:
+            self.generators.start_epoch(epoch, rank, self.weights[0].device)
 
-    def _dropout(self, x: torch.Tensor, p: float, relu: bool, conv: bool) -> torch.Tensor:
+    def _member_dropout(self, x: torch.Tensor, index: int, p: float, relu: bool, conv: bool) -> torch.Tensor:
         # Each member draws its own mask of its own shape, so a member's masks do not depend on K.
         k = self.k
         shape = (x.shape[0], x.shape[1] // k, *x.shape[2:]) if conv else x.shape[1:]
@@ -167,9 +266,47 @@ class StackedSequential(nn.Module):
         x = F.relu(x) if relu else x
         return x * keep.to(x.dtype) * (1 / (1 - p))
 
+    def _counter_dropout(self, images: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """This training step's dropout: every layer's multipliers drawn at once, at its first dropout layer (when
+        the activations' dtype is known: bf16 under autocast), then served layer by layer."""
+        image_shape = tuple(images.shape[2:])
+        if image_shape not in self._dropout_layers:  # units per image of each dropout layer: a pass on no data
+            layers = []
+
+            def record(x, index, p, relu, conv):
+                layers.append((x.numel() // self.k, p))
+                return x
+
+            meta = [[w.to("meta") for w in params] for params in (self.weights, self.biases)]
+            self._run(torch.empty((self.k, 1, *image_shape), device="meta"), *meta, record)
+            self._dropout_layers[image_shape] = tuple(layers)
+        layers, batch, chunks = self._dropout_layers[image_shape], images.shape[1], []
+
+        def dropout(x, index, p, relu, conv):
+            if not chunks:
+                masks = self.counter.scaled_masks(self.step, batch, layers, x.dtype, x.device)
+                chunks.extend(masks.split([units for units, _ in layers], dim=2))
+            mask = chunks[index]  # [K, B, units]
+            if conv:  # to the layout [B, K * C, H, W]
+                mask = mask.reshape(self.k, batch, -1, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+            return (F.relu(x) if relu else x) * mask
+
+        return dropout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self._run(x, self.weights, self.biases, None)
+        dropout = self._counter_dropout(x) if self.masks == "counter" else self._member_dropout
+        out = self._run(x, self.weights, self.biases, dropout)
+        self.step += 1
+        return out
+
+    def _run(self, x: torch.Tensor, weights, biases, dropout: Callable[..., torch.Tensor] | None) -> torch.Tensor:
+        """The plan's steps on ``x``; ``dropout(x, index, p, relu, conv)`` applies dropout layer ``index`` (None: no
+        dropout, as in evaluation)."""
         k, batch = x.shape[:2]
         conv = False  # layout: [K, B, ...] (dense) or [B, K * C, H, W] (conv)
+        dropped = 0
         for step, arg in self.plan:
             match step:
                 case "conv":
@@ -181,20 +318,19 @@ class StackedSequential(nn.Module):
                         )
                         conv = True
                     param, stride, padding = arg
-                    x = F.conv2d(x, self.weights[param], self.biases[param], stride, padding, groups=k)
+                    x = F.conv2d(x, weights[param], biases[param], stride, padding, groups=k)
                 case "linear":
-                    x = torch.baddbmm(self.biases[arg], x, self.weights[arg])
+                    x = torch.baddbmm(biases[arg], x, weights[arg])
                 case "flatten":
                     x = x.reshape(batch, k, -1).transpose(0, 1) if conv else x.reshape(k, batch, -1)
                     conv = False
                 case "pool":
                     x = F.max_pool2d(x, *arg)
-                case "relu_dropout":
-                    x = self._dropout(x, arg, relu=True, conv=conv) if self.training else F.relu(x)
-                case "relu":
+                case "relu_dropout" | "dropout" if dropout is not None:
+                    x = dropout(x, dropped, arg, step == "relu_dropout", conv)
+                    dropped += 1
+                case "relu_dropout" | "relu":
                     x = F.relu(x)
-                case "dropout":
-                    x = self._dropout(x, arg, relu=False, conv=conv) if self.training else x
         return x
 
     def member(self, k: int) -> nn.Module:
@@ -245,25 +381,29 @@ class MemberLoop(nn.Module):
 
 
 def stack_members(
-    factory: Callable[[], nn.Module], seeds: list[int], fast: bool = True
+    factory: Callable[[], nn.Module], seeds: list[int], fast: bool = True, masks: str = "per_member"
 ) -> StackedSequential | MemberLoop:
     """One network per seed from ``factory``, stacked when its layers allow, else looped over."""
-    return stack([build_member(factory, seed) for seed in seeds], seeds, fast)
+    return stack([build_member(factory, seed) for seed in seeds], seeds, fast, masks)
 
 
-def stack(members: list[nn.Module], seeds: list[int], fast: bool = True) -> StackedSequential | MemberLoop:
+def stack(
+    members: list[nn.Module], seeds: list[int], fast: bool = True, masks: str = "per_member"
+) -> StackedSequential | MemberLoop:
     """``members`` (one network each, of one class; ``seeds`` their dropout streams) as one module, stacked
-    when their layers allow, else looped over."""
+    when their layers allow, else looped over (each member's dropout from the global generator, whatever
+    ``masks`` says)."""
     if stackable(members[0]):
-        return StackedSequential(members, seeds, fast)
+        return StackedSequential(members, seeds, fast, masks)
     return MemberLoop(members, seeds)
 
 
 class StackedRMSprop(torch.optim.Optimizer):
-    """RMSprop (no momentum, not centred, no weight decay), the update of ``torch.optim.RMSprop``.
+    """RMSprop (no momentum, not centred, no weight decay), the update of ``torch.optim.RMSprop``, bit for bit.
 
-    ``v = alpha * v + (1 - alpha) * g**2;  p -= lr * g / (sqrt(v) + eps)``, in place, with the
-    denominator written into a buffer kept from step to step instead of a fresh tensor each step.
+    ``v = alpha * v + (1 - alpha) * g**2;  p -= lr * g / (sqrt(v) + eps)``, in place, as five ``_foreach``
+    operations over all parameters (torch's multi-tensor kernels): the step is the same handful of
+    operations however many parameters, layers or members there are.
     """
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8):
@@ -276,23 +416,18 @@ class StackedRMSprop(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:  # no step count: without bias correction it would decide nothing, at an op a step
+                if not self.state[p]:
+                    self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads = [p.grad for p in params]
+            square_avgs = [self.state[p]["square_avg"] for p in params]
             lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:  # no step count: without bias correction it would decide nothing, at an op a step
-                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                square_avg, grad = state["square_avg"], p.grad
-                square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-                denom = state.get("_denom")
-                if denom is None or denom.shape != p.shape:
-                    denom = state["_denom"] = torch.empty_like(p)
-                torch.sqrt(square_avg, out=denom).add_(eps)
-                p.addcdiv_(grad, denom, value=-lr)
+            torch._foreach_mul_(square_avgs, alpha)
+            torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+            denoms = torch._foreach_sqrt(square_avgs)
+            torch._foreach_add_(denoms, eps)
+            torch._foreach_addcdiv_(params, grads, denoms, value=-lr)
         return loss
-
-    def state_dict(self):
-        state = super().state_dict()  # the scratch buffer is not state: leave it out of checkpoints
-        state["state"] = {k: {n: v for n, v in s.items() if n != "_denom"} for k, s in state["state"].items()}
-        return state

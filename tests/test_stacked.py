@@ -1,15 +1,20 @@
 """Stacked members against the networks they stand for, and the fast dropout and RMSprop against torch's."""
 
+import collections
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from noise_robustness.classifier import NoiseClassifier
+from noise_robustness.cli import STUDY_SCALES
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.models import DropoutMLP, KerasCNN
+from noise_robustness.noise import derive_seed
 from noise_robustness.stacked import (
     KEEP_BITS,
+    CounterMasks,
     MemberLoop,
     StackedRMSprop,
     StackedSequential,
@@ -33,28 +38,36 @@ def member_batch(batch, k: int):
     return images[k : k + 1], labels[k : k + 1]
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_a_member_trains_as_its_network_alone(batches, fast):
-    """Member k of a stack and a K = 1 model of the same (σ, seed) see the same data, weights and dropout masks."""
-    together = NoiseClassifier(scales=[0.0, 1.0], seeds=[0, 3], fast=fast)
+@pytest.mark.parametrize("fast, masks", [(True, "per_member"), (False, "per_member"), (True, "counter")])
+def test_a_member_trains_as_its_network_alone(batches, fast, masks):
+    """Member k of a stack and a K = 1 model of the same (σ, seed) see the same data, weights, dropout masks and
+    updates, step after step. Stacking changes the products' summation order, and training amplifies such
+    differences wherever a pre-activation sits near 0 (for some masks within 10 steps): so the lone model starts
+    every step from the stacked member's weights and optimizer state."""
+    together = NoiseClassifier(scales=[0.0, 1.0], seeds=[0, 3], fast=fast, dropout_masks=masks)
     k = 3  # σ = 1, seed 3: the last member
-    alone = NoiseClassifier(scales=[1.0], seeds=[3], fast=fast)
-    losses = {}
-    for name, model, pick in (("together", together, lambda b: b), ("alone", alone, lambda b: member_batch(b, k))):
-        optimizer = model.configure_optimizers()
+    alone = NoiseClassifier(scales=[1.0], seeds=[3], fast=fast, dropout_masks=masks)
+    optimizers = {"together": together.configure_optimizers(), "alone": alone.configure_optimizers()}
+    for model in (together, alone):
         model.net.start_epoch(0, 0)
-        losses[name] = []
-        for batch in batches:
-            images, labels = pick(batch)
+    losses = {"together": [], "alone": []}
+    for batch in batches:
+        for name, model, (images, labels) in (("together", together, batch), ("alone", alone, member_batch(batch, k))):
             per_member = (
                 F.cross_entropy(model(images).flatten(0, 1), labels.flatten(), reduction="none")
                 .view(labels.shape)
                 .mean(1)
             )
-            optimizer.zero_grad()
+            optimizers[name].zero_grad()
             per_member.sum().backward()
-            optimizer.step()
+            optimizers[name].step()
             losses[name].append(per_member.detach())
+        with torch.no_grad():  # the next step from the same point
+            for stacked, lone in zip(together.parameters(), alone.parameters()):
+                lone.copy_(stacked[k : k + 1])
+                optimizers["alone"].state[lone]["square_avg"].copy_(
+                    optimizers["together"].state[stacked]["square_avg"][k : k + 1]
+                )
     together_k = torch.stack([step[k] for step in losses["together"]])
     alone_0 = torch.stack([step[0] for step in losses["alone"]])
     assert torch.allclose(together_k, alone_0, rtol=1e-5, atol=0)
@@ -129,7 +142,7 @@ def test_dropout_is_independent_across_members_and_steps_and_scales_kept_units()
     stacked = stack_members(DropoutMLP, [0, 1])
     stacked.start_epoch(0, 0)
     x = torch.ones(2, 256, 512)
-    masks = [stacked._dropout(x, 0.2, relu=True, conv=False) for _ in range(2)]
+    masks = [stacked._member_dropout(x, 0, 0.2, relu=True, conv=False) for _ in range(2)]
     assert set(masks[0].unique().tolist()) == {0.0, 1.25}  # kept units scaled by 1 / (1 - p)
     kept = [(m > 0).float() for m in masks]
     for a, b in ((kept[0][0], kept[0][1]), (kept[0][0], kept[1][0])):  # members; steps
@@ -153,7 +166,7 @@ def test_the_fast_rmsprop_step_is_torchs(data_dir, batches):
             loss.backward()
             optimizer.step()
     for fast, reference in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.allclose(fast, reference, rtol=1e-6, atol=1e-9)
+        assert torch.equal(fast, reference)  # the same arithmetic per element: bit for bit
     assert not torch.equal(
         next(models[0].parameters()), next(NoiseClassifier(scales=[0.5], seeds=[1]).parameters())
     )  # it trained
@@ -175,3 +188,142 @@ def test_member_run_names_sort_as_numbers():
         members = study_members(scales, seeds)
         by_name = [m for _, m in sorted(zip(run_names(members), members))]
         assert by_name == sorted(members, key=lambda m: (m.noise_scale, m.seed))
+
+
+# -- counter-based masks: one draw a step for every member and layer -----------------------------------------------
+
+
+def numpy_counter_masks(seeds, epoch, rank, step, images, layers):
+    """``CounterMasks.scaled_masks`` as its docstring specifies it, in numpy's unsigned 32-bit arithmetic."""
+    import numpy as np
+
+    def xorshift(x, shift):
+        return x ^ (x >> np.uint32(shift))
+
+    def lowbias32(x):
+        x = xorshift(x, 16) * np.uint32(0x7FEB352D)
+        x = xorshift(x, 15) * np.uint32(0x846CA68B)
+        return xorshift(x, 16)
+
+    units = sum(n for n, _ in layers)
+    counters = lowbias32(np.arange(images * units, dtype=np.uint32))
+    thresholds = np.repeat([round((1 - p) * 2**32) for _, p in layers], [n for n, _ in layers])
+    scales = np.repeat([1 / (1 - p) for _, p in layers], [n for n, _ in layers]).astype(np.float32)
+    masks = []
+    for seed in seeds:
+        key = np.uint32(derive_seed("dropout", seed, epoch, rank, step) & 0xFFFFFFFF)
+        with np.errstate(over="ignore"):
+            words = xorshift((counters ^ key) * np.uint32(0x7FEB352D), 15) * np.uint32(0x846CA68B)
+        kept = words.view(np.int32).reshape(images, units) < thresholds - 2**31  # read as signed
+        masks.append(np.where(kept, scales, np.float32(0)))
+    return torch.from_numpy(np.stack(masks))
+
+
+def test_counter_masks_are_the_specified_hash_and_depend_on_neither_k_nor_position():
+    layers = ((40, 0.2), (24, 0.5))
+    masks = CounterMasks([7, 3, 11])
+    masks.start_epoch(4, 1)
+    for step in (0, 5, CounterMasks.STEPS + 2):  # the second block of member keys too
+        drawn = masks.scaled_masks(step, 9, layers, torch.float32, torch.device("cpu"))
+        assert torch.equal(drawn, numpy_counter_masks([7, 3, 11], 4, 1, step, 9, layers))
+        alone = CounterMasks([3])
+        alone.start_epoch(4, 1)
+        assert torch.equal(drawn[1:2], alone.scaled_masks(step, 9, layers, torch.float32, torch.device("cpu")))
+    assert set(drawn.unique().tolist()) == {0.0, 1.25, 2.0}  # kept units scaled by 1 / (1 - p), per layer
+    bf16 = masks.scaled_masks(0, 9, layers, torch.bfloat16, torch.device("cpu"))
+    assert bf16.dtype == torch.bfloat16 and torch.equal(
+        bf16.float(), numpy_counter_masks([7, 3, 11], 4, 1, 0, 9, layers)
+    )
+
+
+def test_counter_masks_keep_each_unit_with_probability_one_minus_p_independently():
+    p, layers = 0.2, ((10_000, 0.2),)
+    masks = CounterMasks([0, 1])
+    masks.start_epoch(0, 0)
+    kept = sum(
+        (masks.scaled_masks(step, 500, layers, torch.float32, torch.device("cpu")) > 0).sum() for step in range(10)
+    )
+    assert abs(kept.item() / 10**8 - (1 - p)) < 1e-4  # 10^8 draws: 2 members x 10 steps x 500 images x 10,000 units
+    assert abs((round((1 - p) * 2**32)) / 2**32 - (1 - p)) < 1e-9  # the exact probability drawn
+    step0, step1 = (masks.scaled_masks(s, 4096, ((512, p),), torch.float32, torch.device("cpu")) > 0 for s in (0, 1))
+    other_epoch = CounterMasks([0])
+    other_epoch.start_epoch(1, 0)
+    other_rank = CounterMasks([0])
+    other_rank.start_epoch(0, 1)
+    a = step0[0].float()
+    pairs = [
+        a.roll(1, dims=1),
+        a.roll(1, dims=0),
+        a.roll(4, dims=1),
+        a.roll(2, dims=1),  # units, images
+        step0[1].float(),
+        step1[0].float(),  # members, steps
+        *(
+            (m.scaled_masks(0, 4096, ((512, p),), torch.float32, torch.device("cpu"))[0] > 0).float()
+            for m in (other_epoch, other_rank)
+        ),
+    ]
+    for b in pairs:
+        correlation = ((a - a.mean()) * (b - b.mean())).mean() / a.var()
+        assert abs(correlation.item()) < 0.01
+
+
+@pytest.mark.parametrize("network", [DropoutMLP, KerasCNN])
+def test_a_stacked_members_counter_dropout_is_its_own(network):
+    """In training mode (dropout on), member k of a stack computes what a stack of it alone computes (conv too)."""
+    seeds = [0, 3]
+    together, alone = stack_members(network, seeds, masks="counter"), stack_members(network, [3], masks="counter")
+    for net in (together, alone):
+        net.start_epoch(2, 0)
+    images = torch.rand(2, 5, 1, 28, 28)
+    for _ in range(2):  # two steps: the step advances
+        out = together(images)
+        assert torch.allclose(out[1:], alone(images[1:]), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together.train(False)(images)[1:], out[1:])  # dropout was on
+
+
+STEP_STUDIES = {1: ([1.0], [0]), 6: (STUDY_SCALES, [0]), 18: (STUDY_SCALES, [0, 1, 2])}  # K: (scales, seeds)
+
+
+def step_ops(data_dir, scales, seeds, masks: str) -> collections.Counter:
+    """The operations of one training step of a study's members (composing the batch, forward, loss, metrics,
+    backward, optimizer), counted after a first step."""
+    from benchmarks.op_count import CountOps
+
+    dm = NoisyMNISTDataModule(scales=scales, seeds=seeds, data_dir=data_dir)
+    dm.setup("fit")
+    model = NoiseClassifier(scales=scales, seeds=seeds, dropout_masks=masks)
+    optimizer = model.configure_optimizers()
+    model.net.start_epoch(0, 0)
+    batches = iter(dm.loader("train", shuffle=True))
+
+    def step():
+        loss = model.training_step(next(batches), 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    with CountOps() as counter:
+        step()
+    return counter.ops
+
+
+def test_a_training_step_is_the_same_few_operations_at_any_number_of_members(data_dir):
+    """With counter masks, a training step dispatches the same operations at K = 1, 6 and 18 (views aside), and
+    never reads a value back to the host (``.item()``, ``bool(tensor)``); per-member masks cost a draw per member."""
+    ops = {k: step_ops(data_dir, *study, "counter") for k, study in STEP_STUDIES.items()}
+    assert ops[1] == ops[6] == ops[18], ops
+    assert "_local_scalar_dense" not in ops[18]  # what .item(), float(tensor) and bool(tensor) dispatch
+    assert step_ops(data_dir, *STEP_STUDIES[6], "per_member")["random_"] == 6 * 2  # a draw per member and layer
+
+
+@pytest.mark.slow
+def test_a_training_step_under_the_trainer_is_at_most_60_operations_at_any_number_of_members(data_dir):
+    """The same through the CLI and Lightning's loop (the benchmark's count): equal at K = 1, 6, 18 and at most 60."""
+    from benchmarks.op_count import ops_per_step
+
+    ops = {k: ops_per_step(data_dir, *study, "--model.dropout_masks=counter", n=2) for k, study in STEP_STUDIES.items()}
+    assert ops[1] == ops[6] == ops[18], ops
+    assert sum(ops[18].values()) <= 60
+    assert "_local_scalar_dense" not in ops[18]
