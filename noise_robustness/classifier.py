@@ -11,7 +11,7 @@ from torchmetrics import Metric
 
 from noise_robustness.corruptions import Corruption
 from noise_robustness.models import DropoutMLP
-from noise_robustness.stacked import StackedRMSprop, stack_members
+from noise_robustness.stacked import StackedRMSprop, compiler_missing, stack_members
 from noise_robustness.study import study_members
 
 STAGES = ("train", "val", "test")
@@ -55,6 +55,8 @@ class NoiseClassifier(pl.LightningModule):
             committed results); ``counter`` draws every member's in one counter-based draw a step, the same
             handful of operations at any number of members (``stacked.CounterMasks``; other masks, so other
             numbers).
+        compile_optimizer: run the RMSprop step through ``torch.compile``, one fused pass instead of five
+            (~3x faster on a CPU; last-bit differences; needs a C++ compiler on a CPU).
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
         corruptions: what the members train on; set by the study's ``--corruptions``.
@@ -68,6 +70,7 @@ class NoiseClassifier(pl.LightningModule):
         eps: float = 1e-7,
         fast: bool = True,
         dropout_masks: Literal["per_member", "counter"] = "per_member",
+        compile_optimizer: bool = False,
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
         corruptions: list[Corruption] | None = None,
@@ -75,7 +78,9 @@ class NoiseClassifier(pl.LightningModule):
         super().__init__()
         # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
         # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
-        self.lr, self.rho, self.eps, self.fast = lr, rho, eps, fast
+        if compile_optimizer and not torch.cuda.is_available() and (why := compiler_missing()):
+            raise ValueError(f"`compile_optimizer` needs torch.compile, but {why}; install one or leave it false")
+        self.lr, self.rho, self.eps, self.fast, self.compile_optimizer = lr, rho, eps, fast, compile_optimizer
         self.members = study_members(scales, seeds, corruptions)
         self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks)
         # One metric per stage, so their states never mix; updated every step, logged per epoch.
@@ -138,5 +143,6 @@ class NoiseClassifier(pl.LightningModule):
         return self(batch[0]).argmax(dim=-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = StackedRMSprop if self.fast else torch.optim.RMSprop
-        return optimizer(self.parameters(), lr=self.lr, alpha=self.rho, eps=self.eps)
+        if not self.fast:
+            return torch.optim.RMSprop(self.parameters(), lr=self.lr, alpha=self.rho, eps=self.eps)
+        return StackedRMSprop(self.parameters(), self.lr, self.rho, self.eps, compiled=self.compile_optimizer)

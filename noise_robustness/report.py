@@ -81,15 +81,31 @@ def side_by_side(table: dict) -> list[str]:
     return [*lines, ""]
 
 
-def summary_markdown(results: list[dict], robustness: list[dict] | None = None) -> str:
+def recipe_note(identity: dict) -> str | None:
+    """How a study's members were trained, where that is not the default recipe (fp32, per-member dropout masks,
+    the eager RMSprop step): a line for its summary, or None."""
+    parts = []
+    if identity.get("trainer.precision") not in (None, "32-true", "32"):
+        parts.append(f"precision {identity['trainer.precision']}")
+    if identity.get("model.dropout_masks", "per_member") != "per_member":
+        parts.append(f"dropout masks {identity['model.dropout_masks']}")
+    if identity.get("model.compile_optimizer"):
+        parts.append("compiled RMSprop step")
+    return f"Trained with {', '.join(parts)} (this study's own members)." if parts else None
+
+
+def summary_markdown(results: list[dict], robustness: list[dict] | None = None, recipe: str | None = None) -> str:
     """One table per network: rows = σ (clean first), train and validation accuracy (%) and their gap.
+
+    ``recipe`` (``recipe_note``), when given, comes first.
 
     With several networks, a table of their validation accuracy side by side comes first. With any corruption
     but Gaussian noise (trained or evaluated), the corruption summary of ``robustness`` follows
     (``corruption_summary``).
     """
     table = aggregate(results)
-    lines = side_by_side(table) if len(table) > 1 else []
+    lines = [recipe, ""] if recipe else []
+    lines += side_by_side(table) if len(table) > 1 else []
     for network, by_cell in table.items():
         rows = [r for r in results if r["network"] == network]
         seeds = sorted({int(r["seed"]) for r in rows})
@@ -392,12 +408,18 @@ def robustness_figure(robustness: list[dict]) -> Figure:
 
 
 def write_report(
-    out: Path, results: list[dict], robustness: list[dict], datamodule, members: list[Member], cells: list[tuple]
+    out: Path,
+    results: list[dict],
+    robustness: list[dict],
+    datamodule,
+    members: list[Member],
+    cells: list[tuple],
+    recipe: str | None = None,
 ) -> list[str]:
     """Writes the study's table and figures into ``out``, and the figures into its TensorBoard root run; returns
     the files' names. ``members`` and ``cells``: the study's members and the (corruption, severity) each is
-    evaluated at, whose previews it shows."""
-    (out / "summary.md").write_text(summary_markdown(results, robustness))
+    evaluated at, whose previews it shows; ``recipe``: how they were trained, when not the default."""
+    (out / "summary.md").write_text(summary_markdown(results, robustness, recipe))
     labels = datamodule.labels("val")
     majority = torch.bincount(labels).max().item() / len(labels)
     seed = int(results[0]["seed"])

@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from noise_robustness.checkpoints import save_weights
-from noise_robustness.report import write_report
+from noise_robustness.report import recipe_note, write_report
 from noise_robustness.study import Member, Study, compared_rows
 
 
@@ -136,5 +136,6 @@ def report(study: Study, datamodule, compare: list[Path]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     datamodule.setup("validate")
-    written = write_report(study.out, results, robustness_rows, datamodule, study.members, study.cells)
+    recipe = recipe_note(study.identity)
+    written = write_report(study.out, results, robustness_rows, datamodule, study.members, study.cells, recipe)
     say(f"done: {study.out}/results.csv, {', '.join(written)}")
