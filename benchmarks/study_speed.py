@@ -1,9 +1,11 @@
 """How fast is the study? Our member-epoch against a plain PyTorch loop, the FLOP floors, ops per step, whole studies.
 
-Times, interleaved (A B B' A B B' ...):
+Times, interleaved (A A' B B' A A' B B' ...):
   (A) one training epoch of the default study's 6 members side by side, through the real CLI
       (``fit --scales [0, 0.1, 0.5, 1, 2, 4]``: our DataModule, LightningModule and Trainer, the fast
       dropout and RMSprop), divided by 6: one member-epoch;
+  (A') the same with the fast recipe (``configs/fast.yaml``'s options: bf16-mixed, counter masks, the
+      compiled RMSprop step);
   (B) the obvious hand-written loop for one network: ``DropoutMLP`` with torch's own ``nn.Dropout``
       and ``torch.optim.RMSprop``, the same noisy images, ``randperm`` batches of 128;
   (B') the same loop under ``torch.autocast(dtype=torch.bfloat16)``: what bf16 gives a plain loop;
@@ -46,19 +48,27 @@ MLP_FLOP_PER_IMAGE = 3 * 2 * (784 * 512 + 512 * 512 + 512 * 10)  # forward + bac
 MAIN_JOB_FLOP = 18 * MLP_FLOP_PER_IMAGE * (20 * 60_000 + (20 + 6) * 10_000 / 3)
 CNN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10)
 SIGMA = 1.0  # the plain loop's noise level
-FAST = ["--trainer.precision=bf16-mixed", "--model.dropout_masks=counter"]  # bf16 products, one mask draw a step
+FAST = [  # configs/fast.yaml's options: bf16 products, one mask draw a step, the RMSprop step compiled
+    "--trainer.precision=bf16-mixed",
+    "--model.dropout_masks=counter",
+    "--model.compile_optimizer=true",
+]
 STUDIES = {  # name: (extra sweep options, target seconds; None: at most BF16_TARGET x the bf16 floor)
     "one": (["--seeds=[0]"], 240),
     "three": ([], 720),
-    "fast": (FAST, None),  # the main job in bf16 with counter masks
+    "fast": (FAST, None),  # the main job with the fast recipe
 }
 BF16_TARGET = 2.4  # issue 16: the main job at most 2.4x its floor at this CPU's bf16 rate
 
 
 def member_epoch(
-    data_dir: str, out: str, net: str = "noise_robustness.models.DropoutMLP", batches: int | None = None
+    data_dir: str,
+    out: str,
+    net: str = "noise_robustness.models.DropoutMLP",
+    batches: int | None = None,
+    options: tuple[str, ...] = (),
 ) -> tuple[float, float]:
-    """(A): one training epoch of the default study's members.
+    """(A): one training epoch of the default study's members (A': with the fast recipe's ``options``).
 
     Returns:
         (seconds per member-epoch, validation seconds).
@@ -75,6 +85,7 @@ def member_epoch(
             f"--trainer.logger.init_args.save_dir={out}",
             "--trainer.callbacks+=benchmarks.epoch_timer.EpochTimer",
             *([f"--trainer.limit_train_batches={batches}"] if batches else []),
+            *options,
         ]
     )
     timer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EpochTimer))
@@ -196,11 +207,12 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        a_train, a_val, b_train, b16_train, c_train = [], [], [], [], []
+        a_train, a_val, fast_train, b_train, b16_train, c_train = [], [], [], [], [], []
         for _ in range(args.pairs):
             train, val = member_epoch(args.data_dir, tmp)
             a_train.append(train)
             a_val.append(val)
+            fast_train.append(member_epoch(args.data_dir, tmp, options=tuple(FAST))[0])
             b_train.append(plain_epoch(images, labels))
             b16_train.append(plain_epoch(images, labels, bf16=True))
             if args.keras_python:
@@ -212,8 +224,14 @@ def main() -> None:
         ratios = [x / y for x, y in zip(a_train, b_train)]  # per pair: both halves saw the same machine state
         ratios16 = [x / y for x, y in zip(a_train, b16_train)]
         print(f"A  our member-epoch (6 members / 6)  {spread(a_train)}")
+        print(f"A' the same, the fast recipe         {spread(fast_train)}")
         print(f"B  plain PyTorch loop, one network   {spread(b_train)}")
         print(f"B' the same loop under bf16 autocast {spread(b16_train)}   A/B' {statistics.median(ratios16):.3f}")
+        fast_ratios = [(x / y, x / z) for x, y, z in zip(fast_train, b_train, b16_train)]
+        print(
+            f"A'/B, A'/B'                          {statistics.median(r for r, _ in fast_ratios):.3f}, "
+            f"{statistics.median(r for _, r in fast_ratios):.3f}   medians of per-round ratios"
+        )
         if c_train:
             a_over_c = statistics.median([x / y for x, y in zip(a_train, c_train)])
             print(f"C  the original Keras recipe         {spread(c_train)}   A/C {a_over_c:.3f}")

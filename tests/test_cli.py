@@ -126,3 +126,26 @@ def test_certify_takes_its_options_from_the_trainers_signature_too(capsys):
     assert "noise samples that select the class to certify" in text
     with pytest.raises(NotImplementedError, match="NoiseCLI.certify"):
         StudyTrainer(logger=False, enable_checkpointing=False).certify(None, None, "out")
+
+
+def test_bf16_with_counter_masks_is_bit_reproducible_and_learns_as_fp32(data_dir, tmp_path):
+    """Two bf16 fits with counter masks end on the same bits; fp32 with the same masks, one option away, learns
+    as much (the committed 20-epoch comparison is docs/results/fast)."""
+    fast = ["--scales=[0.5]", "--seeds=[0, 1]", "--model.dropout_masks=counter", "--trainer.precision=bf16-mixed"]
+    runs = [cli_main(short_run(data_dir, tmp_path / f"run{i}", "fit", *fast, batches=30)) for i in range(2)]
+    fp32 = cli_main(short_run(data_dir, tmp_path / "fp32", "fit", *fast, "--trainer.precision=32-true", batches=30))
+    assert runs[0].trainer.precision == "bf16-mixed" and fp32.trainer.precision == "32-true"
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
+    accuracy = [cli.trainer.callback_metrics["val/acc"].item() for cli in (runs[0], fp32)]
+    assert accuracy[0] > 0.5 and abs(accuracy[0] - accuracy[1]) < 0.02, accuracy  # chance: 0.1
+
+
+def test_the_compiled_optimizer_step_needs_a_compiler_and_says_so(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no g++, c++ or clang++ to be found
+    with pytest.raises(SystemExit) as exit:
+        cli_main(short_run(data_dir, tmp_path, "fit", "--model.compile_optimizer=true"))
+    assert exit.value.code != 0
+    message = capsys.readouterr().err
+    assert "compile_optimizer" in message and "C++ compiler" in message
+    assert not (tmp_path / "tb_logs").exists()  # refused before any run folder was made

@@ -98,3 +98,26 @@ def test_the_committed_certification_summary_is_what_its_member_rows_give():
         certifications.append(certification)
     for folder in folders:
         assert (folder / "summary.md").read_text() == summary_markdown(gathered(certifications))
+
+
+def test_the_fast_recipe_in_bf16_moves_no_mean_accuracy_beyond_seed_noise_from_the_same_in_fp32():
+    """docs/results/fast (bf16-mixed) and docs/results/fast_fp32 (the same command with --trainer.precision
+    32-true) differ in that option only; at every σ their mean validation accuracies differ by less than the
+    standard error of a difference of two means over the seeds; the folder's table quotes their summaries."""
+    from noise_robustness.report import aggregate, mean_std
+    from tests.conftest import rows
+
+    bf16, fp32 = (REPO / "docs" / "results" / name for name in ("fast", "fast_fp32"))
+    identities = [yaml.safe_load((folder / "study.yaml").read_text()) for folder in (bf16, fp32)]
+    assert [identity.pop("trainer.precision") for identity in identities] == ["bf16-mixed", "32-true"]
+    assert identities[0] == identities[1]
+    (bf16_cells,), (fp32_cells,) = (aggregate(rows(folder / "results.csv")).values() for folder in (bf16, fp32))
+    assert len(bf16_cells) == len(fp32_cells) == 6
+    for cell, accuracies in fp32_cells.items():
+        (mean, std), (bf16_mean, bf16_std) = mean_std(accuracies["val_acc"]), mean_std(bf16_cells[cell]["val_acc"])
+        seeds = len(accuracies["val_acc"])
+        assert abs(bf16_mean - mean) < ((std**2 + bf16_std**2) / seeds) ** 0.5, cell
+    table = [line for line in (bf16 / "README.md").read_text().splitlines() if line.startswith("| ")]
+    quoted = {pair for line in table for pair in MEAN_STD.findall(line)}
+    summaries = {pair for folder in (bf16, fp32) for pair in MEAN_STD.findall((folder / "summary.md").read_text())}
+    assert len(quoted) == 12 and quoted <= summaries
