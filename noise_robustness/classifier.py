@@ -78,6 +78,10 @@ class NoiseClassifier(pl.LightningModule):
         super().__init__()
         # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
         # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
+        if compile_optimizer and not fast:
+            raise ValueError(
+                "`compile_optimizer` compiles the fast RMSprop step; `fast` false is torch's own, uncompiled"
+            )
         if compile_optimizer and not torch.cuda.is_available() and (why := compiler_missing()):
             raise ValueError(f"`compile_optimizer` needs torch.compile, but {why}; install one or leave it false")
         self.lr, self.rho, self.eps, self.fast, self.compile_optimizer = lr, rho, eps, fast, compile_optimizer

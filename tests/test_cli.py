@@ -141,6 +141,13 @@ def test_bf16_with_counter_masks_is_bit_reproducible_and_learns_as_fp32(data_dir
     assert accuracy[0] > 0.5 and abs(accuracy[0] - accuracy[1]) < 0.02, accuracy  # chance: 0.1
 
 
+def test_the_compiled_optimizer_step_is_the_fast_paths(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli_main(short_run(data_dir, tmp_path, "fit", "--model.compile_optimizer=true", "--model.fast=false"))
+    assert exit.value.code != 0 and "`compile_optimizer` compiles the fast RMSprop step" in capsys.readouterr().err
+    assert not (tmp_path / "tb_logs").exists()
+
+
 def test_the_compiled_optimizer_step_needs_a_compiler_and_says_so(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no g++, c++ or clang++ to be found
     with pytest.raises(SystemExit) as exit:
