@@ -12,13 +12,16 @@ import tempfile
 
 from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented hook for dispatched ops
 
-from noise_robustness.cli import cli_main
+from noise_robustness.cli import STUDY_SCALES, cli_main
 
 VIEWS = {
     "view", "_unsafe_view", "as_strided", "t", "transpose", "expand", "unsqueeze", "squeeze", "permute", "alias",
     "slice", "select", "detach", "reshape", "unbind", "split", "split_with_sizes", "chunk", "narrow",
     "_reshape_alias", "view_as", "lift_fresh",
 }  # fmt: skip
+# Members K -> (scales, seeds) of the studies counted at K = 1, 6 and 18 (one noisy member; the default study of one
+# seed; the main job), by the benchmark and by the tests.
+STUDIES_BY_K = {1: ([1.0], [0]), 6: (STUDY_SCALES, [0]), 18: (STUDY_SCALES, [0, 1, 2])}
 PROFILER_MARKS = {"_record_function_enter_new", "_record_function_exit"}  # torch.profiler's labels: no work
 
 

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_timer by its class path
 
 from benchmarks.epoch_timer import EpochTimer  # noqa: E402
-from benchmarks.op_count import ops_per_step  # noqa: E402
+from benchmarks.op_count import STUDIES_BY_K, ops_per_step  # noqa: E402
 from noise_robustness.cli import STUDY_SCALES, cli_main  # noqa: E402
 from noise_robustness.models import DropoutMLP  # noqa: E402
 
@@ -262,11 +262,7 @@ def main() -> None:
             )
 
         for masks in ("per_member", "counter"):
-            for members, (scales, seeds) in {
-                1: ([1.0], [0]),
-                6: (STUDY_SCALES, [0]),
-                18: (STUDY_SCALES, [0, 1, 2]),
-            }.items():
+            for members, (scales, seeds) in STUDIES_BY_K.items():
                 ops = ops_per_step(args.data_dir, scales, seeds, f"--model.dropout_masks={masks}")
                 top = ", ".join(f"{name} {count:g}" for name, count in ops.most_common(5))
                 print(

@@ -95,11 +95,14 @@ def _xorshift_(x: torch.Tensor, shift: int) -> torch.Tensor:
     return x.bitwise_xor_(torch.bitwise_right_shift(x, shift).bitwise_and_((1 << (32 - shift)) - 1))
 
 
+def _finish_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32's core, in place: multiply, xorshift, multiply."""
+    return _xorshift_(x.mul_(MIX[0]), 15).mul_(MIX[1])
+
+
 def lowbias32(x: torch.Tensor) -> torch.Tensor:
     """Wellons' ``lowbias32`` integer hash of an int32 tensor (a bijection on 32-bit words), in place."""
-    _xorshift_(x, 16).mul_(MIX[0])
-    _xorshift_(x, 15).mul_(MIX[1])
-    return _xorshift_(x, 16)
+    return _xorshift_(_finish_(_xorshift_(x, 16)), 16)
 
 
 class CounterMasks:
@@ -108,11 +111,11 @@ class CounterMasks:
 
     Unit ``u`` of image ``b`` (the units of a step's dropout layers side by side, ``U`` an image) has the counter
     ``c = b * U + u``; its word is ``finish(lowbias32(c) ^ key)`` with ``key`` the member's 32 bits for (seed,
-    epoch, rank, step) (``derive_seed``) and ``finish`` lowbias32's multiply-xorshift-multiply. The unit is kept
-    when the word, read as a signed 32-bit integer, is below its layer's ``round((1 - p) * 2**32) - 2**31``:
-    P(keep) exact to 2**-32. ``lowbias32(c)`` is kept between steps, so a step costs one xor, two
-    multiplications, one xorshift, one comparison and the scaling over all members' units, however many
-    members there are. The arithmetic is two's-complement int32, the same on a CPU and a GPU.
+    epoch, rank, step) (``derive_seed``) and ``finish`` lowbias32's multiply-xorshift-multiply (``_finish_``). The
+    unit is kept when the word, read as a signed 32-bit integer, is below its layer's
+    ``round((1 - p) * 2**32) - 2**31``: P(keep) exact to 2**-32. ``lowbias32(c)`` is kept between steps, so a
+    step costs one xor, two multiplications, one xorshift, one comparison and the scaling over all members'
+    units, however many members there are. The arithmetic is two's-complement int32, the same on a CPU and a GPU.
     """
 
     STEPS = 512  # member keys are derived a block of steps at a time
@@ -157,9 +160,7 @@ class CounterMasks:
                 .repeat_interleave(torch.tensor(units, device=device)),
             )
         counters, thresholds, scales = self.constants[key]
-        words = torch.bitwise_xor(counters, self.member_keys(step, device))  # [K, images, U]
-        words.mul_(MIX[0])
-        _xorshift_(words, 15).mul_(MIX[1])
+        words = _finish_(torch.bitwise_xor(counters, self.member_keys(step, device)))  # [K, images, U]
         # as bytes: a CPU converts uint8 to floats ~5x faster than bool (and ~15x faster than torch.where)
         return (words < thresholds).view(torch.uint8).to(dtype).mul_(scales)
 

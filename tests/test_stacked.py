@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks.op_count import STUDIES_BY_K, CountOps, ops_per_step
 from noise_robustness.classifier import NoiseClassifier
-from noise_robustness.cli import STUDY_SCALES
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.models import DropoutMLP, KerasCNN
 from noise_robustness.noise import derive_seed
@@ -283,14 +283,9 @@ def test_a_stacked_members_counter_dropout_is_its_own(network):
     assert not torch.allclose(together.train(False)(images)[1:], out[1:])  # dropout was on
 
 
-STEP_STUDIES = {1: ([1.0], [0]), 6: (STUDY_SCALES, [0]), 18: (STUDY_SCALES, [0, 1, 2])}  # K: (scales, seeds)
-
-
 def step_ops(data_dir, scales, seeds, masks: str) -> collections.Counter:
     """The operations of one training step of a study's members (composing the batch, forward, loss, metrics,
     backward, optimizer), counted after a first step."""
-    from benchmarks.op_count import CountOps
-
     dm = NoisyMNISTDataModule(scales=scales, seeds=seeds, data_dir=data_dir)
     dm.setup("fit")
     model = NoiseClassifier(scales=scales, seeds=seeds, dropout_masks=masks)
@@ -313,18 +308,16 @@ def step_ops(data_dir, scales, seeds, masks: str) -> collections.Counter:
 def test_a_training_step_is_the_same_few_operations_at_any_number_of_members(data_dir):
     """With counter masks, a training step dispatches the same operations at K = 1, 6 and 18 (views aside), and
     never reads a value back to the host (``.item()``, ``bool(tensor)``); per-member masks cost a draw per member."""
-    ops = {k: step_ops(data_dir, *study, "counter") for k, study in STEP_STUDIES.items()}
+    ops = {k: step_ops(data_dir, *study, "counter") for k, study in STUDIES_BY_K.items()}
     assert ops[1] == ops[6] == ops[18], ops
     assert "_local_scalar_dense" not in ops[18]  # what .item(), float(tensor) and bool(tensor) dispatch
-    assert step_ops(data_dir, *STEP_STUDIES[6], "per_member")["random_"] == 6 * 2  # a draw per member and layer
+    assert step_ops(data_dir, *STUDIES_BY_K[6], "per_member")["random_"] == 6 * 2  # a draw per member and layer
 
 
 @pytest.mark.slow
 def test_a_training_step_under_the_trainer_is_at_most_60_operations_at_any_number_of_members(data_dir):
     """The same through the CLI and Lightning's loop (the benchmark's count): equal at K = 1, 6, 18 and at most 60."""
-    from benchmarks.op_count import ops_per_step
-
-    ops = {k: ops_per_step(data_dir, *study, "--model.dropout_masks=counter", n=2) for k, study in STEP_STUDIES.items()}
+    ops = {k: ops_per_step(data_dir, *study, "--model.dropout_masks=counter", n=2) for k, study in STUDIES_BY_K.items()}
     assert ops[1] == ops[6] == ops[18], ops
     assert sum(ops[18].values()) <= 60
     assert "_local_scalar_dense" not in ops[18]
