@@ -51,7 +51,7 @@ SIGMA = 1.0  # the plain loop's noise level
 FAST = [  # configs/fast.yaml's options: bf16 products, one mask draw a step, the RMSprop step compiled
     "--trainer.precision=bf16-mixed",
     "--model.dropout_masks=counter",
-    "--model.compile_optimizer=true",
+    "--model.compiled=true",
 ]
 STUDIES = {  # name: (extra sweep options, target seconds; None: at most BF16_TARGET x the bf16 floor)
     "one": (["--seeds=[0]"], 240),

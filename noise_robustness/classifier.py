@@ -55,8 +55,9 @@ class NoiseClassifier(pl.LightningModule):
             committed results); ``counter`` draws every member's in one counter-based draw a step, the same
             handful of operations at any number of members (``stacked.CounterMasks``; other masks, so other
             numbers).
-        compile_optimizer: run the RMSprop step through ``torch.compile``, one fused pass instead of five
-            (~3x faster on a CPU; last-bit differences; needs a C++ compiler on a CPU).
+        compiled: run the step's elementwise passes through ``torch.compile``: the RMSprop update as one
+            fused pass instead of five (~3x faster on a CPU; last-bit differences) and the counter masks' hash
+            as one pass instead of eight (the same bits); compiled once a process, needs a C++ compiler on a CPU.
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
         corruptions: what the members train on; set by the study's ``--corruptions``.
@@ -70,7 +71,7 @@ class NoiseClassifier(pl.LightningModule):
         eps: float = 1e-7,
         fast: bool = True,
         dropout_masks: Literal["per_member", "counter"] = "per_member",
-        compile_optimizer: bool = False,
+        compiled: bool = False,
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
         corruptions: list[Corruption] | None = None,
@@ -78,18 +79,26 @@ class NoiseClassifier(pl.LightningModule):
         super().__init__()
         # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
         # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
-        if compile_optimizer and not fast:
+        if compiled and not fast:
             raise ValueError(
-                "`compile_optimizer` compiles the fast RMSprop step; `fast` false is torch's own, uncompiled"
+                "`compiled` compiles the fast path's RMSprop step; `fast` false is torch's own, uncompiled"
             )
-        if compile_optimizer and not torch.cuda.is_available() and (why := compiler_missing()):
-            raise ValueError(f"`compile_optimizer` needs torch.compile, but {why}; install one or leave it false")
-        self.lr, self.rho, self.eps, self.fast, self.compile_optimizer = lr, rho, eps, fast, compile_optimizer
+        if compiled and not torch.cuda.is_available() and (why := compiler_missing()):
+            raise ValueError(f"`compiled` needs torch.compile, but {why}; install one or leave it false")
+        self.lr, self.rho, self.eps, self.fast, self.compiled = lr, rho, eps, fast, compiled
         self.members = study_members(scales, seeds, corruptions)
-        self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks)
+        self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks, compiled)
         # One metric per stage, so their states never mix; updated every step, logged per epoch.
         self.metrics = nn.ModuleDict({f"{stage}_metrics": MemberMeans(len(self.members)) for stage in STAGES})
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
+
+    def on_fit_start(self) -> None:
+        # The optimizer reads the bf16 copies' gradients straight after the backward pass (stacked.Bf16Copies);
+        # where the trainer reads the parameters' own first (clipping) or adds batches' up, autocast's casts.
+        if self.net.bf16_copies is not None:
+            self.net.bf16_copies.enabled = (
+                self.trainer.gradient_clip_val is None and self.trainer.accumulate_grad_batches == 1
+            )
 
     def on_train_epoch_start(self) -> None:
         # Dropout streams are reseeded per (member seed, epoch, rank): an epoch draws the same masks
@@ -149,4 +158,11 @@ class NoiseClassifier(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if not self.fast:
             return torch.optim.RMSprop(self.parameters(), lr=self.lr, alpha=self.rho, eps=self.eps)
-        return StackedRMSprop(self.parameters(), self.lr, self.rho, self.eps, compiled=self.compile_optimizer)
+        return StackedRMSprop(
+            self.parameters(),
+            self.lr,
+            self.rho,
+            self.eps,
+            compiled=self.compiled,
+            bf16_copies=self.net.bf16_copies,
+        )

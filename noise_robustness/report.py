@@ -83,14 +83,14 @@ def side_by_side(table: dict) -> list[str]:
 
 def recipe_note(identity: dict) -> str | None:
     """How a study's members were trained, where that is not the default recipe (fp32, per-member dropout masks,
-    the eager RMSprop step): a line for its summary, or None."""
+    eager step passes): a line for its summary, or None."""
     parts = []
     if identity.get("trainer.precision") not in (None, "32-true", "32"):
         parts.append(f"precision {identity['trainer.precision']}")
     if identity.get("model.dropout_masks", "per_member") != "per_member":
         parts.append(f"dropout masks {identity['model.dropout_masks']}")
-    if identity.get("model.compile_optimizer"):
-        parts.append("compiled RMSprop step")
+    if identity.get("model.compiled"):
+        parts.append("compiled step (torch.compile)")
     return f"Trained with {', '.join(parts)} (this study's own members)." if parts else None
 
 

@@ -17,6 +17,10 @@ Two implementations of the same math, chosen by ``fast``:
   RMSprop step as five multi-tensor (``_foreach``) operations;
 - reference: ``bernoulli_`` masks (what ``nn.Dropout`` draws), ReLU and dropout as separate ops, and
   ``torch.optim.RMSprop``.
+
+Under bf16 autocast the fast path also keeps bf16 copies of the weights that the optimizer step writes
+(``Bf16Copies``), instead of autocast casting every weight to bf16 and every gradient back to fp32 each step:
+the same numbers, bit for bit.
 """
 
 import copy
@@ -120,8 +124,12 @@ class CounterMasks:
 
     STEPS = 512  # member keys are derived a block of steps at a time
 
-    def __init__(self, seeds: list[int]):
+    def __init__(self, seeds: list[int], compiled: bool = False):
         self.seeds = seeds
+        # integer arithmetic: compiled into one pass, the same bits as the eight passes eager
+        self.multipliers = (
+            torch.compile(counter_multipliers, fullgraph=True, dynamic=False) if compiled else counter_multipliers
+        )
         self.epoch = self.rank = 0
         self.keys = torch.empty(0, len(seeds), 1, 1, dtype=torch.int32)  # [steps, K, 1, 1]: this epoch's, so far
         # (images, layers, dtype, device) -> lowbias32(c) [images, U], thresholds [U], scales [U]
@@ -160,9 +168,71 @@ class CounterMasks:
                 .repeat_interleave(torch.tensor(units, device=device)),
             )
         counters, thresholds, scales = self.constants[key]
-        words = _finish_(torch.bitwise_xor(counters, self.member_keys(step, device)))  # [K, images, U]
-        # as bytes: a CPU converts uint8 to floats ~5x faster than bool (and ~15x faster than torch.where)
-        return (words < thresholds).view(torch.uint8).to(dtype).mul_(scales)
+        return self.multipliers(counters, self.member_keys(step, device), thresholds, scales)
+
+
+def counter_multipliers(
+    counters: torch.Tensor, keys: torch.Tensor, thresholds: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """``CounterMasks``' multipliers ``[K, images, U]`` from ``lowbias32(c)`` ``[images, U]``, the members' keys
+    ``[K, 1, 1]`` and each unit's threshold and scale ``[U]``."""
+    keep = _finish_(torch.bitwise_xor(counters, keys)) < thresholds
+    if not torch.compiler.is_compiling():  # eager, a CPU converts uint8 to floats ~5x faster than bool (and ~15x
+        keep = keep.view(torch.uint8)  # faster than torch.where); compiled, the byte view would stop the fusion
+    return keep.to(scales.dtype).mul_(scales)
+
+
+class Bf16Copies:
+    """bf16 copies of fp32 parameters for bf16 autocast, written by the optimizer step that updates them.
+
+    Under autocast every matrix product casts its fp32 weights to bf16 (a copy of every weight a step), and the
+    backward pass casts their bf16 gradients back to fp32 (another). With these copies the forward pass reads bf16
+    leaf tensors that hold exactly those casts, their gradients stay bf16 until the optimizer reads them (as fp32,
+    the cast autocast would have made), and the optimizer writes the next casts in the same pass as its update:
+    autocast's numbers bit for bit, without its copies. A copy is cast again whenever its parameter changed other
+    than through the optimizer (a checkpoint loaded, weights set by hand): each parameter's version counter, which
+    every in-place write advances, is compared at each forward pass.
+    """
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.enabled = True  # off where something reads or adds to the parameters' gradients before the step
+        self.copies: list[torch.Tensor] = []
+        self.versions: list[tuple[int, torch.device]] = []  # what each copy was cast from
+
+    def apply_to(self, device_type: str) -> bool:
+        """Whether a forward pass now runs on the copies: under bf16 autocast, on fp32 parameters, and outside
+        DDP (whose reducer waits for the parameters' own gradients; autocast's casts there, the same numbers)."""
+        return (
+            self.enabled
+            and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16
+            and all(p.dtype == torch.float32 for p in self.params)
+            and not torch.distributed.is_initialized()
+        )
+
+    def _sources(self) -> list[tuple[int, torch.device]]:
+        return [(p._version, p.device) for p in self.params]
+
+    def current(self) -> list[torch.Tensor]:
+        """The copies, cast again from any parameter changed since they were written."""
+        if self._sources() != self.versions:
+            with torch.no_grad():
+                self.copies = [p.detach().to(torch.bfloat16).requires_grad_(p.requires_grad) for p in self.params]
+            self.versions = self._sources()
+        return self.copies
+
+    def gradients(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{parameter: its copy}`` for every copy with a gradient (a backward pass ran on the copies)."""
+        return {p: c for p, c in zip(self.params, self.copies) if c.grad is not None}
+
+    def written(self) -> None:
+        """The optimizer wrote every copy from its updated parameter."""
+        self.versions = self._sources()
+
+    def zero_grad(self) -> None:
+        for c in self.copies:
+            c.grad = None
 
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.Flatten)
@@ -226,14 +296,22 @@ class StackedSequential(nn.Module):
     ``[K, B, classes]``.
     """
 
-    def __init__(self, members: list[nn.Sequential], seeds: list[int], fast: bool = True, masks: str = "per_member"):
+    def __init__(
+        self,
+        members: list[nn.Sequential],
+        seeds: list[int],
+        fast: bool = True,
+        masks: str = "per_member",
+        compiled: bool = False,
+        bf16_copies: bool = True,
+    ):
         super().__init__()
         if masks not in MASKS:
             raise ValueError(f"Expected `masks` to be one of {MASKS}, but got {masks!r}")
         self.k, self.fast, self.masks = len(members), fast, masks
         self.template = [copy.deepcopy(members[0])]  # in a list: a pattern for `member()`, not a submodule
         self.plan = plan_steps(list(members[0]))
-        self.generators, self.counter = MemberGenerators(seeds), CounterMasks(seeds)
+        self.generators, self.counter = MemberGenerators(seeds), CounterMasks(seeds, compiled)
         self.step = 0  # training steps this epoch (the counter masks' step)
         self._dropout_layers: dict[tuple[int, ...], tuple[tuple[int, float], ...]] = {}  # image shape -> (units, p)
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
@@ -247,6 +325,8 @@ class StackedSequential(nn.Module):
                     torch.cat([layer.weight.detach() for layer in layers]).contiguous(memory_format=torch.channels_last)
                 )
                 self.biases.append(torch.cat([layer.bias.detach() for layer in layers]))
+        # under bf16 autocast (fast path): weights as [*weights, *biases] in bf16, written by the optimizer
+        self.bf16_copies = Bf16Copies([*self.weights, *self.biases]) if fast and bf16_copies else None
 
     def start_epoch(self, epoch: int, rank: int) -> None:
         self.step = 0
@@ -296,10 +376,14 @@ class StackedSequential(nn.Module):
         return dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, biases = self.weights, self.biases
+        if self.bf16_copies is not None and self.bf16_copies.apply_to(x.device.type):
+            copies = self.bf16_copies.current()
+            weights, biases = copies[: len(weights)], copies[len(weights) :]
         if not self.training:
-            return self._run(x, self.weights, self.biases, None)
+            return self._run(x, weights, biases, None)
         dropout = self._counter_dropout(x) if self.masks == "counter" else self._member_dropout
-        out = self._run(x, self.weights, self.biases, dropout)
+        out = self._run(x, weights, biases, dropout)
         self.step += 1
         return out
 
@@ -360,6 +444,8 @@ class MemberLoop(nn.Module):
     forward pass, so its masks depend on neither K nor the other members.
     """
 
+    bf16_copies = None  # autocast's own casts, member by member
+
     def __init__(self, members: list[nn.Module], seeds: list[int]):
         super().__init__()
         self.members, self.seeds = nn.ModuleList(members), seeds
@@ -383,20 +469,24 @@ class MemberLoop(nn.Module):
 
 
 def stack_members(
-    factory: Callable[[], nn.Module], seeds: list[int], fast: bool = True, masks: str = "per_member"
+    factory: Callable[[], nn.Module],
+    seeds: list[int],
+    fast: bool = True,
+    masks: str = "per_member",
+    compiled: bool = False,
 ) -> StackedSequential | MemberLoop:
     """One network per seed from ``factory``, stacked when its layers allow, else looped over."""
-    return stack([build_member(factory, seed) for seed in seeds], seeds, fast, masks)
+    return stack([build_member(factory, seed) for seed in seeds], seeds, fast, masks, compiled)
 
 
 def stack(
-    members: list[nn.Module], seeds: list[int], fast: bool = True, masks: str = "per_member"
+    members: list[nn.Module], seeds: list[int], fast: bool = True, masks: str = "per_member", compiled: bool = False
 ) -> StackedSequential | MemberLoop:
     """``members`` (one network each, of one class; ``seeds`` their dropout streams) as one module, stacked
-    when their layers allow, else looped over (each member's dropout from the global generator, whatever
-    ``masks`` says)."""
+    when their layers allow (``compiled``: the counter masks' hash through ``torch.compile``), else looped over
+    (each member's dropout from the global generator, whatever ``masks`` says)."""
     if stackable(members[0]):
-        return StackedSequential(members, seeds, fast, masks)
+        return StackedSequential(members, seeds, fast, masks, compiled)
     return MemberLoop(members, seeds)
 
 
@@ -416,6 +506,22 @@ def rmsprop_update(
     torch._foreach_addcdiv_(params, grads, denoms, value=-lr)
 
 
+def rmsprop_update_bf16(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    square_avgs: list[torch.Tensor],
+    copies: list[torch.Tensor],
+    lr: float,
+    alpha: float,
+    eps: float,
+) -> None:
+    """``rmsprop_update`` from the bf16 gradients of the parameters' bf16 ``copies`` (read as fp32, the cast
+    autocast makes), then each copy written from its updated parameter (``Bf16Copies``)."""
+    rmsprop_update(params, [g.float() for g in grads], square_avgs, lr, alpha, eps)
+    for copy_, param in zip(copies, params):
+        copy_.copy_(param)
+
+
 def compiler_missing() -> str | None:
     """Why ``torch.compile`` cannot build CPU kernels here (no C++ compiler on the PATH), or None."""
     if any(shutil.which(name) for name in ("g++", "c++", "clang++")):
@@ -431,12 +537,26 @@ class StackedRMSprop(torch.optim.Optimizer):
     layers or members there are. ``compiled`` runs it through ``torch.compile`` instead: one fused pass
     over parameters, gradients and state (five passes eager: the update is bound by memory traffic, ~3x
     faster so on a CPU), the same math with last-bit differences (fused multiply-adds); compiled once a
-    process (~15 s on a CPU, cached on disk after).
+    process (~15 s on a CPU, cached on disk after). With ``bf16_copies`` (the stacked network's), a step
+    whose backward pass ran on the copies reads their gradients and writes them (``rmsprop_update_bf16``).
     """
 
-    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, compiled: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        compiled: bool = False,
+        bf16_copies: Bf16Copies | None = None,
+    ):
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps})
-        self.update = torch.compile(rmsprop_update, fullgraph=True, dynamic=False) if compiled else rmsprop_update
+        self.bf16_copies = bf16_copies
+        self.update, self.update_bf16 = (
+            (torch.compile(update, fullgraph=True, dynamic=False) for update in (rmsprop_update, rmsprop_update_bf16))
+            if compiled
+            else (rmsprop_update, rmsprop_update_bf16)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -444,13 +564,26 @@ class StackedRMSprop(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        on_copies = self.bf16_copies.gradients() if self.bf16_copies is not None else {}
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None or p in on_copies]
             if not params:
                 continue
             for p in params:  # no step count: without bias correction it would decide nothing, at an op a step
                 if not self.state[p]:
                     self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             square_avgs = [self.state[p]["square_avg"] for p in params]
-            self.update(params, [p.grad for p in params], square_avgs, group["lr"], group["alpha"], group["eps"])
+            hyper = group["lr"], group["alpha"], group["eps"]
+            if on_copies:
+                copies = [on_copies[p] for p in params]
+                self.update_bf16(params, [c.grad for c in copies], square_avgs, copies, *hyper)
+            else:
+                self.update(params, [p.grad for p in params], square_avgs, *hyper)
+        if on_copies:
+            self.bf16_copies.written()
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.bf16_copies is not None:
+            self.bf16_copies.zero_grad()

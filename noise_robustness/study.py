@@ -53,7 +53,7 @@ NOT_IDENTITY = {
 UNSET = "<unset>"  # how a key that one of two configs lacks is shown
 # Options added after studies were recorded without them: at this value (what those studies did) they are left
 # out of the identity, so that those studies keep theirs.
-ADDED_LATER = {"eval_corruptions": None, "model.dropout_masks": "per_member", "model.compile_optimizer": False}
+ADDED_LATER = {"eval_corruptions": None, "model.dropout_masks": "per_member", "model.compiled": False}
 
 
 def sigma_text(sigma: float) -> str:

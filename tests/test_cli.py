@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.cli import StudyTrainer, cli_main
 from tests.conftest import events, short_run
 
@@ -106,6 +107,15 @@ def test_mixed_precision_is_selectable(data_dir, tmp_path):
     assert 0.3 < cli.trainer.callback_metrics["val/acc"] <= 1  # it learns under autocast too
 
 
+def test_gradient_clipping_applies_under_bf16(data_dir, tmp_path):
+    """Clipping reads the parameters' own gradients, so under bf16 the step takes autocast's casts, not the bf16
+    copies (stacked.Bf16Copies): clipped to a norm of 1e-9, RMSprop's steps shrink far below its epsilon's scale."""
+    options = ["--scales=[0.5]", "--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1e-9"]
+    cli = cli_main(short_run(data_dir, tmp_path, "fit", *options, batches=5))
+    initial = NoiseClassifier(scales=[0.5]).net.weights[0]
+    assert cli.model.net.weights[0].sub(initial).abs().max() < 1e-6  # unclipped: about 1e-3 a step
+
+
 def test_the_sweep_takes_its_options_from_the_trainers_signature_and_runs_the_clis_method(capsys):
     """LightningCLI builds a subcommand's parser from the Trainer's method of that name and runs the CLI's
     method of that name when there is one; the study relies on both (the study tests run NoiseCLI.sweep)."""
@@ -141,18 +151,18 @@ def test_bf16_with_counter_masks_is_bit_reproducible_and_learns_as_fp32(data_dir
     assert accuracy[0] > 0.5 and abs(accuracy[0] - accuracy[1]) < 0.02, accuracy  # chance: 0.1
 
 
-def test_the_compiled_optimizer_step_is_the_fast_paths(data_dir, tmp_path, capsys):
+def test_the_compiled_step_is_the_fast_paths(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
-        cli_main(short_run(data_dir, tmp_path, "fit", "--model.compile_optimizer=true", "--model.fast=false"))
-    assert exit.value.code != 0 and "`compile_optimizer` compiles the fast RMSprop step" in capsys.readouterr().err
+        cli_main(short_run(data_dir, tmp_path, "fit", "--model.compiled=true", "--model.fast=false"))
+    assert exit.value.code != 0 and "`compiled` compiles the fast path's RMSprop step" in capsys.readouterr().err
     assert not (tmp_path / "tb_logs").exists()
 
 
-def test_the_compiled_optimizer_step_needs_a_compiler_and_says_so(data_dir, tmp_path, monkeypatch, capsys):
+def test_the_compiled_step_needs_a_compiler_and_says_so(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no g++, c++ or clang++ to be found
     with pytest.raises(SystemExit) as exit:
-        cli_main(short_run(data_dir, tmp_path, "fit", "--model.compile_optimizer=true"))
+        cli_main(short_run(data_dir, tmp_path, "fit", "--model.compiled=true"))
     assert exit.value.code != 0
     message = capsys.readouterr().err
-    assert "compile_optimizer" in message and "C++ compiler" in message
+    assert "`compiled`" in message and "C++ compiler" in message
     assert not (tmp_path / "tb_logs").exists()  # refused before any run folder was made

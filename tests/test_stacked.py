@@ -24,6 +24,8 @@ from noise_robustness.stacked import (
     stack_members,
 )
 
+needs_compiler = pytest.mark.skipif(compiler_missing() is not None, reason=str(compiler_missing()))
+
 
 @pytest.fixture(scope="module")
 def batches(data_dir) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -220,9 +222,10 @@ def numpy_counter_masks(seeds, epoch, rank, step, images, layers):
     return torch.from_numpy(np.stack(masks))
 
 
-def test_counter_masks_are_the_specified_hash_and_depend_on_neither_k_nor_position():
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_counter_masks_are_the_specified_hash_and_depend_on_neither_k_nor_position(compiled):
     layers = ((40, 0.2), (24, 0.5))
-    masks = CounterMasks([7, 3, 11])
+    masks = CounterMasks([7, 3, 11], compiled)
     masks.start_epoch(4, 1)
     for step in (0, 5, CounterMasks.STEPS + 2):  # the second block of member keys too
         drawn = masks.scaled_masks(step, 9, layers, torch.float32, torch.device("cpu"))
@@ -323,8 +326,66 @@ def test_a_training_step_under_the_trainer_is_at_most_60_operations_at_any_numbe
     assert "_local_scalar_dense" not in ops[18]
 
 
+# -- bf16 copies of the weights, written by the optimizer -----------------------------------------------------------
+
+
+def train_under_autocast(network, bf16_copies: bool, compiled: bool, steps: int = 6):
+    """A stack of two members trained ``steps`` steps under bf16 autocast, counter masks; returns its parameters,
+    optimizer state and evaluation output (under autocast too), and the network."""
+    seeds = [0, 3]
+    net = StackedSequential(
+        [build_member(network, s) for s in seeds], seeds, masks="counter", compiled=compiled, bf16_copies=bf16_copies
+    )
+    optimizer = StackedRMSprop(net.parameters(), 1e-3, 0.9, 1e-7, compiled=compiled, bf16_copies=net.bf16_copies)
+    net.start_epoch(0, 0)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(steps + 1, 2, 16, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (steps, 2, 16), generator=generator)
+    for x, y in zip(images, labels):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = net.eval()(images[-1])
+    params = list(net.parameters())
+    return params, [optimizer.state[p]["square_avg"] for p in params], out, net
+
+
+@pytest.mark.parametrize(
+    "network, compiled",
+    [(DropoutMLP, False), (KerasCNN, False), pytest.param(DropoutMLP, True, marks=[pytest.mark.slow, needs_compiler])],
+)
+def test_bf16_copies_train_bit_for_bit_as_autocasts_own_casts(network, compiled):
+    """The forward pass on the optimizer's bf16 copies and the update from their bf16 gradients give autocast's
+    numbers exactly: the same weights, optimizer state and outputs after training (the CNN's channels-last
+    weights too; compiled: the same fused update either way)."""
+    params, states, out, net = train_under_autocast(network, bf16_copies=True, compiled=compiled)
+    cast_params, cast_states, cast_out, _ = train_under_autocast(network, bf16_copies=False, compiled=compiled)
+    for ours, autocasts in zip([*params, *states, out], [*cast_params, *cast_states, cast_out]):
+        assert torch.equal(ours, autocasts)
+    assert all(p.grad is None for p in params)  # the gradients stayed on the copies
+    assert all(torch.equal(c, p.bfloat16()) for c, p in zip(net.bf16_copies.copies, params))  # written by the step
+
+
+def test_bf16_copies_follow_weights_changed_outside_the_optimizer():
+    """A checkpoint loaded or a weight set by hand changes what the copies hold at the next forward pass."""
+    net = stack_members(DropoutMLP, [0, 1]).eval()
+    images = torch.rand(2, 4, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = net(images)
+        net.load_state_dict(stack_members(DropoutMLP, [5, 6]).state_dict())
+        with torch.no_grad():
+            net.biases[2][1] += 1.0
+        after = net(images)
+        net.bf16_copies = None  # autocast's own casts
+        expected = net(images)
+    assert torch.equal(after, expected) and not torch.equal(after, before)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(compiler_missing() is not None, reason=str(compiler_missing()))
+@needs_compiler
 def test_the_compiled_rmsprop_step_is_the_eager_one_but_for_the_last_bits():
     """torch.compile fuses the five passes into one (fused multiply-adds): 50 steps on the same gradients end
     within 1e-6 of the eager step's parameters (a thousandth of one step's update at lr 1e-3; measured: 4.8e-7,
