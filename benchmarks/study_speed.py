@@ -23,6 +23,7 @@ main job (``three``) against its floors.
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,11 +50,25 @@ MLP_FLOP_PER_IMAGE = 3 * 2 * (784 * 512 + 512 * 512 + 512 * 10)  # forward + bac
 MAIN_JOB_FLOP = 18 * MLP_FLOP_PER_IMAGE * (20 * 60_000 + (20 + 6) * 10_000 / 3)
 CNN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10)
 SIGMA = 1.0  # the plain loop's noise level
-FAST = [  # configs/fast.yaml's options: bf16 products, one mask draw a step, the RMSprop step compiled
-    "--trainer.precision=bf16-mixed",
-    "--model.dropout_masks=counter",
-    "--model.compiled=true",
-]
+
+
+def recipe_options(config: Path) -> list[str]:
+    """A recipe's config file (``configs/fast.yaml``) as command-line options, its ``out`` left out."""
+
+    def flat(tree: dict, prefix: str = "") -> list[str]:
+        options = []
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                options += flat(value, f"{prefix}{key}.")
+            elif prefix or key != "out":
+                options.append(f"--{prefix}{key}={json.dumps(value) if isinstance(value, bool) else value}")
+        return options
+
+    return flat(yaml.safe_load(config.read_text()))
+
+
+# The fast recipe: precision auto (bf16 products here), one mask draw a step, the step's elementwise passes compiled
+FAST = recipe_options(REPO / "configs" / "fast.yaml")
 STUDIES = {  # name: (extra sweep options, target seconds; None: at most BF16_TARGET x the bf16 floor)
     "one": (["--seeds=[0]"], 240),
     "three": ([], 720),

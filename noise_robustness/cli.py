@@ -7,11 +7,13 @@ LightningCLI's own. Every subcommand reads the same options; ``--scales`` and ``
 study's members.
 """
 
+import inspect
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -28,6 +30,7 @@ from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.corruptions import BUILT_IN, Corruption
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
+from noise_robustness.precision import resolve as resolve_precision
 from noise_robustness.run_logger import run_folders
 from noise_robustness.study import (
     Study,
@@ -43,6 +46,8 @@ from noise_robustness.study import (
 from noise_robustness.sweep import run_study
 
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
+# Lightning's own type of `trainer.precision` (Optional[...]), which StudyTrainer widens by `auto`
+PRECISION = inspect.signature(pl.Trainer).parameters["precision"].annotation
 STUDY_SCALES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0]  # the sweep's default noise levels
 STUDY_SEEDS = [0, 1, 2]  # the sweep's default seeds
 
@@ -206,12 +211,17 @@ def with_epochs_alias(tokens: list[str]) -> list[str]:
 
 
 class StudyTrainer(pl.Trainer):
-    """The Trainer, with the options of the study's ``sweep`` subcommand.
+    """The Trainer, with the options of the study's ``sweep`` subcommand, and ``precision`` ``auto``.
 
     LightningCLI builds a subcommand's parser from the signature of the Trainer's method of that name,
     and runs the CLI's method of that name when the CLI has one: ``NoiseCLI.sweep`` runs the study, with
     these options as its arguments (``tests/test_cli.py`` fails if Lightning stops doing either).
     """
+
+    def __init__(self, *, precision: PRECISION | Literal["auto"] = None, **kwargs):
+        """``precision`` ``auto``: this machine's fast precision (``precision.fast_precision``); the command
+        records which one it chose (``NoiseCLI.before_instantiate_classes``). The rest is Lightning's."""
+        super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
 
     def sweep(
         self,
@@ -341,6 +351,8 @@ class NoiseCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        # the precision a run uses, never `auto`, is what its config, identity and checkpoints record
+        config.trainer.precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
         try:
             if self.subcommand in ("fit", "sweep") and (
                 config.trainer.max_epochs is None or config.trainer.max_epochs <= 0

@@ -83,15 +83,16 @@ def side_by_side(table: dict) -> list[str]:
 
 def recipe_note(identity: dict) -> str | None:
     """How a study's members were trained, where that is not the default recipe (fp32, per-member dropout masks,
-    eager step passes): a line for its summary, or None."""
-    parts = []
-    if identity.get("trainer.precision") not in (None, "32-true", "32"):
-        parts.append(f"precision {identity['trainer.precision']}")
+    eager step passes): a line for its summary, naming the precision whenever it names anything, or None."""
+    precision = identity.get("trainer.precision") or "32-true"  # null: Lightning's default
+    choices = []
     if identity.get("model.dropout_masks", "per_member") != "per_member":
-        parts.append(f"dropout masks {identity['model.dropout_masks']}")
+        choices.append(f"dropout masks {identity['model.dropout_masks']}")
     if identity.get("model.compiled"):
-        parts.append("compiled step (torch.compile)")
-    return f"Trained with {', '.join(parts)} (this study's own members)." if parts else None
+        choices.append("compiled step (torch.compile)")
+    if precision in ("32-true", "32") and not choices:
+        return None
+    return f"Trained with {', '.join([f'precision {precision}', *choices])} (this study's own members)."
 
 
 def summary_markdown(results: list[dict], robustness: list[dict] | None = None, recipe: str | None = None) -> str:

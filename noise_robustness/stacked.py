@@ -23,6 +23,7 @@ Under bf16 autocast the fast path also keeps bf16 copies of the weights that the
 the same numbers, bit for bit.
 """
 
+import contextlib
 import copy
 import math
 import shutil
@@ -522,6 +523,27 @@ def rmsprop_update_bf16(
         copy_.copy_(param)
 
 
+@contextlib.contextmanager
+def denormals_flushed(device: torch.device):
+    """CPU arithmetic with subnormal floats flushed to zero (``torch.set_flush_denormal``), then back to IEEE.
+
+    RMSprop's state of a weight whose gradient stays zero (a ReLU unit that stopped firing) decays by ``alpha``
+    each step through the subnormal range (below 1.2e-38) for ~150 steps, and an x86 core takes a slow microcode
+    path for every subnormal it reads or writes: with a fifth of the state subnormal the fused update took 42 ms
+    instead of 5.4 ms here. Flushed, the parameters come out the same: a state below 1e-29 gives ``sqrt(v) + eps
+    == eps`` in fp32 either way, and a subnormal gradient moves no parameter larger than 1e-26 (one at exactly
+    zero, a bias no gradient has moved yet, stays there instead of moving by ~1e-34). Only the step runs so
+    (the forward and backward passes keep IEEE arithmetic); a process that flushed denormals itself gets IEEE
+    arithmetic back after each step (torch has no way to read the setting).
+    """
+    flush = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
 def compiler_missing() -> str | None:
     """Why ``torch.compile`` cannot build CPU kernels here (no C++ compiler on the PATH), or None."""
     if any(shutil.which(name) for name in ("g++", "c++", "clang++")):
@@ -565,6 +587,13 @@ class StackedRMSprop(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         on_copies = self.bf16_copies.gradients() if self.bf16_copies is not None else {}
+        with denormals_flushed(self.param_groups[0]["params"][0].device):
+            self._update(on_copies)
+        if on_copies:
+            self.bf16_copies.written()
+        return loss
+
+    def _update(self, on_copies: dict[torch.Tensor, torch.Tensor]) -> None:
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None or p in on_copies]
             if not params:
@@ -579,9 +608,6 @@ class StackedRMSprop(torch.optim.Optimizer):
                 self.update_bf16(params, [c.grad for c in copies], square_avgs, copies, *hyper)
             else:
                 self.update(params, [p.grad for p in params], square_avgs, *hyper)
-        if on_copies:
-            self.bf16_copies.written()
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
