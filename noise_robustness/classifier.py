@@ -93,11 +93,17 @@ class NoiseClassifier(pl.LightningModule):
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
 
     def on_fit_start(self) -> None:
-        # The optimizer reads the bf16 copies' gradients straight after the backward pass (stacked.Bf16Copies);
-        # where the trainer reads the parameters' own first (clipping) or adds batches' up, autocast's casts.
+        # The forward pass runs on the bf16 copies (stacked.Bf16Copies) only where the step after it updates from
+        # their gradients straight after the backward pass: the fast RMSprop, not another `--optimizer`, with
+        # nothing reading the parameters' own gradients first (clipping) or adding batches' up; else autocast's casts.
         if self.net.bf16_copies is not None:
+            optimizers = self.trainer.optimizers
             self.net.bf16_copies.enabled = (
-                self.trainer.gradient_clip_val is None and self.trainer.accumulate_grad_batches == 1
+                len(optimizers) == 1
+                and isinstance(optimizers[0], StackedRMSprop)
+                and optimizers[0].bf16_copies is self.net.bf16_copies
+                and self.trainer.gradient_clip_val is None
+                and self.trainer.accumulate_grad_batches == 1
             )
 
     def on_train_epoch_start(self) -> None:

@@ -114,10 +114,11 @@ class MemberBatches:
         epoch, rank, world_size = self.position()
         by_seed = self.batches(epoch, rank, world_size)
         rows = self.rows({seed: torch.cat(batches) for seed, batches in by_seed.items()})  # [K, this epoch's shard]
-        start = 0
-        for batch in by_seed[self.seeds[0]]:  # every seed's batches have the same sizes
-            yield self.compose(rows[:, start : start + len(batch)], epoch=epoch)  # a view: no work per step
-            start += len(batch)
+        # every seed's batches have the same sizes; each batch's rows contiguous, made now rather than in a step
+        # (``gather_rows`` reads them as one flat index, which a slice of several members' rows is not)
+        sizes = [len(batch) for batch in by_seed[self.seeds[0]]]
+        for batch_rows in [chunk.contiguous() for chunk in rows.split(sizes, dim=1)]:
+            yield self.compose(batch_rows, epoch=epoch)
 
 
 class NoisyMNISTDataModule(pl.LightningDataModule):

@@ -7,6 +7,7 @@ import torch
 
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.cli import StudyTrainer, cli_main
+from noise_robustness.stacked import StackedRMSprop
 from tests.conftest import events, short_run
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("scale_*.yaml")) + [
@@ -114,6 +115,16 @@ def test_gradient_clipping_applies_under_bf16(data_dir, tmp_path):
     cli = cli_main(short_run(data_dir, tmp_path, "fit", *options, batches=5))
     initial = NoiseClassifier(scales=[0.5]).net.weights[0]
     assert cli.model.net.weights[0].sub(initial).abs().max() < 1e-6  # unclipped: about 1e-3 a step
+
+
+def test_another_optimizer_trains_under_bf16(data_dir, tmp_path):
+    """The bf16 copies serve only the fast RMSprop, which updates from their gradients: another `--optimizer`
+    reads the parameters' own, so under bf16 the forward pass takes autocast's casts and the weights move."""
+    options = ["--scales=[0.5]", "--trainer.precision=bf16-mixed", "--optimizer=torch.optim.SGD", "--optimizer.lr=0.1"]
+    cli = cli_main(short_run(data_dir, tmp_path, "fit", *options, batches=5))
+    assert not isinstance(cli.trainer.optimizers[0], StackedRMSprop) and not cli.model.net.bf16_copies.enabled
+    initial = NoiseClassifier(scales=[0.5]).net.weights[0]
+    assert cli.model.net.weights[0].sub(initial).abs().max() > 1e-4
 
 
 def test_the_sweep_takes_its_options_from_the_trainers_signature_and_runs_the_clis_method(capsys):
