@@ -64,8 +64,8 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class MemberBatches:
     """Serves ``(images [K, B, 1, 28, 28], labels [K, B])`` batches of a split: no per-sample Python, no collate.
 
-    Each member's file rows for the whole epoch are looked up once when it starts (``rows``); a batch is
-    then a slice of them, composed with one gather per tensor (``compose``).
+    Each member's file rows for the whole epoch are looked up once when it starts (``rows``) and split into
+    the batches' blocks; a batch is then composed with one gather per tensor (``compose``).
 
     Args:
         rows: ``(positions by seed) -> [K, n]``, each member's MNIST file rows at its seed's positions.
