@@ -95,6 +95,7 @@ def noisy_digest(data_dir: str, noise_mode: str, epoch: int) -> str:
     return hashlib.sha256(images.numpy().tobytes()).hexdigest()
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_noise_is_identical_across_processes(data_dir):
     code = f"from tests.test_data import noisy_digest; print(noisy_digest({data_dir!r}, 'resample', 2))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -64,6 +64,7 @@ def test_a_study_whose_tables_figures_and_tensorboard_are_gone_gets_them_back_by
     assert list((out / "tensorboard").glob("events.*"))  # the study's figures (per-epoch curves are history)
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_sigterm_as_the_last_epoch_ends_stops_with_143_and_a_rerun_finishes_the_study(data_dir, tmp_path, capsys):
     reference, out = tmp_path / "reference", tmp_path / "study"
     cli_main(study_args(data_dir, reference, *signal_at(0, 99, 0)))  # signal 0 at an epoch never reached: no signal
@@ -160,6 +161,7 @@ def test_sigma_values_equal_to_six_digits_are_two_members(data_dir, tmp_path):
     assert sorted(member_rows(out)) == [(0.1234567, 0), (0.1234568, 0)]
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_a_new_sigma_close_to_a_finished_one_is_trained(data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out, *B, scales="[0, 0.5]", batches=2))
@@ -172,6 +174,7 @@ def test_a_new_sigma_close_to_a_finished_one_is_trained(data_dir, tmp_path, caps
 # 6. Exit codes tell the truth: a fit stopped by a signal (tests/test_reliability.py: resumes exactly).
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_fit_stopped_by_a_signal_exits_non_zero_and_says_how_to_resume(signum, data_dir, tmp_path):
     command = short_run(data_dir, tmp_path, "fit", "--scales=[0.5]", "--trainer.max_epochs=2", batches=10)
@@ -244,6 +247,7 @@ def test_a_report_that_cannot_be_written_is_named(data_dir, tmp_path, capsys):
     assert "error: " in message and "summary.md" in message and "rerun the same command" in message
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_a_full_disk_while_saving_a_checkpoint_is_named(data_dir, tmp_path):
     """A size-limited file stands in for a full disk: writes past the limit fail as on a full one."""
     out = tmp_path / "study"

@@ -105,6 +105,7 @@ def test_bad_input_is_one_clear_error_before_anything_starts(args, message, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no data unpacked, no run or study folder
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_bad_input_from_the_shell_exits_non_zero_without_a_traceback(tmp_path):
     stderr = fails_cleanly(["fit", "--scales=[-0.5]"], tmp_path)
     assert stderr.strip().endswith("error: Expected `scales` to be a finite number >= 0, but got -0.5")

@@ -125,6 +125,7 @@ def test_a_changed_option_is_refused_naming_the_keys(change, data_dir, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing trained, nothing written
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_added_seeds_and_levels_train_only_the_new_members(data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out))
@@ -142,6 +143,7 @@ def test_added_seeds_and_levels_train_only_the_new_members(data_dir, tmp_path, c
     assert all(both[key] == first[key] for key in first)
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_cluster_tasks_train_one_seed_each_and_the_gather_names_what_is_missing(data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     args = tiny(data_dir, out, seeds="[0, 1, 2]")
@@ -157,6 +159,7 @@ def test_cluster_tasks_train_one_seed_each_and_the_gather_names_what_is_missing(
     assert (out / "accuracy_vs_noise.png").is_file()
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_path, capsys):
     small = "--data.val_holdout=500"  # both studies: the compared one must see the same noisy data
     cnn, mlp = tmp_path / "cnn", tmp_path / "mlp"
@@ -182,6 +185,7 @@ def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_pa
     assert "KerasCNN" not in (mlp / "summary.md").read_text()
 
 
+@pytest.mark.slow  # a whole study or a child process: seconds; CI runs the slow tier
 def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp_path, capsys):
     cnn, mlp, unfinished = tmp_path / "cnn", tmp_path / "mlp", tmp_path / "unfinished"
     cli_main(tiny(data_dir, cnn, "--model.net=noise_robustness.models.KerasCNN", batches=2, scales="[0]"))
