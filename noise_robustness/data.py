@@ -259,11 +259,11 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             if not group.corrupts:  # every severity 0: the clean images
                 corrupted.append(images)
                 continue
-            patterns = {
-                kind: gather_rows(table.flatten(0, 1), group.pattern_rows[:, None] * table.shape[1] + group_rows)
-                for kind in group.corruption.patterns
-                for table in [self.patterns(file, noise_epoch, kind)]  # [seeds, images, ...]: row s * images + i
-            }
+            patterns = {}
+            for kind in group.corruption.patterns:
+                table = self.patterns(file, noise_epoch, kind)  # [seeds, images, ...]; flattened, row s * images + i
+                flat_rows = group.pattern_rows[:, None] * table.shape[1] + group_rows
+                patterns[kind] = gather_rows(table.flatten(0, 1), flat_rows)
             corrupted.append(group.corruption(images, group.severity, **patterns))
         images = corrupted[0] if len(groups) == 1 else torch.cat(corrupted)[order]
         return images.clamp(0.0, 1.0) if self.hparams.clip else images, self.file_labels[file][rows]
