@@ -51,10 +51,10 @@ class NoiseClassifier(pl.LightningModule):
         eps: RMSprop epsilon, added to the root mean square (1e-7 in Keras, 1e-8 in PyTorch).
         fast: the fast dropout masks and RMSprop step (see ``stacked.py``); false selects torch's own
             ``bernoulli_`` dropout and ``torch.optim.RMSprop``, the reference to check them against.
-        dropout_masks: ``per_member`` draws each member's dropout masks from a generator of its own (the
-            committed results); ``counter`` draws every member's in one counter-based draw a step, the same
-            handful of operations at any number of members (``stacked.CounterMasks``; other masks, so other
-            numbers).
+        dropout_masks: ``counter`` draws every member's dropout masks in one counter-based draw a step, the
+            same handful of operations at any number of members (``stacked.CounterMasks``); ``per_member``
+            draws each member's from a generator of its own, three operations per member and layer (the
+            recipe of studies made before ``counter``; other masks, so other numbers).
         compiled: run the step's elementwise passes through ``torch.compile``: the RMSprop update as one
             fused pass instead of five (~3x faster on a CPU; last-bit differences) and the counter masks' hash
             as one pass instead of eight (the same bits); compiled once a process, needs a C++ compiler on a CPU.
@@ -70,7 +70,7 @@ class NoiseClassifier(pl.LightningModule):
         rho: float = 0.9,
         eps: float = 1e-7,
         fast: bool = True,
-        dropout_masks: Literal["per_member", "counter"] = "per_member",
+        dropout_masks: Literal["counter", "per_member"] = "counter",
         compiled: bool = False,
         scales: list[float] = [0.0],
         seeds: list[int] = [0],

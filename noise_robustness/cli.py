@@ -218,7 +218,7 @@ class StudyTrainer(pl.Trainer):
     these options as its arguments (``tests/test_cli.py`` fails if Lightning stops doing either).
     """
 
-    def __init__(self, *, precision: PRECISION | Literal["auto"] = None, **kwargs):
+    def __init__(self, *, precision: PRECISION | Literal["auto"] = "auto", **kwargs):
         """``precision`` ``auto``: this machine's fast precision (``precision.fast_precision``); the command
         records which one it chose (``NoiseCLI.before_instantiate_classes``). The rest is Lightning's."""
         super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)

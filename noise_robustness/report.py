@@ -82,8 +82,9 @@ def side_by_side(table: dict) -> list[str]:
 
 
 def recipe_note(identity: dict) -> str | None:
-    """How a study's members were trained, where that is not the default recipe (fp32, per-member dropout masks,
-    eager step passes): a line for its summary, naming the precision whenever it names anything, or None."""
+    """How a study's members were trained, where that is not the first recipe (fp32, per-member dropout masks,
+    eager step passes: every study made before these options): a line for its summary, naming the precision
+    whenever it names anything, or None."""
     precision = identity.get("trainer.precision") or "32-true"  # null: Lightning's default
     choices = []
     if identity.get("model.dropout_masks", "per_member") != "per_member":

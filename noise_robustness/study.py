@@ -54,6 +54,10 @@ UNSET = "<unset>"  # how a key that one of two configs lacks is shown
 # Options added after studies were recorded without them: at this value (what those studies did) they are left
 # out of the identity, so that those studies keep theirs.
 ADDED_LATER = {"eval_corruptions": None, "model.dropout_masks": "per_member", "model.compiled": False}
+# Options that decide how a study's arithmetic runs (other rounding, other dropout draws: numbers of their own,
+# so part of the identity), not what it studies: a study compared beside another (`--compare`) may differ in
+# them, and the summary says how each network was trained.
+RECIPE = ("trainer.precision", "model.dropout_masks", "model.compiled")
 
 
 def sigma_text(sigma: float) -> str:
@@ -193,7 +197,9 @@ def identity_of(resolved: dict) -> dict[str, object]:
 
 
 def differences(recorded: dict, identity: dict, keys: set[str], now: str) -> list[str]:
-    """``"key: <recorded> there, <identity> <now>"`` for each of ``keys`` whose values differ, sorted by key."""
+    """``"key: <recorded> there, <identity> <now>"`` for each of ``keys`` whose values differ, sorted by key (an
+    option an identity leaves out as ``ADDED_LATER`` shown at the value it stands for)."""
+    recorded, identity = ADDED_LATER | recorded, ADDED_LATER | identity
     return [
         f"{k}: {recorded.get(k, UNSET)!r} there, {identity.get(k, UNSET)!r} {now}"
         for k in sorted(keys)
@@ -476,9 +482,10 @@ class Study:
         return cls(out, read_options(out / "study.yaml"), members, resolved, cells)
 
 
-def compared_rows(folder: Path, identity: dict) -> tuple[list[dict], list[dict]]:
-    """The rows of a finished study to report beside one of ``identity``: of another network, trained with
-    every other option that decides a result the same, read from its members' files (never a stale csv).
+def compared_rows(folder: Path, identity: dict) -> tuple[list[dict], list[dict], dict]:
+    """The rows of a finished study to report beside one of ``identity``, and its identity: of another network,
+    trained with every other option that decides a result the same but the ``RECIPE`` (precision, dropout
+    masks, compiled step), read from its members' files (never a stale csv).
 
     Raises:
         ValueError: naming the folder and what is wrong with it.
@@ -492,14 +499,14 @@ def compared_rows(folder: Path, identity: dict) -> tuple[list[dict], list[dict]]
         raise ValueError(
             f"Expected `compare` to name studies of other networks, but {folder} is a study of {network} too"
         )
-    keys = {k for k in set(study.identity) | set(identity) if k != "model.net"}
+    keys = {k for k in set(study.identity) | set(identity) if k != "model.net" and k not in RECIPE}
     differ = differences(study.identity, identity, keys, "here")
     if differ:
         raise ValueError(
             f"Expected the study in {folder} (`compare`) to differ from this one in its network (`model.net`) "
-            f"alone, but {'; '.join(differ)}"
+            f"and its recipe ({', '.join(f'`{k}`' for k in RECIPE)}) alone, but {'; '.join(differ)}"
         )
     try:
-        return study.rows()
+        return *study.rows(), study.identity
     except StudyIncomplete as err:
         raise ValueError(f"Expected the study in {folder} (`compare`) to be finished, but {err}") from None

@@ -14,7 +14,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from noise_robustness.checkpoints import save_weights
 from noise_robustness.report import recipe_note, write_report
-from noise_robustness.study import Member, Study, compared_rows
+from noise_robustness.study import RECIPE, Member, Study, compared_rows, differences
 
 
 def say(text: str) -> None:
@@ -129,13 +129,16 @@ def report(study: Study, datamodule, compare: list[Path]) -> None:
     """Gathers the members' results into the tables and figures (and TensorBoard), beside the compared studies'."""
     try:
         results, robustness_rows = study.gather()  # this study's own rows: its csv files
+        notes = [recipe_note(study.identity)]
         for folder in compare:  # their rows join the summary and the figures only
-            their_results, their_robustness = compared_rows(folder, study.identity)
+            their_results, their_robustness, theirs = compared_rows(folder, study.identity)
             results, robustness_rows = results + their_results, robustness_rows + their_robustness
+            if differ := differences(theirs, study.identity, set(RECIPE), "here"):
+                notes.append(f"The study compared from {folder} was trained otherwise: {'; '.join(differ)}.")
     except ValueError as err:  # members missing, damaged or of another study, here or in a compared folder
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     datamodule.setup("validate")
-    recipe = recipe_note(study.identity)
+    recipe = "\n\n".join(note for note in notes if note) or None
     written = write_report(study.out, results, robustness_rows, datamodule, study.members, study.cells, recipe)
     say(f"done: {study.out}/results.csv, {', '.join(written)}")

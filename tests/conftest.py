@@ -1,5 +1,6 @@
 """Fixtures and helpers every test file shares: real MNIST once per session, and real commands shrunk to seconds."""
 
+import contextlib
 import csv
 import os
 import subprocess
@@ -98,9 +99,11 @@ def fails_cleanly(args: list[str], cwd: Path) -> str:
 
 
 @torch.inference_mode()
-def independent_accuracy(model, batches) -> torch.Tensor:
-    """``[K]`` accuracy of each member over ``batches``, dropout off: counted here, outside Lightning's loops."""
+def independent_accuracy(model, batches, precision=None) -> torch.Tensor:
+    """``[K]`` accuracy of each member over ``batches``, dropout off: counted here, outside Lightning's loops, in
+    ``precision`` (a trainer's ``precision_plugin``: the products in the precision the run used) or fp32."""
     model.eval()
-    correct = sum((model(images).argmax(-1) == labels).sum(dim=1) for images, labels in batches)
+    with precision.forward_context() if precision else contextlib.nullcontext(), torch.no_grad():
+        correct = sum((model(images).argmax(-1) == labels).sum(dim=1) for images, labels in batches)
     count = sum(labels.shape[1] for _, labels in batches)
     return correct.double() / count

@@ -84,8 +84,8 @@ def test_val_acc_matches_an_independent_evaluation(data_dir, tmp_path):
         cli.model.net.member(0).to(dm.device).eval()
     )  # the member as a plain DropoutMLP, where the images are (a GPU too)
     images, labels = dm.noisy_images("val", {0: torch.arange(20 * 128, device=dm.device)})
-    with torch.no_grad():
-        logits = net(images[0])
+    with torch.no_grad(), cli.trainer.precision_plugin.forward_context():  # in the precision the run used
+        logits = net(images[0]).float()
     expected = (logits.argmax(1) == labels[0]).float().mean().cpu()
     assert torch.isclose(cli.trainer.callback_metrics["val/acc"].cpu(), expected)
     loss = torch.nn.functional.cross_entropy(logits, labels[0]).cpu()

@@ -52,7 +52,7 @@ def test_the_compared_cnn_study_is_the_main_study_with_the_other_network():
     assert cnn.pop("model.net")["class_path"] == "noise_robustness.models.KerasCNN"
     assert cnn == mlp  # same data, optimizer, epochs: the networks differ in architecture only
     assert (REPO / "docs" / "results" / "cnn" / "results.csv").read_text().count("KerasCNN,") == 18
-    results, _ = compared_rows(REPO / "docs" / "results" / "cnn", mlp | {"model.net": {"class_path": "x"}})
+    results, _, _ = compared_rows(REPO / "docs" / "results" / "cnn", mlp | {"model.net": {"class_path": "x"}})
     assert len(results) == 18  # what the main command reads: every member's file, of that study
 
 
