@@ -9,7 +9,7 @@ import yaml
 
 from noise_robustness.certification import Certification, Setting, gathered, summary_markdown
 from noise_robustness.cli import cli_main
-from noise_robustness.study import Study, compared_rows
+from noise_robustness.study import ADDED_LATER, RECIPE, Study, compared_rows
 
 REPO = Path(__file__).parents[1]
 MEAN_STD = re.compile(r"(\d+\.\d\d) ± (\d+\.\d\d)")  # a result as the tables print it: "98.38 ± 0.08"
@@ -44,16 +44,50 @@ def test_every_config_the_readme_names_exists():
         assert (REPO / path).is_file(), path
 
 
-def test_the_compared_cnn_study_is_the_main_study_with_the_other_network():
+def test_the_compared_cnn_study_is_the_main_study_with_the_other_network_in_the_first_recipe():
     mlp, cnn = (
         yaml.safe_load((REPO / "docs" / "results" / name / "study.yaml").read_text()) for name in ("noise_sweep", "cnn")
     )
     assert mlp.pop("model.net")["class_path"] == "noise_robustness.models.DropoutMLP"
     assert cnn.pop("model.net")["class_path"] == "noise_robustness.models.KerasCNN"
-    assert cnn == mlp  # same data, optimizer, epochs: the networks differ in architecture only
+    recipes = [[identity.pop(key, ADDED_LATER.get(key)) for key in RECIPE] for identity in (mlp, cnn)]
+    assert recipes == [["bf16-mixed", "counter", False], [None, "per_member", False]]
+    assert cnn == mlp  # same data, optimizer, epochs: the networks differ in architecture (and recipe) only
     assert (REPO / "docs" / "results" / "cnn" / "results.csv").read_text().count("KerasCNN,") == 18
     results, _, _ = compared_rows(REPO / "docs" / "results" / "cnn", mlp | {"model.net": {"class_path": "x"}})
     assert len(results) == 18  # what the main command reads: every member's file, of that study
+    summary = (REPO / "docs" / "results" / "noise_sweep" / "summary.md").read_text()
+    assert "The study compared from docs/results/cnn was trained otherwise: model.dropout_masks: 'per_member' " in summary
+
+
+FIRST_RECIPE = "--config=configs/first_recipe.yaml"  # fp32, a dropout generator per member: studies made before
+# How each committed study was made: the command its README (or the README) gives, the folder left out. Where the
+# command leaves the precision to `auto`, the precision it chose there is named, so that a machine that chooses
+# otherwise checks the same study.
+COMMITTED_STUDIES = {
+    "noise_sweep": ["--trainer.precision=bf16-mixed"],  # the main job, made where `auto` chose bf16
+    "noise_sweep_fp32": ["--trainer.precision=32-true"],
+    "resample": ["--data.noise_mode=resample", "--trainer.precision=bf16-mixed"],
+    "original_units": ["--config=configs/sweep_original_units.yaml", "--trainer.precision=bf16-mixed"],
+    "fast": ["--config=configs/fast.yaml", "--trainer.precision=bf16-mixed"],
+    "fast_fp32": ["--config=configs/fast.yaml", "--trainer.precision=32-true"],
+    "first_recipe": [FIRST_RECIPE],
+    "noise_sweep_h100": [FIRST_RECIPE],
+    "cnn": [FIRST_RECIPE, "--model.net=noise_robustness.models.KerasCNN"],
+    "corruptions": [FIRST_RECIPE, "--config=configs/corruptions.yaml"],
+    "corruptions_cnn": [FIRST_RECIPE, "--config=configs/corruptions.yaml", "--config=configs/corruptions_cnn.yaml"],
+    "smoothing_mlp": [FIRST_RECIPE, "--config=configs/smoothing_mlp.yaml"],
+    "smoothing_cnn": [FIRST_RECIPE, "--config=configs/smoothing_cnn.yaml"],
+}
+
+
+def test_every_committed_study_is_what_its_command_makes_today(tmp_path):
+    """A default or a config that moved under a committed study (its command would now make another) fails here."""
+    assert sorted(COMMITTED_STUDIES) == sorted(p.parent.name for p in (REPO / "docs" / "results").glob("*/study.yaml"))
+    for folder, options in COMMITTED_STUDIES.items():
+        cli = cli_main(["sweep", *options, f"--out={tmp_path / folder}"], run=False)  # plans it, creates nothing
+        recorded = yaml.safe_load((REPO / "docs" / "results" / folder / "study.yaml").read_text())
+        assert cli.study.identity == recorded, folder
 
 
 def test_every_result_the_readme_quotes_is_in_a_committed_summary():
