@@ -2,10 +2,9 @@
 
 Times, interleaved (A A' B B' A A' B B' ...):
   (A) one training epoch of the default study's 6 members side by side, through the real CLI
-      (``fit --scales [0, 0.1, 0.5, 1, 2, 4]``: our DataModule, LightningModule and Trainer, the fast
-      dropout and RMSprop), divided by 6: one member-epoch;
-  (A') the same with the fast recipe (``configs/fast.yaml``'s options: bf16-mixed, counter masks, the
-      compiled RMSprop step);
+      (``fit --scales [0, 0.1, 0.5, 1, 2, 4]``: our DataModule, LightningModule and Trainer, the default
+      recipe: precision auto, counter masks, the eager RMSprop step), divided by 6: one member-epoch;
+  (A') the same with the fast recipe (``configs/fast.yaml``: the step's elementwise passes compiled);
   (B) the obvious hand-written loop for one network: ``DropoutMLP`` with torch's own ``nn.Dropout``
       and ``torch.optim.RMSprop``, the same noisy images, ``randperm`` batches of 128;
   (B') the same loop under ``torch.autocast(dtype=torch.bfloat16)``: what bf16 gives a plain loop;
@@ -15,11 +14,11 @@ Then this run's fp32 and bf16 rates of the study's own batched product (18 membe
 FLOP floors at both, the aten operations one training step dispatches at K = 1, 6 and 18 members
 (``benchmarks/op_count.py``), and whole studies run as users run them (``python -m noise_robustness
 sweep ...`` in a child process): wall time, from the command to the figures, peak memory, and the
-main job (``three``) against its floors.
+main job (``three``; ``fast``, its fast recipe; ``first``, its first recipe) against its floors.
 
-    python benchmarks/study_speed.py                  # pairs, the 1-seed and the 3-seed study (~16 min)
-    python benchmarks/study_speed.py --studies one    # pairs and the 1-seed study (~6 min)
-    python benchmarks/study_speed.py --studies three,fast --pairs 3 --cnn_batches 0   # the main job, fp32 and fast
+    python benchmarks/study_speed.py                  # pairs, the main job and its fast recipe
+    python benchmarks/study_speed.py --studies one    # pairs and the 1-seed study
+    python benchmarks/study_speed.py --studies three,fast,first --pairs 3 --cnn_batches 0   # the main job, 3 recipes
 """
 
 import argparse
@@ -67,12 +66,14 @@ def recipe_options(config: Path) -> list[str]:
     return flat(yaml.safe_load(config.read_text()))
 
 
-# The fast recipe: precision auto (bf16 products here), one mask draw a step, the step's elementwise passes compiled
+# The fast recipe: the default (precision auto, one mask draw a step) with the step's elementwise passes compiled
 FAST = recipe_options(REPO / "configs" / "fast.yaml")
+FIRST = recipe_options(REPO / "configs" / "first_recipe.yaml")  # fp32, a dropout generator per member: the reference
 STUDIES = {  # name: (extra sweep options, target seconds; None: at most BF16_TARGET x the bf16 floor)
-    "one": (["--seeds=[0]"], 240),
-    "three": ([], 720),
+    "one": (["--seeds=[0]"], None),
+    "three": ([], None),  # the main job
     "fast": (FAST, None),  # the main job with the fast recipe
+    "first": (FIRST, 720),  # the main job in the first recipe
 }
 BF16_TARGET = 2.4  # issue 16: the main job at most 2.4x its floor at this CPU's bf16 rate
 
@@ -197,7 +198,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=5, help="interleaved (A, B) pairs")
     parser.add_argument(
-        "--studies", default="one,three", help="whole studies to time: one (1 seed), three (3 seeds), or none"
+        "--studies",
+        default="three,fast",
+        help="whole studies to time: one (1 seed), three (the main job), fast (its fast recipe), first (its first "
+        "recipe), or none",
     )
     parser.add_argument(
         "--cnn_batches", type=int, default=100, help="training batches of the timed CNN member-epoch (0: skip)"
@@ -277,12 +281,14 @@ def main() -> None:
                 flush=True,
             )
 
-        for masks in ("per_member", "counter"):
+        for precision, masks in (("32-true", "per_member"), ("32-true", "counter"), ("bf16-mixed", "counter")):
             for members, (scales, seeds) in STUDIES_BY_K.items():
-                ops = ops_per_step(args.data_dir, scales, seeds, f"--model.dropout_masks={masks}")
+                options = f"--trainer.precision={precision}", f"--model.dropout_masks={masks}"
+                ops = ops_per_step(args.data_dir, scales, seeds, *options)
                 top = ", ".join(f"{name} {count:g}" for name, count in ops.most_common(5))
                 print(
-                    f"ops per training step, {masks} masks, K = {members:2d}  {sum(ops.values()):4.0f}  ({top}, ...)",
+                    f"ops per training step, {precision}, {masks} masks, K = {members:2d}  {sum(ops.values()):4.0f}  "
+                    f"({top}, ...)",
                     flush=True,
                 )
 
@@ -298,7 +304,8 @@ def main() -> None:
                 f"--data.data_dir={args.data_dir}",
             ]
             wall, rss = run_measured(command)
-            fp32_floor, bf16_floor = (MAIN_JOB_FLOP / (rate * 1e9) for rate in (gflops, bf16_gflops))
+            flop = MAIN_JOB_FLOP / (3 if name == "one" else 1)  # one seed of the main job's three
+            fp32_floor, bf16_floor = (flop / (rate * 1e9) for rate in (gflops, bf16_gflops))
             if target is None:
                 target = BF16_TARGET * bf16_floor
             verdict = "met" if wall <= target else "NOT met"
@@ -307,12 +314,11 @@ def main() -> None:
                 f"(target <= {target:.0f}: {verdict}), peak memory {rss:.2f} GB (target <= 2)",
                 flush=True,
             )
-            if name != "one":  # the main job against the floors of its arithmetic, at this run's rates
-                print(
-                    f"the main job against its floors      fp32 floor {fp32_floor:.0f} s ({wall / fp32_floor:.2f}x), "
-                    f"bf16 floor {bf16_floor:.0f} s ({wall / bf16_floor:.2f}x)",
-                    flush=True,
-                )
+            print(  # the study against the floors of its arithmetic, at this run's rates
+                f"study {name} against its floors   fp32 floor {fp32_floor:.0f} s ({wall / fp32_floor:.2f}x), "
+                f"bf16 floor {bf16_floor:.0f} s ({wall / bf16_floor:.2f}x)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from pytorch_lightning.plugins.precision import MixedPrecision
 
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.data import NoisyMNISTDataModule
@@ -53,9 +55,11 @@ def test_two_processes_split_every_epoch_exactly_and_agree_with_one(data_dir, tm
     model = NoiseClassifier(scales=SCALES, seeds=SEEDS)
     model.load_state_dict(torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     positions = {s: torch.arange(single.split_size("val")) for s in SEEDS}
+    precision = yaml.safe_load((runs[0] / "config.yaml").read_text())["trainer"]["precision"]  # as `auto` chose
     accuracy = independent_accuracy(
         model,
         [single.noisy_images("val", {s: p[i : i + 5000] for s, p in positions.items()}) for i in range(0, 58001, 5000)],
+        MixedPrecision(precision, "cpu") if precision == "bf16-mixed" else None,
     )
     metrics = torch.load(tmp_path / "metrics.pt")
     assert torch.allclose(

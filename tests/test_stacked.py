@@ -317,12 +317,20 @@ def test_a_training_step_is_the_same_few_operations_at_any_number_of_members(dat
     assert step_ops(data_dir, *STUDIES_BY_K[6], "per_member")["random_"] == 6 * 2  # a draw per member and layer
 
 
+# Operations a step may take under the trainer (default options): issue 16 asks for at most 60; bf16 adds autocast's
+# casts of the images and the logits (and the logits' gradient back) and the widening of the bf16 gradients.
+STEP_OPS = {"32-true": 60, "bf16-mixed": 64}
+
+
 @pytest.mark.slow
-def test_a_training_step_under_the_trainer_is_at_most_60_operations_at_any_number_of_members(data_dir):
-    """The same through the CLI and Lightning's loop (the benchmark's count): equal at K = 1, 6, 18 and at most 60."""
-    ops = {k: ops_per_step(data_dir, *study, "--model.dropout_masks=counter", n=2) for k, study in STUDIES_BY_K.items()}
+@pytest.mark.parametrize("precision", list(STEP_OPS))
+def test_a_training_step_under_the_trainer_is_a_fixed_few_operations_at_any_number_of_members(precision, data_dir):
+    """The same through the CLI and Lightning's loop (the benchmark's count): equal at K = 1, 6, 18, and few."""
+    ops = {
+        k: ops_per_step(data_dir, *study, f"--trainer.precision={precision}", n=2) for k, study in STUDIES_BY_K.items()
+    }
     assert ops[1] == ops[6] == ops[18], ops
-    assert sum(ops[18].values()) <= 60
+    assert sum(ops[18].values()) <= STEP_OPS[precision]
     assert "_local_scalar_dense" not in ops[18]
 
 

@@ -63,7 +63,9 @@ def test_the_robustness_pass_counts_what_an_independent_loop_counts(data_dir, tm
     recorded = {(float(r["train_noise_scale"]), int(r["seed"]), float(r["eval_noise_scale"])): r["acc"] for r in cells}
     for scale in (0.0, 1.0):
         members = [Member(scale, m.seed) for m in model.members]
-        accuracy = independent_accuracy(model.to(dm.device), list(dm.loader("val", members)), cli.trainer.precision_plugin)
+        accuracy = independent_accuracy(
+            model.to(dm.device), list(dm.loader("val", members)), cli.trainer.precision_plugin
+        )
         for k, member in enumerate(model.members):
             # exactly: both count the correct images
             assert float(recorded[member.noise_scale, member.seed, scale]) == accuracy[k].item()
