@@ -165,7 +165,8 @@ def test_cluster_tasks_train_one_seed_each_and_the_gather_names_what_is_missing(
 def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_path, capsys):
     small = "--data.val_holdout=500"  # both studies: the compared one must see the same noisy data
     cnn, mlp = tmp_path / "cnn", tmp_path / "mlp"
-    cli_main(tiny(data_dir, cnn, small, "--model.net=noise_robustness.models.KerasCNN", batches=2))
+    first_recipe = "--trainer.precision=null", "--model.dropout_masks=per_member"  # a recipe may differ, and is named
+    cli_main(tiny(data_dir, cnn, small, "--model.net=noise_robustness.models.KerasCNN", *first_recipe, batches=2))
     (cnn / "results.csv").write_text("stale\n")  # a compared study is read from its members, never its csv
     cli_main(tiny(data_dir, mlp, small, f"--compare=[{cnn}]", batches=2))
     assert {r["network"] for r in rows(mlp / "results.csv")} == {"DropoutMLP"}  # its csv files: its own members
@@ -178,6 +179,7 @@ def test_compare_reports_another_networks_study_beside_this_one(data_dir, tmp_pa
         in summary
     )
     assert summary.index("### DropoutMLP:") < summary.index("### KerasCNN:")  # this study first
+    assert f"The study compared from {cnn} was trained otherwise: model.dropout_masks: 'per_member' there" in summary
     assert (
         Image.open(mlp / "robustness.png").size[0] > Image.open(cnn / "robustness.png").size[0]
     )  # a heatmap per network
@@ -208,12 +210,14 @@ def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp
         ),
         (
             ["--data.noise_mode=resample", f"--compare=[{cnn}]"],
-            f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) alone, "
+            f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) "
+            "and its recipe (`trainer.precision`, `model.dropout_masks`, `model.compiled`) alone, "
             "but data.noise_mode: 'fixed' there, 'resample' here",
         ),
         (  # trained for other batches: the same "epochs 1" would stand side by side
             ["--trainer.limit_train_batches=5", f"--compare=[{cnn}]"],
-            f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) alone, "
+            f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) "
+            "and its recipe (`trainer.precision`, `model.dropout_masks`, `model.compiled`) alone, "
             "but trainer.limit_train_batches: 2.0 there, 5.0 here",
         ),
     ]
