@@ -103,7 +103,7 @@ def independent_accuracy(model, batches, precision=None) -> torch.Tensor:
     """``[K]`` accuracy of each member over ``batches``, dropout off: counted here, outside Lightning's loops, in
     ``precision`` (a trainer's ``precision_plugin``: the products in the precision the run used) or fp32."""
     model.eval()
-    with precision.forward_context() if precision else contextlib.nullcontext(), torch.no_grad():
+    with precision.forward_context() if precision else contextlib.nullcontext():  # no grad: inference mode
         correct = sum((model(images).argmax(-1) == labels).sum(dim=1) for images, labels in batches)
     count = sum(labels.shape[1] for _, labels in batches)
     return correct.double() / count
