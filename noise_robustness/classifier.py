@@ -10,12 +10,41 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from noise_robustness.corruptions import Corruption
+from noise_robustness.graphs import StepGraphs
 from noise_robustness.models import DropoutMLP
-from noise_robustness.stacked import StackedRMSprop, compiler_missing, stack_members
+from noise_robustness.stacked import StackedRMSprop, StackedSequential, compiler_missing, stack_members
 from noise_robustness.study import study_members
 
 STAGES = ("train", "val", "test")
 METRICS = ("acc", "loss")  # logged as "<stage>/<metric>", per member
+
+
+def member_sums(correct: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``correct`` (bool) and ``losses`` ``[K, B]`` -> per member, the correct predictions and the losses summed
+    (``[K]``, float64: exact counts), and the images counted."""
+    return correct.sum(dim=1, dtype=torch.float64), losses.sum(dim=1, dtype=torch.float64), correct.shape[1]
+
+
+class StepSums:
+    """``member_sums`` added up over a graphed epoch's steps in tensors that stay in place (a metric's states are
+    replaced when it is reset, and a CUDA graph writes where it was captured), added to the metric at the epoch's end."""
+
+    def __init__(self):
+        self.sums: list[torch.Tensor] = []  # correct, loss [K]; images []
+
+    def add(self, correct: torch.Tensor, loss: torch.Tensor, images: int) -> None:
+        if not self.sums:
+            self.sums = [torch.zeros_like(correct), torch.zeros_like(loss), correct.new_zeros(())]
+        self.sums[0] += correct
+        self.sums[1] += loss
+        self.sums[2] += images
+
+    def add_to(self, metric: "MemberMeans") -> None:
+        """Adds the sums to ``metric`` and zeroes them, in place."""
+        if self.sums:
+            metric.update(*self.sums)
+            for tensor in self.sums:
+                tensor.zero_()
 
 
 class MemberMeans(Metric):
@@ -30,11 +59,11 @@ class MemberMeans(Metric):
             self.add_state(name, torch.zeros(members, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, correct: torch.Tensor, losses: torch.Tensor) -> None:
-        """``correct`` (bool) and ``losses``: ``[K, B]``, one per member and image."""
-        self.acc += correct.sum(dim=1, dtype=torch.float64)
-        self.loss += losses.sum(dim=1, dtype=torch.float64)
-        self.count += correct.shape[1]
+    def update(self, correct: torch.Tensor, loss: torch.Tensor, images: int | torch.Tensor) -> None:
+        """``member_sums`` of some images: per member, correct predictions and losses summed, and the images."""
+        self.acc += correct
+        self.loss += loss
+        self.count += images
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) / self.count for name in METRICS}  # float64: an accuracy is a ratio of counts
@@ -58,6 +87,10 @@ class NoiseClassifier(pl.LightningModule):
         compiled: run the step's elementwise passes through ``torch.compile``: the RMSprop update as one
             fused pass instead of five (~3x faster on a CPU; last-bit differences) and the counter masks' hash
             as one pass instead of eight (the same bits); compiled once a process, needs a C++ compiler on a CPU.
+        graphed: on a CUDA device, the training step as CUDA graphs (``graphs.py``): forward, loss, backward
+            and metrics one graph per batch shape, the RMSprop update another, each replayed in one launch a
+            step; the same kernels, so the same numbers. Elsewhere the same step runs eagerly. Needs the fast
+            path, the counter masks, a network that stacks, and one process.
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
         corruptions: what the members train on; set by the study's ``--corruptions``.
@@ -72,6 +105,7 @@ class NoiseClassifier(pl.LightningModule):
         fast: bool = True,
         dropout_masks: Literal["counter", "per_member"] = "counter",
         compiled: bool = False,
+        graphed: bool = False,
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
         corruptions: list[Corruption] | None = None,
@@ -85,14 +119,33 @@ class NoiseClassifier(pl.LightningModule):
             )
         if compiled and not torch.cuda.is_available() and (why := compiler_missing()):
             raise ValueError(f"`compiled` needs torch.compile, but {why}; install one or leave it false")
-        self.lr, self.rho, self.eps, self.fast, self.compiled = lr, rho, eps, fast, compiled
+        if graphed and not (fast and dropout_masks == "counter"):
+            raise ValueError("`graphed` captures the fast path's step with the counter masks: set `fast` true and "
+                             "`dropout_masks` counter, or leave `graphed` false")
+        self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
         self.members = study_members(scales, seeds, corruptions)
         self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks, compiled)
+        if graphed and not isinstance(self.net, StackedSequential):
+            raise ValueError(f"`graphed` captures a stacked network's step; {type(self.net.members[0]).__name__} does "
+                             "not stack (stacked.SUPPORTED lists the layers that do): leave `graphed` false")
+        self.automatic_optimization = not graphed  # graphed: the step's backward pass is inside its graph
+        self.step_sums = StepSums()  # the graphed step's metrics
+        self.step_graphs: StepGraphs | None = None  # made when fitting starts
         # One metric per stage, so their states never mix; updated every step, logged per epoch.
         self.metrics = nn.ModuleDict({f"{stage}_metrics": MemberMeans(len(self.members)) for stage in STAGES})
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
 
     def on_fit_start(self) -> None:
+        if self.graphed:
+            if self.trainer.world_size > 1:
+                raise ValueError("`graphed` runs in one process (DDP reduces gradients outside the step's graph)")
+            optimizer = self.trainer.optimizers[0]
+            copies = self.net.bf16_copies
+            self.step_graphs = StepGraphs(
+                self.graphed_step,
+                lambda: [*self.parameters(), *(copies.copies if copies is not None else [])],
+                optimizer.zero_grad,
+            )
         # The forward pass runs on the bf16 copies (stacked.Bf16Copies) only where the step after it updates from
         # their gradients straight after the backward pass: the fast RMSprop, not another `--optimizer`, with
         # nothing reading the parameters' own gradients first (clipping) or adding batches' up; else autocast's casts.
@@ -115,13 +168,24 @@ class NoiseClassifier(pl.LightningModule):
         """``[K, B, 1, 28, 28]`` images -> ``[K, B, 10]`` logits, member k on its own images."""
         return self.net(images)
 
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        """The summed loss of the members on one batch (each member's gradient is its own loss's)."""
-        images, labels = batch
+    def member_losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The summed loss of the members on one batch (each member's gradient is its own loss's), and its
+        ``member_sums``."""
         logits = self(images)
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-        self.metrics[f"{stage}_metrics"].update(logits.detach().argmax(-1) == labels, losses.detach())
-        return losses.mean(dim=1).sum()
+        return losses.mean(dim=1).sum(), member_sums(logits.detach().argmax(-1) == labels, losses.detach())
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        """The summed loss of the members on one batch; its metrics added to the stage's."""
+        loss, sums = self.member_losses(*batch)
+        self.metrics[f"{stage}_metrics"].update(*sums)
+        return loss
+
+    def graphed_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """What ``step_graphs`` captures: the forward and backward pass, the metrics into ``step_sums``."""
+        loss, sums = self.member_losses(images, labels)
+        self.step_sums.add(*sums)
+        loss.backward()
 
     def end_epoch(self, stage: str) -> None:
         """Reduces the epoch's metrics (across DDP processes too), keeps them per member, resets them."""
@@ -134,6 +198,7 @@ class NoiseClassifier(pl.LightningModule):
             self.log(f"{stage}/{name}", values.float().mean(), logger=False, prog_bar=name == "acc" and stage != "test")
 
     def on_train_epoch_end(self) -> None:
+        self.step_sums.add_to(self.metrics["train_metrics"])
         self.end_epoch("train")
         for logger in self.loggers:
             if hasattr(logger, "log_members"):
@@ -148,8 +213,15 @@ class NoiseClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.end_epoch("test")
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model_step(batch, "train")
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if not self.graphed:
+            return self.model_step(batch, "train")
+        step = self.net.step  # a replayed graph runs no Python: the step's count and dropout keys are set here
+        self.net.counter.hold_keys(step, self.device)
+        self.step_graphs(*batch)
+        self.net.step = step + 1
+        self.optimizers().step()
+        return None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.model_step(batch, "val")
@@ -171,4 +243,5 @@ class NoiseClassifier(pl.LightningModule):
             self.eps,
             compiled=self.compiled,
             bf16_copies=self.net.bf16_copies,
+            graphed=self.graphed,
         )

@@ -133,6 +133,7 @@ class CounterMasks:
         )
         self.epoch = self.rank = 0
         self.keys = torch.empty(0, len(seeds), 1, 1, dtype=torch.int32)  # [steps, K, 1, 1]: this epoch's, so far
+        self.held_keys: torch.Tensor | None = None  # [K, 1, 1], filled by `hold_keys`: what a step then reads
         # (images, layers, dtype, device) -> lowbias32(c) [images, U], thresholds [U], scales [U]
         self.constants: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
@@ -150,6 +151,15 @@ class CounterMasks:
             ]
             self.keys = torch.cat([self.keys.to(device), torch.tensor(block, dtype=torch.int32, device=device)])
         return self.keys[step]
+
+    def hold_keys(self, step: int, device: torch.device) -> None:
+        """Copies ``step``'s member keys into ``held_keys``, which ``scaled_masks`` reads from then on instead of
+        looking a step's keys up: a captured CUDA graph (``graphs.StepGraphs``) reads its keys from one place,
+        filled before each replay."""
+        keys = self.member_keys(step, device)
+        if self.held_keys is None or self.held_keys.device != keys.device:
+            self.held_keys = torch.empty_like(keys)
+        self.held_keys.copy_(keys)
 
     def scaled_masks(
         self, step: int, images: int, layers: tuple[tuple[int, float], ...], dtype: torch.dtype, device: torch.device
@@ -169,7 +179,8 @@ class CounterMasks:
                 .repeat_interleave(torch.tensor(units, device=device)),
             )
         counters, thresholds, scales = self.constants[key]
-        return self.multipliers(counters, self.member_keys(step, device), thresholds, scales)
+        keys = self.member_keys(step, device) if self.held_keys is None else self.held_keys
+        return self.multipliers(counters, keys, thresholds, scales)
 
 
 def counter_multipliers(
@@ -219,7 +230,10 @@ class Bf16Copies:
         """The copies, cast again from any parameter changed since they were written."""
         if self._sources() != self.versions:
             with torch.no_grad():
-                self.copies = [p.detach().to(torch.bfloat16).requires_grad_(p.requires_grad) for p in self.params]
+                if [(c.shape, c.device) for c in self.copies] == [(p.shape, p.device) for p in self.params]:
+                    torch._foreach_copy_(self.copies, self.params)  # in place: a captured graph reads these tensors
+                else:
+                    self.copies = [p.detach().to(torch.bfloat16).requires_grad_(p.requires_grad) for p in self.params]
             self.versions = self._sources()
         return self.copies
 
@@ -568,6 +582,9 @@ class StackedRMSprop(torch.optim.Optimizer):
     faster so on a CPU), the same math with last-bit differences (fused multiply-adds); compiled once a
     process (~15 s on a CPU, cached on disk after). With ``bf16_copies`` (the stacked network's), a step
     whose backward pass ran on the copies reads their gradients and writes them (``rmsprop_update_bf16``).
+    ``graphed``: on a CUDA device, the update is captured as a CUDA graph and replayed, one launch a step, whenever
+    the gradients sit in the tensors it was captured on (a replayed ``graphs.StepGraphs`` writes the same ones every
+    step); fresh gradient tensors (an eager backward pass) get the eager update.
     """
 
     def __init__(
@@ -578,9 +595,12 @@ class StackedRMSprop(torch.optim.Optimizer):
         eps: float = 1e-8,
         compiled: bool = False,
         bf16_copies: Bf16Copies | None = None,
+        graphed: bool = False,
     ):
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps})
-        self.bf16_copies, self.compiled = bf16_copies, compiled
+        self.bf16_copies, self.compiled, self.graphed = bf16_copies, compiled, graphed
+        self._graph: tuple[torch.cuda.CUDAGraph, tuple[int, ...]] | None = None  # the update, the gradients it reads
+        self._last_gradients: tuple[int, ...] = ()  # where the last step's gradients were
         self._widened: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> fp32 buffer of its bf16 gradient
         self.update, self.update_bf16 = (
             (torch.compile(update, fullgraph=True, dynamic=False) for update in (rmsprop_update, rmsprop_update_bf16))
@@ -595,8 +615,12 @@ class StackedRMSprop(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         on_copies = self.bf16_copies.gradients() if self.bf16_copies is not None else {}
-        with denormals_flushed(self.param_groups[0]["params"][0].device):
-            self._update(on_copies)
+        device = self.param_groups[0]["params"][0].device
+        with denormals_flushed(device):
+            if self.graphed and device.type == "cuda":
+                self._graphed_update(on_copies)
+            else:
+                self._update(on_copies)
         if on_copies:
             self.bf16_copies.written()
         return loss
@@ -617,6 +641,29 @@ class StackedRMSprop(torch.optim.Optimizer):
                 self.update_bf16(params, [c.grad for c in copies], square_avgs, copies, *hyper, widened)
             else:
                 self.update(params, [p.grad for p in params], square_avgs, *hyper)
+
+    def _graphed_update(self, on_copies: dict[torch.Tensor, torch.Tensor]) -> None:
+        """``_update`` replayed from a CUDA graph when the gradients are in the tensors it was captured on; captured
+        when a step finds them where the step before found them (graphed backward passes write the same tensors);
+        else eager. Parameters, state and copies never move, so the gradients' places decide."""
+        where = tuple(
+            (on_copies[p].grad if p in on_copies else p.grad).data_ptr()
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None or p in on_copies
+        )
+        if self._graph is not None and self._graph[1] == where:
+            self._graph[0].replay()
+            return
+        if where != self._last_gradients:
+            self._last_gradients = where
+            self._update(on_copies)
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._update(on_copies)
+        self._graph = graph, where
+        graph.replay()  # a capture records the kernels without running them
 
     def widened(self, param: torch.Tensor) -> torch.Tensor:
         """The fp32 buffer the eager bf16 update casts ``param``'s gradient into (not optimizer state: never saved)."""

@@ -1,0 +1,98 @@
+"""The graphed training step (``--model.graphed``): the numbers of the default step, on a CPU (where it runs eagerly,
+through the same manual step) and, where there is one, on a CUDA GPU (captured and replayed)."""
+
+import pytest
+import torch
+
+from noise_robustness.cli import cli_main
+from noise_robustness.stacked import StackedRMSprop, build_member, stack
+from tests.conftest import exits_with_error, rows, tiny
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_graphed_step_trains_a_study_as_the_default_step_does(data_dir, tmp_path, precision):
+    """On a CPU the graphed step runs eagerly, through manual optimisation, held dropout keys and the metrics'
+    running sums: every member's accuracy and loss the same, to the last digit."""
+    results = {}
+    for graphed in ("false", "true"):
+        out = tmp_path / f"graphed_{graphed}"
+        cli_main(tiny(data_dir, out, f"--trainer.precision={precision}", f"--model.graphed={graphed}", batches=6))
+        results[graphed] = [{k: v for k, v in r.items() if k != "_columns"} for r in rows(out / "results.csv")]
+    assert results["true"] == results["false"]
+
+
+@pytest.mark.parametrize("option", ["--model.dropout_masks=per_member", "--model.fast=false"])
+def test_what_the_graphed_step_needs_is_said_before_anything_runs(data_dir, tmp_path, capsys, option):
+    err = exits_with_error(tiny(data_dir, tmp_path / "out", "--model.graphed=true", option), capsys)
+    assert "`graphed` captures the fast path's step with the counter masks" in err and not (tmp_path / "out").exists()
+
+
+def graphed_training(device: str, graphed: bool, steps: int, shapes=(32, 32, 32, 32, 32, 32, 20, 32)):
+    """``steps`` steps of a 3-member stacked MLP under bf16 autocast, the step graphed or not; batches of the sizes
+    ``shapes`` in turn (a second shape warms up and is captured apart). Returns the parameters and state."""
+    from noise_robustness.classifier import StepSums
+    from noise_robustness.graphs import StepGraphs
+    from noise_robustness.models import DropoutMLP
+
+    seeds = [0, 1, 2]
+    net = stack([build_member(DropoutMLP, s) for s in seeds], seeds, masks="counter").to(device)
+    optimizer = StackedRMSprop(net.parameters(), 1e-3, 0.9, 1e-7, bf16_copies=net.bf16_copies, graphed=graphed)
+    sums = StepSums()
+    net.train()
+    net.start_epoch(0, 0)
+
+    def step(images, labels):
+        logits = net(images)
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        sums.add(losses.detach().view(labels.shape).sum(1, dtype=torch.float64), losses.detach().sum(), labels.shape[1])
+        losses.view(labels.shape).mean(dim=1).sum().backward()
+
+    graphs = StepGraphs(step, lambda: [*net.parameters(), *net.bf16_copies.copies], optimizer.zero_grad)
+    generator = torch.Generator().manual_seed(0)
+    for s in range(steps):
+        batch = shapes[s % len(shapes)]
+        images = torch.rand(3, batch, 1, 28, 28, generator=generator).to(device)
+        labels = torch.randint(0, 10, (3, batch), generator=generator).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
+            if graphed:
+                net.counter.hold_keys(net.step, torch.device(device))
+                graphs(images, labels)
+                net.step = s + 1
+            else:
+                optimizer.zero_grad()
+                step(images, labels)
+        optimizer.step()
+    return [p.detach().cpu() for p in net.parameters()], [t.cpu() for t in sums.sums], optimizer
+
+
+@needs_cuda
+def test_a_captured_step_replays_the_eager_steps_numbers_on_a_gpu():
+    """Captured and replayed (two shapes, each warmed up, captured, replayed; the update graph too), the same
+    parameters and sums bit for bit as the eager step on the same GPU."""
+    params, sums, optimizer = graphed_training("cuda", graphed=True, steps=40)
+    assert optimizer._graph is not None  # the update was captured and replayed
+    eager_params, eager_sums, _ = graphed_training("cuda", graphed=False, steps=40)
+    for graphed, eager in zip([*params, *sums], [*eager_params, *eager_sums]):
+        assert torch.equal(graphed, eager)
+
+
+def test_the_step_graph_helper_runs_eagerly_off_a_gpu():
+    params, sums, _ = graphed_training("cpu", graphed=True, steps=9)
+    eager_params, eager_sums, _ = graphed_training("cpu", graphed=False, steps=9)
+    for graphed, eager in zip([*params, *sums], [*eager_params, *eager_sums]):
+        assert torch.equal(graphed, eager)
+
+
+@needs_cuda
+def test_counter_masks_are_the_same_bits_on_a_gpu_as_the_specification():
+    from noise_robustness.stacked import CounterMasks
+    from tests.test_stacked import numpy_counter_masks
+
+    layers = ((512, 0.2), (512, 0.2), (128, 0.5))
+    masks = CounterMasks([7, 3, 11])
+    masks.start_epoch(4, 1)
+    for step in (0, 5, CounterMasks.STEPS + 2):
+        drawn = masks.scaled_masks(step, 128, layers, torch.float32, torch.device("cuda"))
+        assert torch.equal(drawn.cpu(), numpy_counter_masks([7, 3, 11], 4, 1, step, 128, layers))
