@@ -13,6 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, pytorch_lightning as pl, torchmetrics, jsonargparse; print('torch', torch.__version__, \
 'lightning', pl.__version__, 'torchmetrics', torchmetrics.__version__, 'jsonargparse', jsonargparse.__version__)"
 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -3
+python3 benchmarks/gpu_step.py
 
 study() {  # study NAME TIMEOUT OPTIONS...: one sweep, its wall time and the sum of its epochs' times
     local name=$1 limit=$2

@@ -120,14 +120,18 @@ class NoiseClassifier(pl.LightningModule):
         if compiled and not torch.cuda.is_available() and (why := compiler_missing()):
             raise ValueError(f"`compiled` needs torch.compile, but {why}; install one or leave it false")
         if graphed and not (fast and dropout_masks == "counter"):
-            raise ValueError("`graphed` captures the fast path's step with the counter masks: set `fast` true and "
-                             "`dropout_masks` counter, or leave `graphed` false")
+            raise ValueError(
+                "`graphed` captures the fast path's step with the counter masks: set `fast` true and "
+                "`dropout_masks` counter, or leave `graphed` false"
+            )
         self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
         self.members = study_members(scales, seeds, corruptions)
         self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks, compiled)
         if graphed and not isinstance(self.net, StackedSequential):
-            raise ValueError(f"`graphed` captures a stacked network's step; {type(self.net.members[0]).__name__} does "
-                             "not stack (stacked.SUPPORTED lists the layers that do): leave `graphed` false")
+            raise ValueError(
+                f"`graphed` captures a stacked network's step; {type(self.net.members[0]).__name__} does "
+                "not stack (stacked.SUPPORTED lists the layers that do): leave `graphed` false"
+            )
         self.automatic_optimization = not graphed  # graphed: the step's backward pass is inside its graph
         self.step_sums = StepSums()  # the graphed step's metrics
         self.step_graphs: StepGraphs | None = None  # made when fitting starts
