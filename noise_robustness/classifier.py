@@ -27,7 +27,7 @@ def member_sums(correct: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tens
 
 class StepSums:
     """``member_sums`` added up over a graphed epoch's steps in tensors that stay in place (a metric's states are
-    replaced when it is reset, and a CUDA graph writes where it was captured), added to the metric at the epoch's end."""
+    replaced when it is reset, and a CUDA graph writes where it was captured), added to the metric at epoch end."""
 
     def __init__(self):
         self.sums: list[torch.Tensor] = []  # correct, loss [K]; images []
