@@ -1,7 +1,13 @@
-"""One training step of the main job's 18 stacked MLPs on a CUDA GPU, outside Lightning: eager against graphed
+"""One training step of a study's 18 stacked networks on a CUDA GPU, outside Lightning: eager against graphed
 (``graphs.StepGraphs`` and the graphed RMSprop update), bf16 autocast, batch 128, median ms a step over 500 steps
-(CUDA synchronised around each block of 100). What is left of a study's time beyond this is Lightning's loop,
-composing the batches, validation and the report. Run from the repository root: ``python3 benchmarks/gpu_step.py``."""
+(CUDA synchronised around each block of 100); the MLP, and the CNN with cuDNN's deterministic algorithms (what the
+command uses) and without. What is left of a study's time beyond this is Lightning's loop, composing the batches,
+validation and the report. Run from the repository root: ``python3 benchmarks/gpu_step.py``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import statistics
 import time
@@ -11,15 +17,15 @@ from torch.nn import functional as F
 
 from noise_robustness.classifier import StepSums, member_sums
 from noise_robustness.graphs import StepGraphs
-from noise_robustness.models import DropoutMLP
+from noise_robustness.models import DropoutMLP, KerasCNN
 from noise_robustness.stacked import StackedRMSprop, build_member, stack
 
 K, BATCH, BLOCKS, STEPS = 18, 128, 5, 100
 
 
-def timed(graphed: bool) -> float:
+def timed(graphed: bool, network=DropoutMLP) -> float:
     seeds = list(range(K))
-    net = stack([build_member(DropoutMLP, s) for s in seeds], seeds, masks="counter").cuda().train()
+    net = stack([build_member(network, s) for s in seeds], seeds, masks="counter").cuda().train()
     optimizer = StackedRMSprop(net.parameters(), 1e-3, 0.9, 1e-7, bf16_copies=net.bf16_copies, graphed=graphed)
     sums = StepSums()
     net.start_epoch(0, 0)
@@ -60,3 +66,10 @@ if __name__ == "__main__":
         f"18-member MLP step, bf16, outside Lightning: eager {eager:.3f} ms, graphed {graphed:.3f} ms "
         f"({eager / graphed:.1f}x); 9380 steps (the main job's training) {9380 * graphed / 1e3:.1f} s graphed"
     )
+    for deterministic in (True, False):
+        torch.backends.cudnn.deterministic = deterministic
+        eager, graphed = timed(False, KerasCNN), timed(True, KerasCNN)
+        print(
+            f"18-member CNN step, bf16, cuDNN deterministic {deterministic}: eager {eager:.3f} ms, graphed "
+            f"{graphed:.3f} ms; 9380 steps {9380 * graphed / 1e3:.1f} s graphed"
+        )

@@ -89,8 +89,9 @@ class NoiseClassifier(pl.LightningModule):
             as one pass instead of eight (the same bits); compiled once a process, needs a C++ compiler on a CPU.
         graphed: on a CUDA device, the training step as CUDA graphs (``graphs.py``): forward, loss, backward
             and metrics one graph per batch shape, the RMSprop update another, each replayed in one launch a
-            step; the same kernels, so the same numbers. Elsewhere the same step runs eagerly. Needs the fast
-            path, the counter masks, a network that stacks, and one process.
+            step; the same kernels, so the same numbers. Elsewhere the same step runs eagerly. The training batches
+            then come in blocks (``cli.steps_per_batch``), so that Lightning's per-batch work is done once a block.
+            Needs the fast path, the counter masks, a network that stacks, and one process.
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
         corruptions: what the members train on; set by the study's ``--corruptions``.
@@ -220,11 +221,16 @@ class NoiseClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if not self.graphed:
             return self.model_step(batch, "train")
-        step = self.net.step  # a replayed graph runs no Python: the step's count and dropout keys are set here
-        self.net.counter.hold_keys(step, self.device)
-        self.step_graphs(*batch)
-        self.net.step = step + 1
-        self.optimizers().step()
+        images, labels = batch
+        if labels.dim() == 2:  # one batch, not a block of them (``data.MemberBatches``)
+            images, labels = images[:, None], labels[:, None]
+        optimizer = self.optimizers()  # Lightning's, so that its step count and hooks see every step
+        for step in range(labels.shape[1]):
+            index = self.net.step  # a replayed graph runs no Python: the step's count and dropout keys are set here
+            self.net.counter.hold_keys(index, self.device)
+            self.step_graphs(images[:, step], labels[:, step])
+            self.net.step = index + 1
+            optimizer.step()
         return None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

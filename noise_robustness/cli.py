@@ -75,6 +75,14 @@ OWNED = {
 }
 
 
+GRAPHED_STEPS_PER_BATCH = 16  # training batches a graphed step is served at once: Lightning's loop once a block
+
+
+def steps_per_batch(graphed: bool) -> int:
+    """``data.steps_per_batch`` for ``model.graphed``: blocks of batches for the graphed step, else batch by batch."""
+    return GRAPHED_STEPS_PER_BATCH if graphed else 1
+
+
 def trainer_defaults() -> dict:
     """Trainer settings of the study: 20 epochs, TensorBoard under ``tb_logs/``, a last checkpoint."""
     interactive = sys.stderr.isatty()
@@ -313,6 +321,7 @@ class NoiseCLI(LightningCLI):
             help="What the members train on, each at its `severities` (null: the `--scales`); null: Gaussian noise. "
             f"One of {', '.join(cls.__name__ for cls in BUILT_IN.values())} by class_path (docs/corruptions.md).",
         )
+        parser.link_arguments("model.graphed", "data.steps_per_batch", compute_fn=steps_per_batch)
         for target in ("data", "model"):
             parser.link_arguments("scales", f"{target}.scales")
             parser.link_arguments("seeds", f"{target}.seeds")

@@ -55,6 +55,18 @@ class Group(NamedTuple):
     corrupts: bool
 
 
+def blocks_of(sizes: list[int], steps: int) -> list[tuple[int, int]]:
+    """Consecutive batches of these ``sizes`` grouped into blocks of at most ``steps`` batches of one size:
+    ``(batch size, batches)`` per block, in order."""
+    blocks: list[tuple[int, int]] = []
+    for size in sizes:
+        if blocks and blocks[-1][0] == size and blocks[-1][1] < steps:
+            blocks[-1] = (size, blocks[-1][1] + 1)
+        else:
+            blocks.append((size, 1))
+    return blocks
+
+
 def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``table[rows]`` for row indices ``rows`` of any shape, as one ``index_select`` of whole rows: the same
     values, copied row by row (a CPU runs advanced indexing element by element, several times slower)."""
@@ -76,6 +88,8 @@ class MemberBatches:
         position: returns ``(epoch, rank, world_size)`` when an epoch starts.
         shuffle: shuffle each epoch (seeded by (seed, epoch), the same on every rank) or keep the order.
         device: where the position batches go (the device the data lives on).
+        steps: batches served together as one block ``(images [K, S, B, 1, 28, 28], labels [K, S, B])`` of S <=
+            ``steps`` consecutive batches of one size, composed at once (``blocks_of``); 1: batch by batch.
     """
 
     def __init__(
@@ -88,9 +102,10 @@ class MemberBatches:
         position: Callable[[], tuple[int, int, int]],
         shuffle: bool,
         device: torch.device,
+        steps: int = 1,
     ):
         self.rows, self.compose, self.size, self.seeds, self.batch_size = rows, compose, size, seeds, batch_size
-        self.position, self.shuffle, self.device = position, shuffle, device
+        self.position, self.shuffle, self.device, self.steps = position, shuffle, device, steps
 
     def batches(self, epoch: int, rank: int, world_size: int) -> dict[int, list[torch.Tensor]]:
         """This epoch's position batches for this process, per seed."""
@@ -107,7 +122,10 @@ class MemberBatches:
         }
 
     def __len__(self) -> int:
-        _, _, world_size = self.position()
+        _, rank, world_size = self.position()
+        if self.steps > 1:
+            sizes = [len(batch) for batch in shard_batches(torch.arange(self.size), rank, world_size, self.batch_size)]
+            return len(blocks_of(sizes, self.steps))
         return math.ceil(math.ceil(self.size / world_size) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -117,8 +135,14 @@ class MemberBatches:
         # every seed's batches have the same sizes; each batch's rows contiguous, made now rather than in a step
         # (``gather_rows`` reads them as one flat index, which a slice of several members' rows is not)
         sizes = [len(batch) for batch in by_seed[self.seeds[0]]]
-        for batch_rows in [chunk.contiguous() for chunk in rows.split(sizes, dim=1)]:
-            yield self.compose(batch_rows, epoch=epoch)
+        if self.steps == 1:
+            for batch_rows in [chunk.contiguous() for chunk in rows.split(sizes, dim=1)]:
+                yield self.compose(batch_rows, epoch=epoch)
+            return
+        blocks = blocks_of(sizes, self.steps)
+        for (size, count), block_rows in zip(blocks, rows.split([size * count for size, count in blocks], dim=1)):
+            images, labels = self.compose(block_rows.contiguous(), epoch=epoch)
+            yield images.unflatten(1, (count, size)), labels.unflatten(1, (count, size))
 
 
 class NoisyMNISTDataModule(pl.LightningDataModule):
@@ -139,6 +163,9 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             the Keras example do); N > 0 holds out N training images instead (one seeded split).
         data_dir: where MNIST lives in torchvision's layout; the shipped copy is unpacked there.
         download: let torchvision download MNIST into ``data_dir`` if it is missing.
+        steps_per_batch: training batches served as one block (``MemberBatches``), which the graphed step trains
+            batch by batch; set from ``--model.graphed`` (``cli.steps_per_batch``). Lightning's per-batch work
+            (its hooks, ``limit_train_batches``, the progress bar) then counts blocks.
     """
 
     def __init__(
@@ -152,6 +179,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         val_holdout: int = 0,
         data_dir: str = "data",
         download: bool = False,
+        steps_per_batch: int = 1,
     ):
         super().__init__()
         self.members = study_members(scales, seeds, corruptions)
@@ -160,6 +188,8 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")
         if not 0 <= val_holdout < N_TRAIN:
             raise ValueError(f"Expected `val_holdout` to be in [0, {N_TRAIN}), but got {val_holdout}")
+        if isinstance(steps_per_batch, bool) or not isinstance(steps_per_batch, int) or steps_per_batch <= 0:
+            raise ValueError(f"Expected `steps_per_batch` to be a positive integer, but got {steps_per_batch!r}")
         if batch_size > N_TRAIN - val_holdout:
             raise ValueError(
                 f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}"
@@ -298,17 +328,18 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.current_epoch, trainer.global_rank, trainer.world_size) if trainer else (0, 0, 1)
 
-    def loader(self, split: str, members: list[Member] | None = None, shuffle: bool = False) -> MemberBatches:
-        """Batches of ``split`` for ``members`` (default: the study's)."""
+    def loader(
+        self, split: str, members: list[Member] | None = None, shuffle: bool = False, steps: int = 1
+    ) -> MemberBatches:
+        """Batches of ``split`` for ``members`` (default: the study's), in blocks of ``steps`` batches."""
         seeds = sorted({m.seed for m in (members or self.members)})
         rows = functools.partial(self.file_rows, split, members=members)
         compose = functools.partial(self.corrupted, split, members=members)
-        return MemberBatches(
-            rows, compose, self.split_size(split), seeds, self.hparams.batch_size, self._position, shuffle, self.device
-        )
+        size, batch_size = self.split_size(split), self.hparams.batch_size
+        return MemberBatches(rows, compose, size, seeds, batch_size, self._position, shuffle, self.device, steps)
 
     def train_dataloader(self) -> MemberBatches:
-        return self.loader("train", shuffle=True)
+        return self.loader("train", shuffle=True, steps=self.hparams.steps_per_batch)
 
     def val_dataloader(self) -> MemberBatches:
         return self.loader("val")

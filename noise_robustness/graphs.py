@@ -38,6 +38,9 @@ class StepGraphs:
     ):
         self.step, self.gradient_holders, self.zero_grad = step, gradient_holders, zero_grad
         self.seen: Counter[tuple] = Counter()
+        self.gradients_of: tuple | None = (
+            None  # the shape whose graph's gradients the holders hold (None: an eager step's)
+        )
         # shape -> (graph, its inputs, the gradients it writes as (holder, gradient))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[tuple]]] = {}
 
@@ -57,8 +60,10 @@ class StepGraphs:
         for static, value in zip(static_inputs, inputs):
             static.copy_(value)
         graph.replay()
-        for holder, gradient in gradients:  # an eager step of another shape may have set others since
-            holder.grad = gradient
+        if self.gradients_of != shape:  # an eager step, or another shape's graph, left other gradients there
+            for holder, gradient in gradients:
+                holder.grad = gradient
+            self.gradients_of = shape
 
     def _warmup(self, inputs: tuple[torch.Tensor, ...]) -> None:
         side = torch.cuda.Stream()
@@ -67,6 +72,7 @@ class StepGraphs:
             self.zero_grad()
             self.step(*inputs)
         torch.cuda.current_stream().wait_stream(side)
+        self.gradients_of = None
 
     def _capture(self, shape: tuple, inputs: tuple[torch.Tensor, ...]) -> None:
         static_inputs = [t.clone() for t in inputs]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from noise_robustness.cli import cli_main
+from noise_robustness.data import NoisyMNISTDataModule, blocks_of
 from noise_robustness.stacked import StackedRMSprop, build_member, stack
 from tests.conftest import exits_with_error, rows, tiny
 
@@ -18,7 +19,16 @@ def test_the_graphed_step_trains_a_study_as_the_default_step_does(data_dir, tmp_
     results = {}
     for graphed in ("false", "true"):
         out = tmp_path / f"graphed_{graphed}"
-        cli_main(tiny(data_dir, out, f"--trainer.precision={precision}", f"--model.graphed={graphed}", batches=6))
+        cli_main(
+            tiny(
+                data_dir,
+                out,
+                f"--trainer.precision={precision}",
+                f"--model.graphed={graphed}",
+                "--data.batch_size=3500",
+                batches=None,
+            )
+        )
         results[graphed] = [{k: v for k, v in r.items() if k != "_columns"} for r in rows(out / "results.csv")]
     assert results["true"] == results["false"]
 
@@ -96,3 +106,24 @@ def test_counter_masks_are_the_same_bits_on_a_gpu_as_the_specification():
     for step in (0, 5, CounterMasks.STEPS + 2):
         drawn = masks.scaled_masks(step, 128, layers, torch.float32, torch.device("cuda"))
         assert torch.equal(drawn.cpu(), numpy_counter_masks([7, 3, 11], 4, 1, step, 128, layers))
+
+
+def test_blocks_serve_the_same_batches_in_the_same_order(data_dir):
+    """The graphed step's blocks (``data.steps_per_batch``): consecutive batches of one size, up to S at a time, each
+    image composed as it is batch by batch, bit for bit; the loader's length counts blocks."""
+    assert blocks_of([7000] * 8 + [4000], 3) == [(7000, 3), (7000, 3), (7000, 2), (4000, 1)]
+    datamodule = NoisyMNISTDataModule(scales=[0, 1.0], seeds=[0, 1], data_dir=data_dir, batch_size=7000)
+    datamodule.setup()
+    batches = list(datamodule.loader("train", shuffle=True))
+    blocks = datamodule.loader("train", shuffle=True, steps=3)
+    served = list(blocks)
+    assert len(blocks) == len(served) == 4 and [b[1].shape[1:] for b in served] == [
+        (3, 7000),
+        (3, 7000),
+        (2, 7000),
+        (1, 4000),
+    ]
+    for part in (0, 1):  # images, labels
+        assert torch.equal(
+            torch.cat([b[part].flatten(1, 2) for b in served], 1), torch.cat([b[part] for b in batches], 1)
+        )
