@@ -76,6 +76,8 @@ COMMITTED_STUDIES = {
     "first_recipe": [FIRST_RECIPE],
     "noise_sweep_h100": [FIRST_RECIPE],
     "cnn": [FIRST_RECIPE, "--model.net=noise_robustness.models.KerasCNN"],
+    "cnn_h200": ["--model.net=noise_robustness.models.KerasCNN", "--trainer.precision=bf16-mixed"],
+    "cnn_h200_fp32": ["--model.net=noise_robustness.models.KerasCNN", "--trainer.precision=32-true"],
     "corruptions": [FIRST_RECIPE, "--config=configs/corruptions.yaml"],
     "corruptions_cnn": [FIRST_RECIPE, "--config=configs/corruptions.yaml", "--config=configs/corruptions_cnn.yaml"],
     "smoothing_mlp": [FIRST_RECIPE, "--config=configs/smoothing_mlp.yaml"],
@@ -140,13 +142,9 @@ def test_the_committed_certification_summary_is_what_its_member_rows_give():
 CHI2_6_99 = 16.81  # the 99th percentile of the chi-square distribution with 6 degrees of freedom
 
 
-@pytest.mark.parametrize("bf16_folder, fp32_folder", [("noise_sweep", "noise_sweep_fp32"), ("fast", "fast_fp32")])
-def test_bf16_moves_no_mean_accuracy_beyond_seed_noise_from_the_same_study_in_fp32(bf16_folder, fp32_folder):
-    """The main job (and the fast recipe) in bf16-mixed and the same command with --trainer.precision 32-true
-    differ in that option only, and their mean validation accuracies differ by no more than seed noise: each
-    difference d under 3 standard errors of a difference of two 3-seed means (se), and the six together
-    consistent with noise alone (the sum of (d / se)^2 under chi-square's 99th percentile: a shift of half a
-    point at every σ fails). The bf16 folder's README quotes their summaries."""
+def precision_pair(bf16_folder: str, fp32_folder: str) -> list[tuple[float, float]]:
+    """Two committed studies that differ in ``trainer.precision`` alone (bf16-mixed, 32-true): per σ, the difference
+    d of their mean validation accuracies and its standard error se (of a difference of two 3-seed means)."""
     from noise_robustness.report import aggregate, mean_std
     from tests.conftest import rows
 
@@ -156,14 +154,40 @@ def test_bf16_moves_no_mean_accuracy_beyond_seed_noise_from_the_same_study_in_fp
     assert identities[0] == identities[1]
     (bf16_cells,), (fp32_cells,) = (aggregate(rows(folder / "results.csv")).values() for folder in (bf16, fp32))
     assert len(bf16_cells) == len(fp32_cells) == 6
-    chi2 = 0.0
+    pairs = []
     for cell, accuracies in fp32_cells.items():
         (mean, std), (bf16_mean, bf16_std) = mean_std(accuracies["val_acc"]), mean_std(bf16_cells[cell]["val_acc"])
-        se = ((std**2 + bf16_std**2) / len(accuracies["val_acc"])) ** 0.5
-        assert abs(bf16_mean - mean) < 3 * se, cell
-        chi2 += ((bf16_mean - mean) / se) ** 2
-    assert chi2 < CHI2_6_99, chi2
+        pairs.append((bf16_mean - mean, ((std**2 + bf16_std**2) / len(accuracies["val_acc"])) ** 0.5))
+    return pairs
+
+
+def quoted_table(bf16_folder: str, fp32_folder: str) -> None:
+    """The bf16 folder's README quotes both summaries' mean ± std per σ (12 of them), as they are."""
+    bf16, fp32 = (REPO / "docs" / "results" / name for name in (bf16_folder, fp32_folder))
     table = [line for line in (bf16 / "README.md").read_text().splitlines() if line.startswith("| ")]
     quoted = {pair for line in table for pair in MEAN_STD.findall(line)}
     summaries = {pair for folder in (bf16, fp32) for pair in MEAN_STD.findall((folder / "summary.md").read_text())}
     assert len(quoted) == 12 and quoted <= summaries
+
+
+@pytest.mark.parametrize("bf16_folder, fp32_folder", [("noise_sweep", "noise_sweep_fp32"), ("fast", "fast_fp32")])
+def test_bf16_moves_no_mean_accuracy_beyond_seed_noise_from_the_same_study_in_fp32(bf16_folder, fp32_folder):
+    """The main job (and the fast recipe) in bf16-mixed and the same command with --trainer.precision 32-true
+    differ in that option only, and their mean validation accuracies differ by no more than seed noise: each
+    difference d under 3 standard errors of a difference of two 3-seed means (se), and the six together
+    consistent with noise alone (the sum of (d / se)^2 under chi-square's 99th percentile: a shift of half a
+    point at every σ fails). The bf16 folder's README quotes their summaries."""
+    pairs = precision_pair(bf16_folder, fp32_folder)
+    assert all(abs(d) < 3 * se for d, se in pairs), pairs
+    assert sum((d / se) ** 2 for d, se in pairs) < CHI2_6_99
+    quoted_table(bf16_folder, fp32_folder)
+
+
+def test_the_cnns_bf16_shift_is_what_its_readme_says():
+    """The CNN's pair on an H200 is the exception its README reports: bf16 moves its accuracy beyond seed noise at
+    high σ. The sum of (d / se)^2 it quotes is the one its folders give, and above chi-square's 99th percentile."""
+    pairs = precision_pair("cnn_h200", "cnn_h200_fp32")
+    chi2 = sum((d / se) ** 2 for d, se in pairs)
+    readme = (REPO / "docs" / "results" / "cnn_h200" / "README.md").read_text()
+    assert f"Σ (d / se)² = {chi2:.1f}" in readme and chi2 > CHI2_6_99
+    quoted_table("cnn_h200", "cnn_h200_fp32")
