@@ -31,6 +31,7 @@ from noise_robustness.corruptions import BUILT_IN, Corruption
 from noise_robustness.data import NoisyMNISTDataModule
 from noise_robustness.mnist import DataFileError
 from noise_robustness.precision import resolve as resolve_precision
+from noise_robustness.precision import uses_cuda
 from noise_robustness.run_logger import run_folders
 from noise_robustness.study import (
     Study,
@@ -81,6 +82,18 @@ GRAPHED_STEPS_PER_BATCH = 16  # training batches a graphed step is served at onc
 def steps_per_batch(graphed: bool) -> int:
     """``data.steps_per_batch`` for ``model.graphed``: blocks of batches for the graphed step, else batch by batch."""
     return GRAPHED_STEPS_PER_BATCH if graphed else 1
+
+
+def processes(trainer: Namespace) -> int:
+    """How many processes a trainer with these options trains in, as far as its options and the environment say
+    (a launcher's ``WORLD_SIZE``, ``devices``, ``num_nodes``; ``auto`` devices on CUDA: every GPU)."""
+    devices = trainer.devices
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if devices in ("auto", "-1", -1):
+        devices = torch.cuda.device_count() if uses_cuda(trainer.accelerator) else 1
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    return max(count * int(trainer.num_nodes or 1), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def trainer_defaults() -> dict:
@@ -368,6 +381,11 @@ class NoiseCLI(LightningCLI):
             ):
                 raise ValueError(
                     f"Expected `trainer.max_epochs` to be a positive integer, but got {config.trainer.max_epochs}"
+                )
+            if config.model.graphed and (count := processes(config.trainer)) > 1:
+                raise ValueError(
+                    f"`model.graphed` trains in one process, but this trainer runs {count} (DDP reduces gradients "
+                    "outside the step's graph): leave `graphed` false, or run on one device"
                 )
             if self.subcommand == "sweep":
                 self.study = self.plan_study(config)

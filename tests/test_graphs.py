@@ -33,10 +33,20 @@ def test_the_graphed_step_trains_a_study_as_the_default_step_does(data_dir, tmp_
     assert results["true"] == results["false"]
 
 
-@pytest.mark.parametrize("option", ["--model.dropout_masks=per_member", "--model.fast=false"])
-def test_what_the_graphed_step_needs_is_said_before_anything_runs(data_dir, tmp_path, capsys, option):
-    err = exits_with_error(tiny(data_dir, tmp_path / "out", "--model.graphed=true", option), capsys)
-    assert "`graphed` captures the fast path's step with the counter masks" in err and not (tmp_path / "out").exists()
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--model.dropout_masks=per_member"], "`graphed` captures the fast path's step with the counter masks"),
+        (["--model.fast=false"], "`graphed` captures the fast path's step with the counter masks"),
+        (
+            ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"],
+            "`model.graphed` trains in one process, but this trainer runs 2",
+        ),
+    ],
+)
+def test_what_the_graphed_step_needs_is_said_before_anything_runs(data_dir, tmp_path, capsys, options, message):
+    err = exits_with_error(tiny(data_dir, tmp_path / "out", "--model.graphed=true", *options), capsys)
+    assert message in err and not (tmp_path / "out").exists()
 
 
 def graphed_training(device: str, graphed: bool, steps: int, shapes=(32, 32, 32, 32, 32, 32, 20, 32)):
