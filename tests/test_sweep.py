@@ -260,12 +260,15 @@ def start_sweep(args: list[str]) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_study_stopped_by_sigterm_resumes_to_the_same_numbers(data_dir, tmp_path):
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_study_stopped_by_sigterm_resumes_to_the_same_numbers(graphed, data_dir, tmp_path):
     args = ["--epochs=4", "--data.noise_mode=resample"]
+    # graphed: blocks of 16 batches (Lightning counts blocks), so whole epochs of 30 larger batches
+    args, batches = (args + ["--model.graphed=true", "--data.batch_size=2000"], None) if graphed else (args, 40)
     reference = tmp_path / "reference"
-    cli_main(tiny(data_dir, reference, *args, seeds="[0, 1]", batches=40))
+    cli_main(tiny(data_dir, reference, *args, seeds="[0, 1]", batches=batches))
     out = tmp_path / "stopped"
-    study = start_sweep(tiny(data_dir, out, *args, seeds="[0, 1]", batches=40))
+    study = start_sweep(tiny(data_dir, out, *args, seeds="[0, 1]", batches=batches))
     deadline = time.monotonic() + 120
     while not list(out.glob("checkpoints/*/last.ckpt")):  # the end of epoch 1
         assert study.poll() is None and time.monotonic() < deadline
@@ -275,7 +278,7 @@ def test_a_study_stopped_by_sigterm_resumes_to_the_same_numbers(data_dir, tmp_pa
     assert study.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
     assert "[sweep] stopped by SIGTERM: rerun the same command to resume" in stderr
     assert not (out / "members").exists()  # it really stopped mid-study
-    cli_main(tiny(data_dir, out, *args, seeds="[0, 1]", batches=40))
+    cli_main(tiny(data_dir, out, *args, seeds="[0, 1]", batches=batches))
     resumed, uninterrupted = member_rows(out), member_rows(reference)
     for key, row in uninterrupted.items():
         assert {m: resumed[key][m] for m in METRICS} == {m: row[m] for m in METRICS}, key  # bit for bit on the CPU
