@@ -16,44 +16,55 @@ import torch
 from torch.nn import functional as F
 
 from noise_robustness.classifier import StepSums, member_sums
-from noise_robustness.graphs import StepGraphs
+from noise_robustness.graphs import StepGraphs, graphed_step
 from noise_robustness.models import DropoutMLP, KerasCNN
 from noise_robustness.stacked import StackedRMSprop, build_member, stack
 
 K, BATCH, BLOCKS, STEPS = 18, 128, 5, 100
 
 
-def timed(graphed: bool, network=DropoutMLP) -> float:
-    seeds = list(range(K))
-    net = stack([build_member(network, s) for s in seeds], seeds, masks="counter").cuda().train()
-    optimizer = StackedRMSprop(net.parameters(), 1e-3, 0.9, 1e-7, bf16_copies=net.bf16_copies, graphed=graphed)
-    sums = StepSums()
-    net.start_epoch(0, 0)
-    images = torch.rand(K, BATCH, 1, 28, 28, device="cuda")
-    labels = torch.randint(0, 10, (K, BATCH), device="cuda")
+class StackedTraining:
+    """``k`` stacked members of ``network`` (counter masks) trained outside Lightning under bf16 autocast, the step
+    eager or through ``StepGraphs`` and the graphed update: what the classifier's graphed step does, bare."""
 
-    def step(images, labels):
-        logits = net(images)
+    def __init__(self, device: str, graphed: bool, network=DropoutMLP, k: int = K):
+        seeds = list(range(k))
+        self.device, self.graphed = device, graphed
+        self.net = stack([build_member(network, s) for s in seeds], seeds, masks="counter").to(device).train()
+        self.optimizer = StackedRMSprop(
+            self.net.parameters(), 1e-3, 0.9, 1e-7, bf16_copies=self.net.bf16_copies, graphed=graphed
+        )
+        self.sums = StepSums()
+        self.net.start_epoch(0, 0)
+        holders = lambda: [*self.net.parameters(), *self.net.bf16_copies.copies]  # noqa: E731
+        self.graphs = StepGraphs(self.forward_backward, holders, self.optimizer.zero_grad)
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = self.net(images)
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-        sums.add(*member_sums(logits.detach().argmax(-1) == labels, losses.detach()))
+        self.sums.add(*member_sums(logits.detach().argmax(-1) == labels, losses.detach()))
         losses.mean(dim=1).sum().backward()
 
-    graphs = StepGraphs(step, lambda: [*net.parameters(), *net.bf16_copies.copies], optimizer.zero_grad)
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with torch.autocast(self.device, dtype=torch.bfloat16, cache_enabled=False):
+            if self.graphed:
+                graphed_step(self.net, self.graphs, images, labels)
+            else:
+                self.optimizer.zero_grad()
+                self.forward_backward(images, labels)
+        self.optimizer.step()
+
+
+def timed(graphed: bool, network=DropoutMLP) -> float:
+    training = StackedTraining("cuda", graphed, network)
+    images = torch.rand(K, BATCH, 1, 28, 28, device="cuda")
+    labels = torch.randint(0, 10, (K, BATCH), device="cuda")
     times = []
     for block in range(BLOCKS + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(STEPS):
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                if graphed:
-                    step_index = net.step
-                    net.counter.hold_keys(step_index, torch.device("cuda"))
-                    graphs(images, labels)
-                    net.step = step_index + 1
-                else:
-                    optimizer.zero_grad()
-                    step(images, labels)
-            optimizer.step()
+            training.step(images, labels)
         torch.cuda.synchronize()
         if block:  # the first block warms up and captures
             times.append((time.perf_counter() - start) / STEPS * 1e3)

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from noise_robustness.corruptions import Corruption
-from noise_robustness.graphs import StepGraphs
+from noise_robustness.graphs import StepGraphs, graphed_step
 from noise_robustness.models import DropoutMLP
 from noise_robustness.stacked import StackedRMSprop, StackedSequential, compiler_missing, stack_members
 from noise_robustness.study import study_members
@@ -226,10 +226,7 @@ class NoiseClassifier(pl.LightningModule):
             images, labels = images[:, None], labels[:, None]
         optimizer = self.optimizers()  # Lightning's, so that its step count and hooks see every step
         for step in range(labels.shape[1]):
-            index = self.net.step  # a replayed graph runs no Python: the step's count and dropout keys are set here
-            self.net.counter.hold_keys(index, self.device)
-            self.step_graphs(images[:, step], labels[:, step])
-            self.net.step = index + 1
+            graphed_step(self.net, self.step_graphs, images[:, step], labels[:, step])
             optimizer.step()
         return None
 

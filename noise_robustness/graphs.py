@@ -82,3 +82,12 @@ class StepGraphs:
             self.step(*static_inputs)
         gradients = [(h, h.grad) for h in self.gradient_holders() if h.grad is not None]
         self.graphs[shape] = graph, static_inputs, gradients
+
+
+def graphed_step(net, graphs: StepGraphs, *inputs: torch.Tensor) -> None:
+    """One training step of a stacked network ``net`` (``stacked.StackedSequential``, counter masks) through
+    ``graphs``: a replayed graph runs no Python, so the step's dropout keys are held for it and its count kept here."""
+    index = net.step
+    net.counter.hold_keys(index, inputs[0].device)
+    graphs(*inputs)
+    net.step = index + 1

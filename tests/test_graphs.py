@@ -6,7 +6,6 @@ import torch
 
 from noise_robustness.cli import cli_main
 from noise_robustness.data import NoisyMNISTDataModule, blocks_of
-from noise_robustness.stacked import StackedRMSprop, build_member, stack
 from tests.conftest import exits_with_error, rows, tiny
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -51,40 +50,18 @@ def test_what_the_graphed_step_needs_is_said_before_anything_runs(data_dir, tmp_
 
 def graphed_training(device: str, graphed: bool, steps: int, shapes=(32, 32, 32, 32, 32, 32, 20, 32)):
     """``steps`` steps of a 3-member stacked MLP under bf16 autocast, the step graphed or not; batches of the sizes
-    ``shapes`` in turn (a second shape warms up and is captured apart). Returns the parameters and state."""
-    from noise_robustness.classifier import StepSums
-    from noise_robustness.graphs import StepGraphs
-    from noise_robustness.models import DropoutMLP
+    ``shapes`` in turn (a second shape warms up and is captured apart). Returns the parameters, sums and optimizer."""
+    from benchmarks.gpu_step import StackedTraining
 
-    seeds = [0, 1, 2]
-    net = stack([build_member(DropoutMLP, s) for s in seeds], seeds, masks="counter").to(device)
-    optimizer = StackedRMSprop(net.parameters(), 1e-3, 0.9, 1e-7, bf16_copies=net.bf16_copies, graphed=graphed)
-    sums = StepSums()
-    net.train()
-    net.start_epoch(0, 0)
-
-    def step(images, labels):
-        logits = net(images)
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        sums.add(losses.detach().view(labels.shape).sum(1, dtype=torch.float64), losses.detach().sum(), labels.shape[1])
-        losses.view(labels.shape).mean(dim=1).sum().backward()
-
-    graphs = StepGraphs(step, lambda: [*net.parameters(), *net.bf16_copies.copies], optimizer.zero_grad)
+    training = StackedTraining(device, graphed, k=3)
     generator = torch.Generator().manual_seed(0)
     for s in range(steps):
         batch = shapes[s % len(shapes)]
         images = torch.rand(3, batch, 1, 28, 28, generator=generator).to(device)
         labels = torch.randint(0, 10, (3, batch), generator=generator).to(device)
-        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
-            if graphed:
-                net.counter.hold_keys(net.step, torch.device(device))
-                graphs(images, labels)
-                net.step = s + 1
-            else:
-                optimizer.zero_grad()
-                step(images, labels)
-        optimizer.step()
-    return [p.detach().cpu() for p in net.parameters()], [t.cpu() for t in sums.sums], optimizer
+        training.step(images, labels)
+    params = [p.detach().cpu() for p in training.net.parameters()]
+    return params, [t.cpu() for t in training.sums.sums], training.optimizer
 
 
 @needs_cuda
