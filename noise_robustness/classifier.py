@@ -147,7 +147,7 @@ class NoiseClassifier(pl.LightningModule):
             optimizer = self.trainer.optimizers[0]
             copies = self.net.bf16_copies
             self.step_graphs = StepGraphs(
-                self.graphed_step,
+                self.forward_backward,
                 lambda: [*self.parameters(), *(copies.copies if copies is not None else [])],
                 optimizer.zero_grad,
             )
@@ -186,7 +186,7 @@ class NoiseClassifier(pl.LightningModule):
         self.metrics[f"{stage}_metrics"].update(*sums)
         return loss
 
-    def graphed_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """What ``step_graphs`` captures: the forward and backward pass, the metrics into ``step_sums``."""
         loss, sums = self.member_losses(images, labels)
         self.step_sums.add(*sums)
