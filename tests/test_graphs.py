@@ -114,3 +114,15 @@ def test_blocks_serve_the_same_batches_in_the_same_order(data_dir):
         assert torch.equal(
             torch.cat([b[part].flatten(1, 2) for b in served], 1), torch.cat([b[part] for b in batches], 1)
         )
+
+
+def test_the_gpu_config_plans_the_same_study_as_the_default(tmp_path, monkeypatch):
+    """`configs/gpu.yaml` (the graphed step, blocks of batches) changes how the step is launched, not the study: the
+    same identity, so a study started on a CPU resumes on a GPU and the other way round."""
+    from noise_robustness.cli import NoiseCLI
+
+    monkeypatch.setattr(NoiseCLI, "sweep", lambda self, *args, **kwargs: None)  # planned, not run
+    plain = cli_main(["sweep", f"--out={tmp_path / 'plain'}"])
+    graphed = cli_main(["sweep", "--config=configs/gpu.yaml", f"--out={tmp_path / 'graphed'}"])
+    assert graphed.config.sweep.model.graphed and graphed.config.sweep.data.steps_per_batch == 16
+    assert graphed.study.identity == plain.study.identity
