@@ -38,9 +38,8 @@ class StepGraphs:
     ):
         self.step, self.gradient_holders, self.zero_grad = step, gradient_holders, zero_grad
         self.seen: Counter[tuple] = Counter()
-        self.gradients_of: tuple | None = (
-            None  # the shape whose graph's gradients the holders hold (None: an eager step's)
-        )
+        # the shape whose graph's gradients the holders hold (None: an eager step's)
+        self.gradients_of: tuple | None = None
         # shape -> (graph, its inputs, the gradients it writes as (holder, gradient))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[tuple]]] = {}
 
