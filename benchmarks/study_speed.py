@@ -31,9 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import yaml
-from torch.nn import functional as F
+from noise_robustness.memory import HUGE_PAGES, SWITCH, tune_allocator
+
+tune_allocator()  # as `python -m noise_robustness` does, before torch is imported: the in-process fits run so too
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_timer by its class path
@@ -69,11 +73,14 @@ def recipe_options(config: Path) -> list[str]:
 # The fast recipe: the default (precision auto, one mask draw a step) with the step's elementwise passes compiled
 FAST = recipe_options(REPO / "configs" / "fast.yaml")
 FIRST = recipe_options(REPO / "configs" / "first_recipe.yaml")  # fp32, a dropout generator per member: the reference
-STUDIES = {  # name: (extra sweep options, target seconds; None: at most BF16_TARGET x the bf16 floor)
-    "one": (["--seeds=[0]"], None),
-    "three": ([], None),  # the main job
-    "fast": (FAST, None),  # the main job with the fast recipe
-    "first": (FIRST, 720),  # the main job in the first recipe
+# malloc and torch's allocations as they come (noise_robustness.memory; this process set huge pages for itself)
+DEFAULT_ALLOCATOR = {SWITCH: "default", HUGE_PAGES: "0"}
+STUDIES = {  # name: (extra sweep options, target seconds (None: at most BF16_TARGET x the bf16 floor), environment)
+    "one": (["--seeds=[0]"], None, {}),
+    "three": ([], None, {}),  # the main job
+    "fast": (FAST, None, {}),  # the main job with the fast recipe
+    "first": (FIRST, 720, {}),  # the main job in the first recipe
+    "three_default_allocator": ([], None, DEFAULT_ALLOCATOR),  # the main job without tune_allocator's settings
 }
 BF16_TARGET = 2.4  # issue 16: the main job at most 2.4x its floor at this CPU's bf16 rate
 
@@ -178,12 +185,13 @@ print(wall, usage.ru_maxrss)
 """
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
-    """Runs ``command``; returns (wall seconds, peak resident memory in GB) of that process."""
+def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Runs ``command`` with ``env`` added to the environment; returns (wall seconds, peak resident memory in GB)
+    of that process."""
     result = subprocess.run(
         [sys.executable, "-S", "-c", LAUNCHER, *command],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
         capture_output=True,
         text=True,
     )
@@ -204,7 +212,7 @@ def main() -> None:
         "--studies",
         default="three,fast",
         help="whole studies to time: one (1 seed), three (the main job), fast (its fast recipe), first (its first "
-        "recipe), or none",
+        "recipe), three_default_allocator (the main job, the allocator as it comes), or none",
     )
     parser.add_argument(
         "--cnn_batches", type=int, default=100, help="training batches of the timed CNN member-epoch (0: skip)"
@@ -300,7 +308,7 @@ def main() -> None:
                 )
 
         for name in [s for s in args.studies.split(",") if s in STUDIES]:
-            options, target = STUDIES[name]
+            options, target, env = STUDIES[name]
             command = [
                 sys.executable,
                 "-m",
@@ -310,14 +318,15 @@ def main() -> None:
                 f"--out={tmp}/{name}",
                 f"--data.data_dir={args.data_dir}",
             ]
-            wall, rss = run_measured(command)
+            wall, rss = run_measured(command, env)
+            described = " ".join([*options, *(f"{key}={value}" for key, value in env.items())]) or "defaults"
             flop = MAIN_JOB_FLOP / (3 if name == "one" else 1)  # one seed of the main job's three
             fp32_floor, bf16_floor = (flop / (rate * 1e9) for rate in (gflops, bf16_gflops))
             if target is None:
                 target = BF16_TARGET * bf16_floor
             verdict = "met" if wall <= target else "NOT met"
             print(
-                f"study {name} ({' '.join(options) or 'defaults'}), 6 σ x 20 epochs   wall {wall:.1f} s "
+                f"study {name} ({described}), 6 σ x 20 epochs   wall {wall:.1f} s "
                 f"(target <= {target:.0f}: {verdict}), peak memory {rss:.2f} GB (target <= 2)",
                 flush=True,
             )
