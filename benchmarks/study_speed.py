@@ -31,13 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from noise_robustness.memory import HUGE_PAGES, SWITCH, tune_allocator
-
-tune_allocator()  # as `python -m noise_robustness` does, before torch is imported: the in-process fits run so too
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import torch
+import yaml
+from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_timer by its class path
@@ -45,6 +41,7 @@ sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_time
 from benchmarks.epoch_timer import EpochTimer  # noqa: E402
 from benchmarks.op_count import STUDIES_BY_K, ops_per_step  # noqa: E402
 from noise_robustness.cli import STUDY_SCALES, STUDY_SEEDS, cli_main  # noqa: E402
+from noise_robustness.memory import SWITCH, tune_allocator  # noqa: E402
 from noise_robustness.models import DropoutMLP  # noqa: E402
 
 MLP_FLOP_PER_IMAGE = 3 * 2 * (784 * 512 + 512 * 512 + 512 * 10)  # forward + backward (2x forward), multiply-adds x 2
@@ -73,8 +70,7 @@ def recipe_options(config: Path) -> list[str]:
 # The fast recipe: the default (precision auto, one mask draw a step) with the step's elementwise passes compiled
 FAST = recipe_options(REPO / "configs" / "fast.yaml")
 FIRST = recipe_options(REPO / "configs" / "first_recipe.yaml")  # fp32, a dropout generator per member: the reference
-# malloc and torch's allocations as they come (noise_robustness.memory; this process set huge pages for itself)
-DEFAULT_ALLOCATOR = {SWITCH: "default", HUGE_PAGES: "0"}
+DEFAULT_ALLOCATOR = {SWITCH: "default"}  # malloc as it comes (noise_robustness.memory)
 STUDIES = {  # name: (extra sweep options, target seconds (None: at most BF16_TARGET x the bf16 floor), environment)
     "one": (["--seeds=[0]"], None, {}),
     "three": ([], None, {}),  # the main job
@@ -222,6 +218,7 @@ def main() -> None:
         "--keras_python", default=None, help="a Python with TensorFlow: also time the original Keras recipe (C)"
     )
     args = parser.parse_args()
+    tune_allocator()  # as `python -m noise_robustness` does: the in-process fits run so too
     sys.argv[1:] = []  # the in-process fits take their arguments from cli_main's list
 
     from noise_robustness.data import NoisyMNISTDataModule

@@ -1,9 +1,7 @@
 """``python -m noise_robustness {fit,validate,test,predict,sweep,certify} ...``"""
 
+from noise_robustness.cli import cli_main
 from noise_robustness.memory import tune_allocator
 
-tune_allocator()  # before torch is imported: torch decides on huge pages at its first allocation
-
-from noise_robustness.cli import cli_main  # noqa: E402
-
+tune_allocator()  # freed memory kept for the next step's tensors
 cli_main()
