@@ -308,11 +308,11 @@ class StackedSequential(nn.Module):
     """K copies of one ``nn.Sequential`` (Linear, Conv2d, ReLU, Dropout, MaxPool2d, Flatten), run as one.
 
     Dense layers are batched matrix products over ``[K, B, features]``; convolutions are grouped
-    convolutions over ``[B, K * channels, H, W]`` (group k = member k). Input ``[K, B, ...]``, output
-    ``[K, B, classes]``.
+    convolutions over ``[B, K * channels, H, W]`` (group k = member k; on a CPU a few members at a time,
+    ``member_groups``). Input ``[K, B, ...]``, output ``[K, B, classes]``.
     """
 
-    cpu_conv_group: int | None = 3  # members a conv network runs at once on a CPU (None: all; see member_group)
+    cpu_conv_group: int | None = 3  # members a conv network runs at once on a CPU (None: all; see member_groups)
 
     def __init__(
         self,
@@ -416,7 +416,7 @@ class StackedSequential(nn.Module):
                         x[start : start + size],
                         [p[i] for p in weights],
                         [p[i] for p in biases],
-                        dropout and functools.partial(dropout, members=slice(start, start + size)),
+                        None if dropout is None else functools.partial(dropout, members=slice(start, start + size)),
                     )
                     for i, (start, size) in enumerate(zip(starts, sizes))
                 ]

@@ -10,7 +10,7 @@ import pytest
 
 from noise_robustness.memory import SWITCH, tune_allocator
 
-# The main job's training step (18 MLPs, a batch of 128, bf16 autocast): its page faults a step, after 3 steps.
+# The main job's training step (18 MLPs, a batch of 128, bf16 autocast): its page faults a step, over 8 steps after 4.
 PROBE = """
 import json, resource
 from noise_robustness.memory import tune_allocator
@@ -28,12 +28,12 @@ def step():
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-for _ in range(3):
+for _ in range(4):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(8):
     step()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
 print(json.dumps({"done": done, "faults": faults}))
 """
 
@@ -50,8 +50,9 @@ def probe(**env: str) -> dict:
 def test_freed_memory_is_reused_without_page_faults():
     tuned, as_it_comes = probe(), probe(**{SWITCH: "default"})
     assert tuned["done"] is True and as_it_comes["done"] is False
-    # measured: ~8,000 fresh 4 kB pages a step as glibc comes (freed memory trimmed, faulted in again), ~30 kept
-    assert as_it_comes["faults"] > 2_000 and tuned["faults"] < 500, (tuned, as_it_comes)
+    # measured: 5,000-14,000 fresh 4 kB pages a step as glibc comes (freed memory trimmed, faulted in again); kept,
+    # 0-800 (a step whose blocks do not fit the free ones grows the heap)
+    assert as_it_comes["faults"] > 2_000 and tuned["faults"] < as_it_comes["faults"] / 5, (tuned, as_it_comes)
 
 
 def test_a_users_own_malloc_settings_stand(monkeypatch):
