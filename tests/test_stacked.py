@@ -417,6 +417,7 @@ def test_a_conv_network_in_groups_of_members_trains_bit_for_bit_as_all_at_once(b
     ]  # fmt: skip
     assert stack_members(DropoutMLP, [0, 1, 2, 3]).member_groups(cpu) == [4]  # no convolution
     assert stack_members(KerasCNN, [0, 1, 2, 3], fast=False).member_groups(cpu) == [4]  # the reference path
+    assert stack_members(KerasCNN, [0, 1, 2, 3]).member_groups(torch.device("cuda")) == [4]  # a GPU: all at once
     grouped, at_once = train_cnn_in_groups(3, bf16, masks), train_cnn_in_groups(None, bf16, masks)
     for ours, reference in zip(grouped, at_once, strict=True):
         assert torch.equal(ours, reference)
