@@ -20,6 +20,7 @@ setting of the user's.
 import ctypes
 import ctypes.util
 import os
+import sys
 
 SWITCH = "NOISE_ROBUSTNESS_ALLOCATOR"  # "default": malloc as it comes
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
@@ -28,13 +29,18 @@ LARGEST_MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on a 64-bit mac
 
 def tune_allocator() -> bool:
     """Has glibc's malloc keep freed memory for reuse, unless ``NOISE_ROBUSTNESS_ALLOCATOR=default`` or a malloc
-    setting in the environment says otherwise; whether it did (not on a C library without ``mallopt``: macOS,
-    musl). Process-wide, from the next allocation on."""
+    setting in the environment says otherwise; whether it did (not off Linux, nor on a C library without
+    ``mallopt``, such as musl). Process-wide, from the next allocation on."""
     if os.environ.get(SWITCH) == "default":
         return False
     if any(name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in os.environ):
         return False  # the user tuned malloc: theirs stands
-    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "mallopt", None)
+    except OSError:  # no C library found by name
+        return False
     if mallopt is None or mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) != 1:
         return False
     return mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # never trimmed: the process keeps its peak
