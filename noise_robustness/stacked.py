@@ -14,7 +14,7 @@ Two sources of dropout masks (``masks``):
 Two implementations of the same math, chosen by ``fast``:
 - fast: dropout masks from 16 random bits per unit (4 units per 64-bit draw, ~7x cheaper than
   ``bernoulli_`` on a CPU), ReLU and dropout fused into one multiplication by a saved mask, and an
-  RMSprop step as five multi-tensor (``_foreach``) operations;
+  RMSprop step as five multi-tensor (``_foreach``) operations (six on a CPU: ``state_floor``);
 - reference: ``bernoulli_`` masks (what ``nn.Dropout`` draws), ReLU and dropout as separate ops, and
   ``torch.optim.RMSprop``.
 
@@ -28,6 +28,7 @@ import copy
 import functools
 import math
 import shutil
+import struct
 from collections.abc import Callable
 
 import torch
@@ -548,10 +549,14 @@ def rmsprop_update(
     lr: float,
     alpha: float,
     eps: float,
+    floor: float | None = None,
 ) -> None:
-    """``v = alpha * v + (1 - alpha) * g**2;  p -= lr * g / (sqrt(v) + eps)``, in place, per parameter."""
+    """``v = alpha * v + (1 - alpha) * g**2;  p -= lr * g / (sqrt(v) + eps)``, in place, per parameter; with
+    ``floor`` (``state_floor``), ``v`` is kept at or above it."""
     torch._foreach_mul_(square_avgs, alpha)
     torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+    if floor is not None:
+        torch._foreach_clamp_min_(square_avgs, floor)
     denoms = torch._foreach_sqrt(square_avgs)
     torch._foreach_add_(denoms, eps)
     torch._foreach_addcdiv_(params, grads, denoms, value=-lr)
@@ -565,6 +570,7 @@ def rmsprop_update_bf16(
     lr: float,
     alpha: float,
     eps: float,
+    floor: float | None = None,
     widened: list[torch.Tensor] | None = None,
 ) -> None:
     """``rmsprop_update`` from the bf16 gradients of the parameters' bf16 ``copies`` (read as fp32, the cast
@@ -576,21 +582,44 @@ def rmsprop_update_bf16(
     else:
         torch._foreach_copy_(widened, grads)
         grads = widened
-    rmsprop_update(params, grads, square_avgs, lr, alpha, eps)
+    rmsprop_update(params, grads, square_avgs, lr, alpha, eps, floor)
     torch._foreach_copy_(copies, params)
+
+
+def state_floor(eps: float, device: torch.device) -> float | None:
+    """The least RMSprop state ``v`` the update keeps on a CPU (``alpha`` times it still a normal float), or None.
+
+    The state of a weight whose gradient stays zero (a ReLU unit that stopped firing: a fifth of the CNN's dense
+    weights by its fourth epoch) decays by ``alpha`` each step into the subnormal floats (below 1.2e-38), and there
+    a CPU takes a slow path for every one it reads or writes: MKL's square root even with subnormals flushed, and
+    every operation on a thread that does not flush them (``denormals_flushed`` reaches the calling thread only,
+    not the other OpenMP threads). With a fifth of the CNN's state subnormal a step took 80 ms longer, and more each
+    epoch. Kept at this floor instead the state never goes subnormal, and the parameters come out the same:
+    ``sqrt(v) + eps`` is ``eps`` in fp32 for any ``v`` below 1e-29 at the default eps (checked here for the given
+    one; None where the floor would show). None off a CPU: a GPU takes subnormals at full speed."""
+    floor = 2 * torch.finfo(torch.float32).tiny  # for any alpha >= 0.5 (the study's 0.9), alpha * floor is normal
+    eps32 = float32(eps)  # on the host: a tensor's comparison would read a value back from the device every step
+    if device.type != "cpu" or float32(eps32 + float32(math.sqrt(floor))) != eps32:
+        return None
+    return floor
+
+
+def float32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 value (the sum of two is rounded right: a double holds it exactly enough)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 @contextlib.contextmanager
 def denormals_flushed(device: torch.device):
     """CPU arithmetic with subnormal floats flushed to zero (``torch.set_flush_denormal``), then back to IEEE.
 
-    RMSprop's state of a weight whose gradient stays zero (a ReLU unit that stopped firing) decays by ``alpha``
-    each step through the subnormal range (below 1.2e-38) for ~150 steps, and an x86 core takes a slow microcode
-    path for every subnormal it reads or writes: with a fifth of the state subnormal the fused update took 42 ms
-    instead of 5.4 ms here. Flushed, the parameters come out the same: a state below 1e-29 gives ``sqrt(v) + eps
-    == eps`` in fp32 either way, and a subnormal gradient moves no parameter larger than 1e-26 (one at exactly
-    zero, a bias no gradient has moved yet, stays there instead of moving by ~1e-34). Only the step runs so
-    (the forward and backward passes keep IEEE arithmetic); a process that flushed denormals itself gets IEEE
+    An x86 core takes a slow microcode path for every subnormal it reads or writes (subnormal gradients, the
+    state of weights whose gradient stopped: ``state_floor``). The flag is the calling thread's own: the other
+    OpenMP threads of an operation keep IEEE arithmetic (measured: 20 M subnormals multiplied in 95 ms as they
+    are, 7 ms flushed on one thread, 59 ms on two), so the state's floor, not this, keeps the update fast.
+    Flushed, the parameters come out the same: a subnormal gradient moves no parameter larger than 1e-26 (one at
+    exactly zero, a bias no gradient has moved yet, stays there instead of moving by ~1e-34). Only the step runs
+    so (the forward and backward passes keep IEEE arithmetic); a process that flushed denormals itself gets IEEE
     arithmetic back after each step (torch has no way to read the setting).
     """
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
@@ -612,8 +641,9 @@ class StackedRMSprop(torch.optim.Optimizer):
     """RMSprop (no momentum, not centred, no weight decay), the update of ``torch.optim.RMSprop``.
 
     The update (``rmsprop_update``) runs as five ``_foreach`` operations over all parameters (torch's
-    multi-tensor kernels), bit for bit torch's: the same handful of operations however many parameters,
-    layers or members there are. ``compiled`` runs it through ``torch.compile`` instead: one fused pass
+    multi-tensor kernels), bit for bit torch's parameters: the same handful of operations however many
+    parameters, layers or members there are. On a CPU a sixth keeps the state above the subnormal floats
+    (``state_floor``: only states too small to move a parameter differ from torch's). ``compiled`` runs it through ``torch.compile`` instead: one fused pass
     over parameters, gradients and state (five passes eager: the update is bound by memory traffic, ~3x
     faster so on a CPU), the same math with last-bit differences (fused multiply-adds); compiled once a
     process (~15 s on a CPU, cached on disk after). With ``bf16_copies`` (the stacked network's), a step
@@ -670,7 +700,7 @@ class StackedRMSprop(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             square_avgs = [self.state[p]["square_avg"] for p in params]
-            hyper = group["lr"], group["alpha"], group["eps"]
+            hyper = group["lr"], group["alpha"], group["eps"], state_floor(group["eps"], params[0].device)
             if on_copies:
                 copies = [on_copies[p] for p in params]
                 widened = None if self.compiled else [self.widened(p) for p in params]
