@@ -646,8 +646,9 @@ class StackedRMSprop(torch.optim.Optimizer):
     (``state_floor``: only states too small to move a parameter differ from torch's). ``compiled`` runs it
     through ``torch.compile`` instead: one fused pass over parameters, gradients and state (five or six passes
     eager: the update is bound by memory traffic, ~3x faster so on a CPU), the same math with last-bit
-    differences (fused multiply-adds); compiled once a process (~15 s on a CPU, cached on disk after). With ``bf16_copies`` (the stacked network's), a step
-    whose backward pass ran on the copies reads their gradients and writes them (``rmsprop_update_bf16``).
+    differences (fused multiply-adds); compiled once a process (~15 s on a CPU, cached on disk after). With
+    ``bf16_copies`` (the stacked network's), a step whose backward pass ran on the copies reads their gradients
+    and writes them (``rmsprop_update_bf16``).
     ``graphed``: on a CUDA device, the update is captured as a CUDA graph and replayed, one launch a step, whenever
     the gradients sit in the tensors it was captured on (a replayed ``graphs.StepGraphs`` writes the same ones every
     step); fresh gradient tensors (an eager backward pass) get the eager update.
