@@ -9,7 +9,7 @@ import yaml
 
 from noise_robustness.certification import Certification, Setting, gathered, summary_markdown
 from noise_robustness.cli import NoiseCLI, cli_main
-from noise_robustness.study import ADDED_LATER, RECIPE, Study, compared_rows
+from noise_robustness.study import Study, compared_rows
 
 REPO = Path(__file__).parents[1]
 MEAN_STD = re.compile(r"(\d+\.\d\d) ± (\d+\.\d\d)")  # a result as the tables print it: "98.38 ± 0.08"
@@ -44,22 +44,31 @@ def test_every_config_the_readme_names_exists():
         assert (REPO / path).is_file(), path
 
 
-def test_the_compared_cnn_study_is_the_main_study_with_the_other_network_in_the_first_recipe():
+def test_the_compared_cnn_study_is_the_main_study_with_the_other_network():
+    """The main command's CNN partner (made on this machine type by the same command with ``--model.net``) differs
+    from the main job's study in the network only, recipe included, so the summary names no difference."""
     mlp, cnn = (
         yaml.safe_load((REPO / "docs" / "results" / name / "study.yaml").read_text()) for name in ("noise_sweep", "cnn")
     )
     assert mlp.pop("model.net")["class_path"] == "noise_robustness.models.DropoutMLP"
     assert cnn.pop("model.net")["class_path"] == "noise_robustness.models.KerasCNN"
-    recipes = [[identity.pop(key, ADDED_LATER.get(key)) for key in RECIPE] for identity in (mlp, cnn)]
-    assert recipes == [["bf16-mixed", "counter", False], [None, "per_member", False]]
-    assert cnn == mlp  # same data, optimizer, epochs: the networks differ in architecture (and recipe) only
+    assert cnn == mlp  # same data, optimizer, epochs, precision and masks: the networks differ in architecture only
     assert (REPO / "docs" / "results" / "cnn" / "results.csv").read_text().count("KerasCNN,") == 18
     results, _, _ = compared_rows(REPO / "docs" / "results" / "cnn", mlp | {"model.net": {"class_path": "x"}})
     assert len(results) == 18  # what the main command reads: every member's file, of that study
     summary = (REPO / "docs" / "results" / "noise_sweep" / "summary.md").read_text()
-    assert (
-        "The study compared from docs/results/cnn was trained otherwise: model.dropout_masks: 'per_member' " in summary
+    assert "KerasCNN" in summary and "trained otherwise" not in summary
+
+
+def test_the_h100_cnn_study_is_the_first_recipe():
+    """The CNN study the main command compared with before (fp32, a dropout generator per member, on an H100)."""
+    first, h100 = (
+        yaml.safe_load((REPO / "docs" / "results" / name / "study.yaml").read_text())
+        for name in ("first_recipe", "cnn_h100")
     )
+    assert h100.pop("model.net")["class_path"] == "noise_robustness.models.KerasCNN"
+    assert first.pop("model.net")["class_path"] == "noise_robustness.models.DropoutMLP"
+    assert h100 == first
 
 
 FIRST_RECIPE = "--config=configs/first_recipe.yaml"  # fp32, a dropout generator per member: studies made before
@@ -75,7 +84,8 @@ COMMITTED_STUDIES = {
     "fast_fp32": ["--config=configs/fast.yaml", "--trainer.precision=32-true"],
     "first_recipe": [FIRST_RECIPE],
     "noise_sweep_h100": [FIRST_RECIPE],
-    "cnn": [FIRST_RECIPE, "--model.net=noise_robustness.models.KerasCNN"],
+    "cnn": ["--model.net=noise_robustness.models.KerasCNN", "--trainer.precision=bf16-mixed"],
+    "cnn_h100": [FIRST_RECIPE, "--model.net=noise_robustness.models.KerasCNN"],
     "cnn_h200": ["--model.net=noise_robustness.models.KerasCNN", "--trainer.precision=bf16-mixed"],
     "cnn_h200_fp32": ["--model.net=noise_robustness.models.KerasCNN", "--trainer.precision=32-true"],
     "corruptions": [FIRST_RECIPE, "--config=configs/corruptions.yaml"],
@@ -142,23 +152,33 @@ def test_the_committed_certification_summary_is_what_its_member_rows_give():
 CHI2_6_99 = 16.81  # the 99th percentile of the chi-square distribution with 6 degrees of freedom
 
 
-def precision_pair(bf16_folder: str, fp32_folder: str) -> list[tuple[float, float]]:
-    """Two committed studies that differ in ``trainer.precision`` alone (bf16-mixed, 32-true): per σ, the difference
-    d of their mean validation accuracies and its standard error se (of a difference of two 3-seed means)."""
+def mean_differences(folder: str, other: str) -> list[tuple[float, float]]:
+    """Two committed 3-seed studies of the same σ: per σ, the difference d of their mean validation accuracies
+    (``folder`` minus ``other``) and its standard error se (of a difference of two 3-seed means)."""
     from noise_robustness.report import aggregate, mean_std
     from tests.conftest import rows
 
-    bf16, fp32 = (REPO / "docs" / "results" / name for name in (bf16_folder, fp32_folder))
-    identities = [yaml.safe_load((folder / "study.yaml").read_text()) for folder in (bf16, fp32)]
+    (cells,), (other_cells,) = (
+        aggregate(rows(REPO / "docs" / "results" / name / "results.csv")).values() for name in (folder, other)
+    )
+    assert len(cells) == len(other_cells) == 6
+    pairs = []
+    for cell, accuracies in other_cells.items():
+        (mean, std), (folder_mean, folder_std) = mean_std(accuracies["val_acc"]), mean_std(cells[cell]["val_acc"])
+        pairs.append((folder_mean - mean, ((std**2 + folder_std**2) / len(accuracies["val_acc"])) ** 0.5))
+    return pairs
+
+
+def precision_pair(bf16_folder: str, fp32_folder: str) -> list[tuple[float, float]]:
+    """``mean_differences`` of two committed studies that differ in ``trainer.precision`` alone (bf16-mixed,
+    32-true)."""
+    identities = [
+        yaml.safe_load((REPO / "docs" / "results" / name / "study.yaml").read_text())
+        for name in (bf16_folder, fp32_folder)
+    ]
     assert [identity.pop("trainer.precision") for identity in identities] == ["bf16-mixed", "32-true"]
     assert identities[0] == identities[1]
-    (bf16_cells,), (fp32_cells,) = (aggregate(rows(folder / "results.csv")).values() for folder in (bf16, fp32))
-    assert len(bf16_cells) == len(fp32_cells) == 6
-    pairs = []
-    for cell, accuracies in fp32_cells.items():
-        (mean, std), (bf16_mean, bf16_std) = mean_std(accuracies["val_acc"]), mean_std(bf16_cells[cell]["val_acc"])
-        pairs.append((bf16_mean - mean, ((std**2 + bf16_std**2) / len(accuracies["val_acc"])) ** 0.5))
-    return pairs
+    return mean_differences(bf16_folder, fp32_folder)
 
 
 def quoted_table(bf16_folder: str, fp32_folder: str) -> None:
@@ -181,6 +201,31 @@ def test_bf16_moves_no_mean_accuracy_beyond_seed_noise_from_the_same_study_in_fp
     assert all(abs(d) < 3 * se for d, se in pairs), pairs
     assert sum((d / se) ** 2 for d, se in pairs) < CHI2_6_99
     quoted_table(bf16_folder, fp32_folder)
+
+
+CNN_COMPARED = ("cnn_h200", "cnn_h200_fp32", "cnn_h100")  # the CNN's other studies, the CPU's is compared with
+
+
+def test_the_cnn_study_of_this_cpu_is_compared_with_the_others_as_its_readme_says():
+    """``docs/results/cnn`` (the default recipe, this CPU) is the H200's bf16 study on another device (the same
+    ``study.yaml``); its README's table gives, for each of the CNN's other studies, the sum of (d / se)^2 that
+    their mean validation accuracies give, and quotes means that are in the summaries."""
+    here, h200 = (
+        yaml.safe_load((REPO / "docs" / "results" / name / "study.yaml").read_text()) for name in ("cnn", "cnn_h200")
+    )
+    assert here == h200
+    readme = (REPO / "docs" / "results" / "cnn" / "README.md").read_text()
+    for other in CNN_COMPARED:
+        chi2 = sum((d / se) ** 2 for d, se in mean_differences("cnn", other))
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| [`../{other}/`]")]
+        assert row.endswith(f"| {chi2:.1f} |"), (row, chi2)
+    quoted = {pair for line in readme.splitlines() if line.startswith("| ") for pair in MEAN_STD.findall(line)}
+    summaries = {
+        pair
+        for name in ("cnn", *CNN_COMPARED)
+        for pair in MEAN_STD.findall((REPO / "docs" / "results" / name / "summary.md").read_text())
+    }
+    assert len(quoted) >= 18 and quoted <= summaries
 
 
 def test_the_cnns_bf16_shift_is_what_its_readme_says():

@@ -320,9 +320,10 @@ def test_a_training_step_is_the_same_few_operations_at_any_number_of_members(dat
     assert step_ops(data_dir, *STUDIES_BY_K[6], "per_member")["random_"] == 6 * 2  # a draw per member and layer
 
 
-# Operations a step may take under the trainer (default options): issue 16 asks for at most 60; bf16 adds autocast's
-# casts of the images and the logits (and the logits' gradient back) and the widening of the bf16 gradients.
-STEP_OPS = {"32-true": 60, "bf16-mixed": 64}
+# Operations a step may take under the trainer (default options, on a CPU: the optimizer's state floor is one of
+# them): issue 16 asks for at most 60; bf16 adds autocast's casts of the images and the logits (and the logits'
+# gradient back) and the widening of the bf16 gradients.
+STEP_OPS = {"32-true": 60, "bf16-mixed": 65}
 
 
 @pytest.mark.slow
