@@ -14,7 +14,8 @@ Then this run's fp32 and bf16 rates of the study's own batched product (18 membe
 FLOP floors at both, the aten operations one training step dispatches at K = 1, 6 and 18 members
 (``benchmarks/op_count.py``), and whole studies run as users run them (``python -m noise_robustness
 sweep ...`` in a child process): wall time, from the command to the figures, peak memory, and the
-main job (``three``; ``fast``, its fast recipe; ``first``, its first recipe) against its floors.
+main job (``three``; ``fast``, its fast recipe; ``first``, its first recipe) against its floors, and
+whether the main job's ``results.csv`` is the committed one byte for byte.
 
     python benchmarks/study_speed.py                  # pairs, the main job and its fast recipe
     python benchmarks/study_speed.py --studies one    # pairs and the 1-seed study
@@ -79,6 +80,7 @@ STUDIES = {  # name: (extra sweep options, target seconds (None: at most BF16_TA
     "three_default_allocator": ([], None, DEFAULT_ALLOCATOR),  # the main job without tune_allocator's settings
 }
 BF16_TARGET = 2.4  # issue 16: the main job at most 2.4x its floor at this CPU's bf16 rate
+MAIN_JOB_RESULTS = REPO / "docs" / "results" / "noise_sweep" / "results.csv"  # the README's main job
 
 
 def member_epoch(
@@ -332,6 +334,13 @@ def main() -> None:
                 f"bf16 floor {bf16_floor:.0f} s ({wall / bf16_floor:.2f}x)",
                 flush=True,
             )
+            if name == "three":  # and its numbers: on the machine type that made them, the committed ones exactly
+                same = (Path(tmp) / name / "results.csv").read_bytes() == MAIN_JOB_RESULTS.read_bytes()
+                print(
+                    f"study three's results.csv {'is byte for byte' if same else 'DIFFERS from'} the committed "
+                    f"{MAIN_JOB_RESULTS.relative_to(REPO)}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

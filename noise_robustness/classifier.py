@@ -19,10 +19,11 @@ STAGES = ("train", "val", "test")
 METRICS = ("acc", "loss")  # logged as "<stage>/<metric>", per member
 
 
-def member_sums(correct: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def member_sums(correct: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``correct`` (bool) and ``losses`` ``[K, B]`` -> per member, the correct predictions and the losses summed
-    (``[K]``, float64: exact counts), and the images counted."""
-    return correct.sum(dim=1, dtype=torch.float64), losses.sum(dim=1, dtype=torch.float64), correct.shape[1]
+    (``[2, K]``: row 0 the correct, row 1 the losses; float64, exact counts), and the images counted. One stacked
+    sum rather than one per row: a step's metrics are a few operations however many members it trains."""
+    return torch.stack((correct, losses)).sum(dim=2, dtype=torch.float64), correct.shape[1]
 
 
 class StepSums:
@@ -30,14 +31,13 @@ class StepSums:
     replaced when it is reset, and a CUDA graph writes where it was captured), added to the metric at epoch end."""
 
     def __init__(self):
-        self.sums: list[torch.Tensor] = []  # correct, loss [K]; images []
+        self.sums: list[torch.Tensor] = []  # correct and loss [2, K]; images []
 
-    def add(self, correct: torch.Tensor, loss: torch.Tensor, images: int) -> None:
+    def add(self, sums: torch.Tensor, images: int) -> None:
         if not self.sums:
-            self.sums = [torch.zeros_like(correct), torch.zeros_like(loss), correct.new_zeros(())]
-        self.sums[0] += correct
-        self.sums[1] += loss
-        self.sums[2] += images
+            self.sums = [torch.zeros_like(sums), sums.new_zeros(())]
+        self.sums[0] += sums
+        self.sums[1] += images
 
     def add_to(self, metric: "MemberMeans") -> None:
         """Adds the sums to ``metric`` and zeroes them, in place."""
@@ -55,18 +55,18 @@ class MemberMeans(Metric):
 
     def __init__(self, members: int):
         super().__init__()
-        for name in METRICS:
-            self.add_state(name, torch.zeros(members, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sums", torch.zeros(len(METRICS), members, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, correct: torch.Tensor, loss: torch.Tensor, images: int | torch.Tensor) -> None:
-        """``member_sums`` of some images: per member, correct predictions and losses summed, and the images."""
-        self.acc += correct
-        self.loss += loss
+    def update(self, sums: torch.Tensor, images: int | torch.Tensor) -> None:
+        """``member_sums`` of some images: per member, correct predictions and losses summed ``[2, K]``, and the
+        images."""
+        self.sums += sums
         self.count += images
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) / self.count for name in METRICS}  # float64: an accuracy is a ratio of counts
+        # float64: an accuracy is a ratio of counts
+        return {name: row / self.count for name, row in zip(METRICS, self.sums, strict=True)}
 
 
 class NoiseClassifier(pl.LightningModule):
@@ -139,6 +139,7 @@ class NoiseClassifier(pl.LightningModule):
         # One metric per stage, so their states never mix; updated every step, logged per epoch.
         self.metrics = nn.ModuleDict({f"{stage}_metrics": MemberMeans(len(self.members)) for stage in STAGES})
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
+        self.backward_seed: torch.Tensor | None = None  # d loss / d loss = 1, kept from step to step (backward)
 
     def on_fit_start(self) -> None:
         if self.graphed:
@@ -229,6 +230,16 @@ class NoiseClassifier(pl.LightningModule):
             graphed_step(self.net, self.step_graphs, images[:, step], labels[:, step])
             optimizer.step()
         return None
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """Lightning's backward pass, seeded with a 1 kept from step to step: ``loss.backward()`` would make one
+        every step (an operation, a launch on a GPU). The same gradients."""
+        if not args and "gradient" not in kwargs:
+            seed = self.backward_seed
+            if seed is None or seed.device != loss.device or seed.dtype != loss.dtype:
+                self.backward_seed = seed = torch.ones_like(loss)
+            kwargs["gradient"] = seed
+        super().backward(loss, *args, **kwargs)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.model_step(batch, "val")

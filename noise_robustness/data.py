@@ -45,12 +45,13 @@ def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: i
 
 
 class Group(NamedTuple):
-    """The members of one corruption in a batch: their positions among the members, their seeds' rows of the
-    patterns, their severities ``[G, 1, 1, 1, 1]``, and whether any severity is above 0."""
+    """The members of one corruption in a batch of an MNIST file: their positions among the members, where their
+    seeds' patterns start in the file's flattened pattern tables (``[G, 1]``: row ``s · images`` for seed row ``s``
+    of ``patterns``), their severities ``[G, 1, 1, 1, 1]``, and whether any severity is above 0."""
 
     corruption: Corruption
     members: torch.Tensor
-    pattern_rows: torch.Tensor
+    pattern_starts: torch.Tensor
     severity: torch.Tensor
     corrupts: bool
 
@@ -196,7 +197,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             )
         self.save_hyperparameters(ignore=["corruptions"])  # its members hold them; a checkpoint keeps plain values
         self._patterns: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, file, noise epoch) -> every seed's
-        self._member_groups: dict[tuple, tuple] = {}  # members -> their groups (member_groups)
+        self._member_groups: dict[tuple, tuple] = {}  # (members, file) -> their groups (member_groups)
 
     # -- the data ---------------------------------------------------------------------------------
 
@@ -281,8 +282,8 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         members = self.members if members is None else members
         file = self.splits[split][0]
         noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
-        groups, order = self.member_groups(tuple(members))
-        clean = gather_rows(self.images[file], rows).float().div_(255)
+        groups, order = self.member_groups(tuple(members), file)
+        clean = torch.div(gather_rows(self.images[file], rows), 255.0)  # uint8 -> float32 in [0, 1], in one pass
         corrupted = []
         for group in groups:
             images, group_rows = (clean, rows) if len(groups) == 1 else (clean[group.members], rows[group.members])
@@ -291,18 +292,18 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
                 continue
             patterns = {}
             for kind in group.corruption.patterns:
-                table = self.patterns(file, noise_epoch, kind)  # [seeds, images, ...]; flattened, row s * images + i
-                flat_rows = group.pattern_rows[:, None] * table.shape[1] + group_rows
-                patterns[kind] = gather_rows(table.flatten(0, 1), flat_rows)
+                table = self.patterns(file, noise_epoch, kind).flatten(0, 1)  # [seeds * images, ...]
+                patterns[kind] = gather_rows(table, group.pattern_starts + group_rows)
             corrupted.append(group.corruption(images, group.severity, **patterns))
         images = corrupted[0] if len(groups) == 1 else torch.cat(corrupted)[order]
         return images.clamp(0.0, 1.0) if self.hparams.clip else images, self.file_labels[file][rows]
 
-    def member_groups(self, members: tuple[Member, ...]) -> tuple[list[Group], torch.Tensor | None]:
-        """The members grouped by corruption (``Group``), and where each member's images sit among the groups'
-        (None for one group). On the data's device, made once per set of members, not per batch."""
-        if members not in self._member_groups:
-            study_seeds = self.hparams.seeds
+    def member_groups(self, members: tuple[Member, ...], file: str) -> tuple[list[Group], torch.Tensor | None]:
+        """The members grouped by corruption (``Group``) for a batch of MNIST ``file``, and where each member's
+        images sit among the groups' (None for one group). On the data's device, made once per set of members and
+        file, not per batch."""
+        if (members, file) not in self._member_groups:
+            study_seeds, images = self.hparams.seeds, len(self.images[file])
             corruptions = list(dict.fromkeys(m.corruption for m in members))
             groups, positions = [], []
             for corruption in corruptions:
@@ -312,15 +313,15 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
                     Group(
                         corruption,
                         torch.tensor(ks, device=self.device),
-                        torch.tensor([study_seeds.index(members[k].seed) for k in ks], device=self.device),
+                        torch.tensor([[study_seeds.index(members[k].seed) * images] for k in ks], device=self.device),
                         torch.tensor(levels, device=self.device).view(-1, 1, 1, 1, 1),
                         any(levels),
                     )
                 )
                 positions += ks
             order = torch.argsort(torch.tensor(positions, device=self.device)) if len(groups) > 1 else None
-            self._member_groups[members] = groups, order
-        return self._member_groups[members]
+            self._member_groups[members, file] = groups, order
+        return self._member_groups[members, file]
 
     # -- the loaders ------------------------------------------------------------------------------
 
