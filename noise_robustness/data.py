@@ -283,7 +283,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         file = self.splits[split][0]
         noise_epoch = epoch if split == "train" and self.hparams.noise_mode == "resample" else 0
         groups, order = self.member_groups(tuple(members), file)
-        clean = torch.div(gather_rows(self.images[file], rows), 255.0)  # uint8 -> float32 in [0, 1], in one pass
+        clean = torch.div(gather_rows(self.images[file], rows), 255.0)  # uint8 -> float32 in [0, 1], one operation
         corrupted = []
         for group in groups:
             images, group_rows = (clean, rows) if len(groups) == 1 else (clean[group.members], rows[group.members])
