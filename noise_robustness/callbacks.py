@@ -5,6 +5,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid
 
 from noise_robustness import checkpoints
@@ -103,6 +104,10 @@ class CheckpointRecord(pl.Callback):
 
     def __init__(self, identity: dict):
         self.identity = identity
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
+            trainer.strategy.checkpoint_io = checkpoints.FileCheckpointIO()  # written as it goes, not first in memory
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoints.record(checkpoint, self.identity, pl_module.epoch_metrics)

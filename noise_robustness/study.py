@@ -24,9 +24,11 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 
@@ -216,17 +218,49 @@ def check_writable(folder: str | Path, argument: str) -> None:
         raise ValueError(f"Expected `{argument}` to be a folder this user can write, but {existing} is not")
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
+class FailedWrites:
+    """A binary file that keeps the ``OSError`` of a write that failed (a full disk), for a writer that reports
+    it as an error of its own."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> None:
     """Writes ``content`` to ``path`` atomically (a crash leaves the old file or the new one), readable as umask
-    allows."""
+    allows. ``content`` may be a function that writes to the open file (``torch.save``): nothing is held in memory
+    whole first."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; colleagues in a shared folder should read them
-    with os.fdopen(fd, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                written = FailedWrites(f)
+                try:
+                    content(written)
+                except Exception:
+                    if written.error is not None:  # torch.save turns a full disk into an error of its own
+                        raise written.error from None
+                    raise
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)  # a failed write leaves no temporary file behind
+        raise
     os.replace(tmp, path)
 
 

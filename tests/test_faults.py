@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from noise_robustness.checkpoints import FileCheckpointIO, verify
 from noise_robustness.cli import cli_main
-from noise_robustness.study import Study, identity_of, study_members
+from noise_robustness.study import Study, identity_of, study_members, write_atomic
 from tests.conftest import METRICS, exits_with_error, member_rows, rows, short_run, tiny
 
 REPO = Path(__file__).parents[1]
@@ -281,3 +282,27 @@ def test_deleting_locks_does_not_let_a_second_command_train_the_same_members(tmp
     shutil.rmtree(out / "locks")
     with pytest.raises(ValueError, match="Another command is training member sigma=0/seed=0"):
         Study(out, identity, members, {}).start(members)
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "results.csv"
+    write_atomic(path, "old\n")
+
+    def fails_halfway(file) -> None:
+        file.write(b"half of the new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, fails_halfway)
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+
+def test_checkpoints_are_written_to_their_files_as_they_go_and_whole(data_dir, tmp_path):
+    """Not Lightning's default writer, which first builds the whole file in memory (the main job's peak)."""
+    out = tmp_path / "study"
+    cli = cli_main(tiny(data_dir, out, *B))
+    assert isinstance(cli.trainer.strategy.checkpoint_io, FileCheckpointIO)
+    saved = sorted(p for p in (out / "checkpoints").rglob("*") if p.is_file())
+    assert saved and not [p for p in saved if p.name.startswith(".")]  # no temporary file left
+    for path in saved:
+        verify(path, None, set(), "")  # loads, and its checksum holds
