@@ -258,8 +258,10 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
                 f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)  # a failed write leaves no temporary file behind
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)  # a failed write leaves no temporary file behind
+        if isinstance(err, OSError) and err.filename is None:  # a write's error names no file: name this one
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     os.replace(tmp, path)
 
