@@ -240,22 +240,27 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
     """Writes ``content`` to ``path`` atomically (a crash leaves the old file or the new one), readable as umask
     allows. ``content`` may be a function that writes to the open file (``torch.save``): nothing is held in memory
     whole first."""
+    if callable(content):
+        write = content
+    else:
+        data = content.encode() if isinstance(content, str) else content
+
+        def write(file: BinaryIO) -> None:
+            file.write(data)
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; colleagues in a shared folder should read them
     try:
         with os.fdopen(fd, "wb") as f:
-            if callable(content):
-                written = FailedWrites(f)
-                try:
-                    content(written)
-                except Exception:
-                    if written.error is not None:  # torch.save turns a full disk into an error of its own
-                        raise written.error from None
+            written = FailedWrites(f)
+            try:
+                write(written)
+            except Exception:
+                if written.error is None:
                     raise
-            else:
-                f.write(content.encode() if isinstance(content, str) else content)
+                raise written.error from None  # torch.save turns a full disk into an error of its own
             f.flush()
             os.fsync(f.fileno())
     except BaseException as err:
