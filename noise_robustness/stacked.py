@@ -602,8 +602,8 @@ def state_floor(eps: float, device: torch.device) -> float | None:
     epoch. Kept at this floor instead the state never goes subnormal, and the parameters nearly always come out
     the same: ``sqrt(v) + eps`` is ``eps`` in fp32 for any ``v`` below 1e-29 at the default eps (checked here for
     the given one; None where the floor would show). Rarely, a lifted state that a later gradient brings to about
-    1e-29 rounds one unit differently there, and that member's training drifts (5 of the corruption study's 24
-    members: docs/reproducibility.md). None off a CPU: a GPU takes subnormals at full speed."""
+    1e-29 rounds one unit differently there, and that member's training drifts (a few members of three committed
+    studies: docs/reproducibility.md). None off a CPU: a GPU takes subnormals at full speed."""
     floor = 2 * torch.finfo(torch.float32).tiny  # for any alpha >= 0.5 (the study's 0.9), alpha * floor is normal
     eps32 = float32(eps)  # on the host: a tensor's comparison would read a value back from the device every step
     if device.type != "cpu" or float32(eps32 + float32(math.sqrt(floor))) != eps32:

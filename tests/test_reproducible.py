@@ -81,11 +81,14 @@ def run_short_study(name: str, data_dir: str, out: Path) -> list[dict]:
         return [{k: r[k] for k in (*member, *METRICS)} for r in csv.DictReader(f)]
 
 
+def member_of(row: dict) -> list[str]:
+    """The columns of a row that name its member (all but the metrics)."""
+    return [value for key, value in row.items() if key not in METRICS]
+
+
 def largest_differences(rows: list[dict], reference: list[dict]) -> dict[str, float]:
     """The largest absolute difference of any member's accuracies and of its losses."""
-    assert [[r[k] for k in r if k not in METRICS] for r in rows] == [
-        [r[k] for k in r if k not in METRICS] for r in reference
-    ]
+    assert [member_of(r) for r in rows] == [member_of(r) for r in reference]
     return {
         kind: max(abs(float(r[m]) - float(ref[m])) for r, ref in zip(rows, reference) for m in METRICS if kind in m)
         for kind in ("acc", "loss")
