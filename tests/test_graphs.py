@@ -98,17 +98,18 @@ def test_counter_masks_are_the_same_bits_on_a_gpu_as_the_specification():
 def test_blocks_serve_the_same_batches_in_the_same_order(data_dir):
     """The graphed step's blocks (``data.steps_per_batch``): consecutive batches of one size, up to S at a time, each
     image composed as it is batch by batch, bit for bit; the loader's length counts blocks."""
-    assert blocks_of([7000] * 8 + [4000], 3) == [(7000, 3), (7000, 3), (7000, 2), (4000, 1)]
-    datamodule = NoisyMNISTDataModule(scales=[0, 1.0], seeds=[0, 1], data_dir=data_dir, batch_size=7000)
+    assert blocks_of([1200] * 8 + [400], 3) == [(1200, 3), (1200, 3), (1200, 2), (400, 1)]
+    # the 10,000 validation images, shuffled as training batches are: 8 batches of 1,200 and one of 400
+    datamodule = NoisyMNISTDataModule(scales=[0, 1.0], seeds=[0, 1], data_dir=data_dir, batch_size=1200)
     datamodule.setup()
-    batches = list(datamodule.loader("train", shuffle=True))
-    blocks = datamodule.loader("train", shuffle=True, steps=3)
+    batches = list(datamodule.loader("val", shuffle=True))
+    blocks = datamodule.loader("val", shuffle=True, steps=3)
     served = list(blocks)
     assert len(blocks) == len(served) == 4 and [b[1].shape[1:] for b in served] == [
-        (3, 7000),
-        (3, 7000),
-        (2, 7000),
-        (1, 4000),
+        (3, 1200),
+        (3, 1200),
+        (2, 1200),
+        (1, 400),
     ]
     for part in (0, 1):  # images, labels
         assert torch.equal(
