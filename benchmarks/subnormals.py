@@ -9,9 +9,8 @@ runs in a fresh process:
 
 - ``ieee``: as torch comes (and as a study runs: only its optimizer step flushes, ``stacked.denormals_flushed``);
 - ``flushed_first``: ``torch.set_flush_denormal(True)`` before any other torch operation, and never undone;
-- ``flushed_later``: the same flag set after a product has already read subnormals (as a process that flushes once it
-  is running would): measured, MKL's products then stay slow, although the elementwise operations flush on every
-  thread.
+- ``flushed_later``: the same flag set once products and elementwise operations have run on subnormals, as in a
+  process that decided to flush while running.
 
 For each: the batched products of the MLP's backward pass at the main job's shape (18 members, batch 128) with a
 share of the gradient operand subnormal, and an elementwise pass over subnormals, each a median of ``--repeats``.
@@ -125,10 +124,12 @@ def child(case: str, share: float, repeats: int, checkpoints: list[str], data_di
 
     if case == "flushed_first":
         assert torch.set_flush_denormal(True)
-    if case == "flushed_later":
+    if case == "flushed_later":  # the work of a running process first, in IEEE arithmetic
         gradient = torch.randn(18, 128, 512)
         gradient[torch.rand(gradient.shape) < share] = 1e-40
-        torch.bmm(torch.randn(18, 784, 128), gradient)  # a product that reads subnormals, in IEEE arithmetic
+        for _ in range(3):
+            torch.bmm(torch.randn(18, 784, 128), gradient)
+            torch.full((20_000_000,), 1e-39).mul_(0.9)
         assert torch.set_flush_denormal(True)
     if case != "ieee":  # the optimizer step's own flush would hand the calling thread back to IEEE arithmetic after it
         import noise_robustness.stacked
@@ -166,8 +167,8 @@ def main() -> None:
         for kind in ("normal", "subnormal"):
             row = [results[case]["products_ms"][name][kind] for case in CASES]
             print(f"{name + ', ' + kind:48s}" + "".join(f"{value:16.2f}" for value in row))
-    print(f"{'every subnormal flushed (elementwise)':48s}" + "".join(
-        f"{str(results[case]['products_ms']['flushed']):>16s}" for case in CASES
+    print(f"{'share of the subnormals flushed (elementwise)':48s}" + "".join(
+        f"{results[case]['products_ms']['flushed']:16.2f}" for case in CASES
     ))  # fmt: skip
     if args.checkpoints:
         for name in results["ieee"]["training_steps"]:
