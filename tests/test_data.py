@@ -52,6 +52,16 @@ def all_positions(dm, split: str) -> dict[int, torch.Tensor]:
     return {seed: torch.arange(dm.split_size(split)) for seed in dm.hparams.seeds}
 
 
+def sample(n: int, size: int = 2000) -> torch.Tensor:
+    """``size`` positions of a split of ``n`` images, spread over all of it (the same every run)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(n))[:size].sort().values
+
+
+def sampled_positions(dm, split: str) -> dict[int, torch.Tensor]:
+    """``all_positions``' sample: the same 2,000 positions of the split for every seed."""
+    return dict.fromkeys(dm.hparams.seeds, sample(dm.split_size(split)))
+
+
 def test_loader_serves_each_member_its_own_composed_rows(data_dir):
     dm = ready(data_dir, scales=[0.0, 0.5], seeds=[0, 1], batch_size=1000)
     loader = dm.loader("train", shuffle=True)
@@ -71,11 +81,6 @@ def test_loader_serves_each_member_its_own_composed_rows(data_dir):
     assert not torch.equal(torch.cat(by_seed[0]), torch.arange(60000))
 
 
-def sample(n: int, size: int = 2000) -> torch.Tensor:
-    """``size`` positions of a split of ``n`` images, spread over all of it (the same every run)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(n))[:size].sort().values
-
-
 def test_noise_of_an_image_is_independent_of_batching_split_and_study(data_dir):
     a = ready(data_dir, scales=[1.0], batch_size=32)
     b = ready(data_dir, scales=[0.0, 1.0], seeds=[5, 0], batch_size=1000, val_holdout=5000)
@@ -87,7 +92,7 @@ def test_noise_of_an_image_is_independent_of_batching_split_and_study(data_dir):
         positions = sample(b.split_size(split))
         rows = b.splits[split][1][positions]
         assert torch.equal(noisy(a, "train", rows)[0], noisy(b, split, positions)[3]), split  # member (1.0, seed 0)
-    positions = sample(10000)
+    positions = sample(b.split_size("test"))
     assert torch.equal(noisy(a, "val", positions), noisy(b, "test", positions)[3:])
 
 
@@ -114,7 +119,7 @@ def test_noise_is_identical_across_processes(data_dir):
 
 def test_fixed_noise_stays_and_resampled_noise_changes_per_epoch(data_dir):
     def train(dm, epoch):
-        return dm.noisy_images("train", {seed: sample(60000) for seed in dm.hparams.seeds}, epoch=epoch)[0][0]
+        return dm.noisy_images("train", sampled_positions(dm, "train"), epoch=epoch)[0][0]
 
     fixed = ready(data_dir, scales=[0.5])
     assert torch.equal(train(fixed, 0), train(fixed, 5))
@@ -122,7 +127,7 @@ def test_fixed_noise_stays_and_resampled_noise_changes_per_epoch(data_dir):
     first = train(resample, 0).clone()
     assert torch.equal(first, train(fixed, 0))
     assert not torch.isclose(train(resample, 1), first).all(dim=(1, 2, 3)).any()
-    val = {seed: sample(10000) for seed in fixed.hparams.seeds}
+    val = sampled_positions(fixed, "val")
     assert torch.equal(resample.noisy_images("val", val, epoch=3)[0], fixed.noisy_images("val", val)[0])  # stays fixed
 
 
