@@ -30,7 +30,6 @@ import sys
 import time
 
 CASES = ("ieee", "flushed_first", "flushed_later")
-TINY = 1.1754943508222875e-38  # the smallest normal fp32
 
 
 def median_ms(run, repeats: int) -> float:
@@ -68,14 +67,19 @@ def products(share: float, repeats: int) -> dict:
         "normal": median_ms(lambda: torch.mul(torch.ones_like(values), 0.9), repeats),
         "subnormal": median_ms(lambda: torch.mul(values, 0.9), repeats),
     }
-    times["flushed"] = bool((torch.mul(values, 0.9) == 0).all())  # on every thread that took part
     return times
+
+
+def flushed_share() -> float:
+    """The share of 20 M subnormals that a multiplication flushes to zero: each of torch's threads does a part."""
+    import torch
+
+    return (torch.full((20_000_000,), 1e-39).mul_(0.9) == 0).float().mean().item()
 
 
 def load_study_step(path: str):
     """The main job's fp32 training step from a checkpoint's weights and optimizer state, and its epoch."""
     import torch
-    from torch.nn import functional as F
 
     from noise_robustness.classifier import NoiseClassifier
     from noise_robustness.cli import STUDY_SCALES
@@ -87,16 +91,25 @@ def load_study_step(path: str):
     optimizer.load_state_dict(checkpoint["optimizer_states"][0])
     model.net.start_epoch(checkpoint["epoch"], 0)
 
-    def step(images, labels, shares: list | None = None):
-        logits = model(images)
-        if shares is not None:  # the share of the logits' gradient that is subnormal
-            logits.register_hook(lambda g: shares.append(((g != 0) & (g.abs() < TINY)).float().mean().item()))
-        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    def step(images, labels):  # the study's own loss (the members' summed mean losses), as its training step
+        loss, _ = model.member_losses(images, labels)
         optimizer.zero_grad()
-        losses.mean(dim=1).sum().backward()
+        loss.backward()
         optimizer.step()
 
-    return step, checkpoint["epoch"]
+    def subnormal_share_of_logit_gradients(images, labels) -> float:
+        shares = []
+        tiny = torch.finfo(torch.float32).tiny  # the smallest normal fp32
+        hook = model.net.register_full_backward_hook(
+            lambda module, grad_input, grad_output: shares.append(
+                ((grad_output[0] != 0) & (grad_output[0].abs() < tiny)).float().mean().item()
+            )
+        )
+        step(images, labels)
+        hook.remove()
+        return shares[0]
+
+    return step, subnormal_share_of_logit_gradients, checkpoint["epoch"]
 
 
 def training_steps(checkpoints: list[str], data_dir: str, repeats: int) -> dict:
@@ -109,12 +122,11 @@ def training_steps(checkpoints: list[str], data_dir: str, repeats: int) -> dict:
     batches = [batch for _, batch in zip(range(20), datamodule.loader("train", shuffle=True))]
     results = {}
     for path in checkpoints:
-        step, epoch = load_study_step(path)
-        shares = []
-        step(*batches[0], shares)
+        step, subnormal_share_of_logit_gradients, epoch = load_study_step(path)
+        share = subnormal_share_of_logit_gradients(*batches[0])
         results[f"epoch {epoch} ({path})"] = {
             "ms_per_step": median_ms(lambda step=step: [step(*batch) for batch in batches], repeats) / len(batches),
-            "subnormal_share_of_logit_gradients": shares[0],
+            "subnormal_share_of_logit_gradients": share,
         }
     return results
 
@@ -135,7 +147,7 @@ def child(case: str, share: float, repeats: int, checkpoints: list[str], data_di
         import noise_robustness.stacked
 
         noise_robustness.stacked.denormals_flushed = lambda device: contextlib.nullcontext()
-    result = {"threads": torch.get_num_threads(), "products_ms": products(share, repeats)}
+    result = {"threads": torch.get_num_threads(), "products_ms": products(share, repeats), "flushed": flushed_share()}
     if checkpoints:
         result["training_steps"] = training_steps(checkpoints, data_dir, max(1, repeats // 4))
     print(json.dumps(result))
@@ -162,13 +174,11 @@ def main() -> None:
     print(f"share of the gradient operand subnormal: {args.share}; threads: {results['ieee']['threads']}")
     print(f"{'product (ms, median)':48s}" + "".join(f"{case:>16s}" for case in CASES))
     for name in results["ieee"]["products_ms"]:
-        if name == "flushed":
-            continue
         for kind in ("normal", "subnormal"):
             row = [results[case]["products_ms"][name][kind] for case in CASES]
             print(f"{name + ', ' + kind:48s}" + "".join(f"{value:16.2f}" for value in row))
     print(f"{'share of the subnormals flushed (elementwise)':48s}" + "".join(
-        f"{results[case]['products_ms']['flushed']:16.2f}" for case in CASES
+        f"{results[case]['flushed']:16.2f}" for case in CASES
     ))  # fmt: skip
     if args.checkpoints:
         for name in results["ieee"]["training_steps"]:
