@@ -8,7 +8,7 @@ import torch
 from noise_robustness.classifier import NoiseClassifier
 from noise_robustness.cli import StudyTrainer, cli_main
 from noise_robustness.stacked import StackedRMSprop
-from tests.conftest import events, short_run
+from tests.conftest import events, needs_native_bf16, short_run
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("scale_*.yaml")) + [
     Path(__file__).parents[1] / "configs" / "cnn.yaml"
@@ -102,12 +102,14 @@ def test_the_reference_path_is_a_switch(data_dir, tmp_path):
     assert abs(fast.trainer.callback_metrics["val/acc"] - reference.trainer.callback_metrics["val/acc"]) < 0.05
 
 
+@needs_native_bf16
 def test_mixed_precision_is_selectable(data_dir, tmp_path):
     cli = cli_main(short_run(data_dir, tmp_path, "fit", "--trainer.precision=bf16-mixed", batches=20))
     assert cli.trainer.precision == "bf16-mixed"
     assert 0.3 < cli.trainer.callback_metrics["val/acc"] <= 1  # it learns under autocast too
 
 
+@needs_native_bf16
 def test_gradient_clipping_applies_under_bf16(data_dir, tmp_path):
     """Clipping reads the parameters' own gradients, so under bf16 the step takes autocast's casts, not the bf16
     copies (stacked.Bf16Copies): clipped to a norm of 1e-9, RMSprop's steps shrink far below its epsilon's scale."""
@@ -117,6 +119,7 @@ def test_gradient_clipping_applies_under_bf16(data_dir, tmp_path):
     assert cli.model.net.weights[0].sub(initial).abs().max() < 1e-6  # unclipped: about 1e-3 a step
 
 
+@needs_native_bf16
 def test_another_optimizer_trains_under_bf16(data_dir, tmp_path):
     """The bf16 copies serve only the fast RMSprop, which updates from their gradients: another `--optimizer`
     reads the parameters' own, so under bf16 the forward pass takes autocast's casts and the weights move."""
@@ -149,6 +152,7 @@ def test_certify_takes_its_options_from_the_trainers_signature_too(capsys):
         StudyTrainer(logger=False, enable_checkpointing=False).certify(None, None, "out")
 
 
+@needs_native_bf16
 def test_bf16_with_counter_masks_is_bit_reproducible_and_learns_as_fp32(data_dir, tmp_path):
     """Two bf16 fits with counter masks end on the same bits; fp32 with the same masks, one option away, learns
     as much (the committed 20-epoch comparison is docs/results/fast)."""

@@ -6,12 +6,12 @@ import torch
 
 from noise_robustness.cli import cli_main
 from noise_robustness.data import NoisyMNISTDataModule, blocks_of
-from tests.conftest import exits_with_error, rows, tiny
+from tests.conftest import exits_with_error, needs_native_bf16, rows, tiny
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", pytest.param("bf16-mixed", marks=needs_native_bf16)])
 def test_the_graphed_step_trains_a_study_as_the_default_step_does(data_dir, tmp_path, precision):
     """On a CPU the graphed step runs eagerly, through manual optimisation, held dropout keys and the metrics'
     running sums: every member's accuracy and loss the same, to the last digit."""
