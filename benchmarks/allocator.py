@@ -1,4 +1,4 @@
-"""Does keeping freed memory (``noise_robustness.memory.tune_allocator``) pay on this machine? The main job's
+"""Does keeping freed memory (``noise_robustness.engine.memory.tune_allocator``) pay on this machine? The main job's
 training step (18 MLPs, a batch of 128, this machine's ``precision auto``) in two fresh processes, glibc's malloc
 tuned and as it comes: page faults and milliseconds a step, 8 steps after 4 to warm up.
 
@@ -12,16 +12,16 @@ import os
 import subprocess
 import sys
 
-from noise_robustness.memory import SWITCH
+from noise_robustness.engine.memory import SWITCH
 
 PROBE = """
 import json, resource, time
-from noise_robustness.memory import tune_allocator
+from noise_robustness.engine.memory import tune_allocator
 done = tune_allocator()
 import torch
 from torch.nn import functional as F
-from noise_robustness.classifier import NoiseClassifier
-from noise_robustness.precision import fast_precision
+from noise_robustness.training.classifier import NoiseClassifier
+from noise_robustness.engine.precision import fast_precision
 bf16 = fast_precision("cpu") == "bf16-mixed"
 model = NoiseClassifier(scales=[0.0, 0.1, 0.5, 1.0, 2.0, 4.0], seeds=[0, 1, 2])
 optimizer = model.configure_optimizers()

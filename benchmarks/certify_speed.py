@@ -24,10 +24,10 @@ from scipy.stats import beta, norm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from noise_robustness.certification import Setting, plan, subset  # noqa: E402
-from noise_robustness.data import NoisyMNISTDataModule  # noqa: E402
-from noise_robustness.smoothing import Votes, certificate  # noqa: E402
-from noise_robustness.stacked import stack  # noqa: E402
+from noise_robustness.certify.certification import Setting, plan, subset  # noqa: E402
+from noise_robustness.certify.smoothing import Votes, certificate  # noqa: E402
+from noise_robustness.data.datamodule import NoisyMNISTDataModule  # noqa: E402
+from noise_robustness.engine.stacked import stack  # noqa: E402
 
 
 class ReferenceSmooth:

@@ -16,8 +16,8 @@ import time
 import torch
 
 from noise_robustness.corruptions import BUILT_IN
-from noise_robustness.data import NoisyMNISTDataModule
-from noise_robustness.study import Member
+from noise_robustness.data.datamodule import NoisyMNISTDataModule
+from noise_robustness.study.members import Member
 
 LEVEL = {
     "gaussian": 0.3, "uniform": 0.3, "impulse": 0.1, "shot": 0.3, "speckle": 0.35, "blur": 2.0, "brightness": 0.3,

@@ -15,10 +15,11 @@ import time
 import torch
 from torch.nn import functional as F
 
-from noise_robustness.classifier import StepSums, member_sums
-from noise_robustness.graphs import StepGraphs, graphed_step
+from noise_robustness.engine.graphs import StepGraphs, graphed_step
+from noise_robustness.engine.rmsprop import StackedRMSprop
+from noise_robustness.engine.stacked import build_member, stack
 from noise_robustness.models import DropoutMLP, KerasCNN
-from noise_robustness.stacked import StackedRMSprop, build_member, stack
+from noise_robustness.training.classifier import StepSums, member_sums
 
 K, BATCH, BLOCKS, STEPS = 18, 128, 5, 100
 

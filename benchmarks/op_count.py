@@ -12,7 +12,8 @@ import tempfile
 
 from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented hook for dispatched ops
 
-from noise_robustness.cli import STUDY_SCALES, cli_main
+from noise_robustness.cli import cli_main
+from noise_robustness.commands import STUDY_SCALES
 
 VIEWS = {
     "view", "_unsafe_view", "as_strided", "t", "transpose", "expand", "unsqueeze", "squeeze", "permute", "alias",

@@ -41,8 +41,9 @@ sys.path.insert(0, str(REPO))  # so that the runs can load benchmarks.epoch_time
 
 from benchmarks.epoch_timer import EpochTimer  # noqa: E402
 from benchmarks.op_count import STUDIES_BY_K, ops_per_step  # noqa: E402
-from noise_robustness.cli import STUDY_SCALES, STUDY_SEEDS, cli_main  # noqa: E402
-from noise_robustness.memory import SWITCH, tune_allocator  # noqa: E402
+from noise_robustness.cli import cli_main  # noqa: E402
+from noise_robustness.commands import STUDY_SCALES, STUDY_SEEDS  # noqa: E402
+from noise_robustness.engine.memory import SWITCH, tune_allocator  # noqa: E402
 from noise_robustness.models import DropoutMLP  # noqa: E402
 
 MLP_FLOP_PER_IMAGE = 3 * 2 * (784 * 512 + 512 * 512 + 512 * 10)  # forward + backward (2x forward), multiply-adds x 2
@@ -71,7 +72,7 @@ def recipe_options(config: Path) -> list[str]:
 # The fast recipe: the default (precision auto, one mask draw a step) with the step's elementwise passes compiled
 FAST = recipe_options(REPO / "configs" / "fast.yaml")
 FIRST = recipe_options(REPO / "configs" / "first_recipe.yaml")  # fp32, a dropout generator per member: the reference
-DEFAULT_ALLOCATOR = {SWITCH: "default"}  # malloc as it comes (noise_robustness.memory)
+DEFAULT_ALLOCATOR = {SWITCH: "default"}  # malloc as it comes (noise_robustness.engine.memory)
 STUDIES = {  # name: (extra sweep options, target seconds (None: at most BF16_TARGET x the bf16 floor), environment)
     "one": (["--seeds=[0]"], None, {}),
     "three": ([], None, {}),  # the main job
@@ -223,7 +224,7 @@ def main() -> None:
     tune_allocator()  # as `python -m noise_robustness` does: the in-process fits run so too
     sys.argv[1:] = []  # the in-process fits take their arguments from cli_main's list
 
-    from noise_robustness.data import NoisyMNISTDataModule
+    from noise_robustness.data.datamodule import NoisyMNISTDataModule
 
     dm = NoisyMNISTDataModule(scales=[SIGMA], data_dir=args.data_dir)
     dm.prepare_data()

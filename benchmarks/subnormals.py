@@ -81,8 +81,8 @@ def load_study_step(path: str):
     """The main job's fp32 training step from a checkpoint's weights and optimizer state, and its epoch."""
     import torch
 
-    from noise_robustness.classifier import NoiseClassifier
-    from noise_robustness.cli import STUDY_SCALES
+    from noise_robustness.commands import STUDY_SCALES
+    from noise_robustness.training.classifier import NoiseClassifier
 
     checkpoint = torch.load(path, weights_only=False, map_location="cpu")
     model = NoiseClassifier(scales=STUDY_SCALES, seeds=[0, 1, 2])
@@ -114,8 +114,8 @@ def load_study_step(path: str):
 
 def training_steps(checkpoints: list[str], data_dir: str, repeats: int) -> dict:
     """The main job's fp32 training step (ms, median over ``repeats`` passes of 20 batches) from each checkpoint."""
-    from noise_robustness.cli import STUDY_SCALES
-    from noise_robustness.data import NoisyMNISTDataModule
+    from noise_robustness.commands import STUDY_SCALES
+    from noise_robustness.data.datamodule import NoisyMNISTDataModule
 
     datamodule = NoisyMNISTDataModule(scales=STUDY_SCALES, seeds=[0, 1, 2], data_dir=data_dir)
     datamodule.setup("fit")
@@ -144,9 +144,9 @@ def child(case: str, share: float, repeats: int, checkpoints: list[str], data_di
             torch.full((20_000_000,), 1e-39).mul_(0.9)
         assert torch.set_flush_denormal(True)
     if case != "ieee":  # the optimizer step's own flush would hand the calling thread back to IEEE arithmetic after it
-        import noise_robustness.stacked
+        import noise_robustness.engine.rmsprop
 
-        noise_robustness.stacked.denormals_flushed = lambda device: contextlib.nullcontext()
+        noise_robustness.engine.rmsprop.denormals_flushed = lambda device: contextlib.nullcontext()
     result = {"threads": torch.get_num_threads(), "products_ms": products(share, repeats), "flushed": flushed_share()}
     if checkpoints:
         result["training_steps"] = training_steps(checkpoints, data_dir, max(1, repeats // 4))

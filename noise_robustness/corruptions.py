@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from noise_robustness.noise import add_noise
+from noise_robustness.data.noise import add_noise
 
 
 class Corruption:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from noise_robustness import mnist
 from noise_robustness.cli import cli_main
-from noise_robustness.precision import fast_precision
+from noise_robustness.data import mnist
+from noise_robustness.engine.precision import fast_precision
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 # Training in bf16 is fast where the hardware multiplies bf16 (AVX512-BF16, AMX, a recent GPU) and ~100x slower where

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from noise_robustness.classifier import NoiseClassifier
-from noise_robustness.cli import StudyTrainer, cli_main
-from noise_robustness.stacked import StackedRMSprop
+from noise_robustness.cli import cli_main
+from noise_robustness.commands import StudyTrainer
+from noise_robustness.engine.rmsprop import StackedRMSprop
+from noise_robustness.training.classifier import NoiseClassifier
 from tests.conftest import events, needs_native_bf16, short_run
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("scale_*.yaml")) + [

@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy import ndimage, stats
 
-from noise_robustness import mnist
 from noise_robustness.cli import cli_main
 from noise_robustness.corruptions import (
     BUILT_IN,
@@ -29,9 +28,11 @@ from noise_robustness.corruptions import (
     build,
     poisson_quantile,
 )
-from noise_robustness.data import NoisyMNISTDataModule
-from noise_robustness.noise import BLOCK, draw
-from noise_robustness.study import RESULT_COLUMNS, ROBUSTNESS_COLUMNS, Member, evaluations, study_members
+from noise_robustness.data import mnist
+from noise_robustness.data.datamodule import NoisyMNISTDataModule
+from noise_robustness.data.noise import BLOCK, draw
+from noise_robustness.study.folder import RESULT_COLUMNS, ROBUSTNESS_COLUMNS
+from noise_robustness.study.members import Member, evaluations, study_members
 from tests.conftest import exits_with_error, rows, tiny
 
 SHAPE = (1, 28, 28)
@@ -241,9 +242,11 @@ EVAL = (
 
 @pytest.fixture(scope="module")
 def corruption_study(data_dir, tmp_path_factory) -> Path:
-    """A finished tiny study: clean, Gaussian σ = 1 and impulse 0.2, 2 seeds, evaluated on shot, rotate and stripe."""
+    """A finished tiny study: clean, Gaussian σ = 1 and impulse 0.2, 2 seeds, evaluated on shot, rotate and stripe
+    (on 2,000 held-out validation images: each of its 6 evaluation cells is a pass over them)."""
     out = tmp_path_factory.mktemp("corruptions") / "study"
-    cli_main(tiny(data_dir, out, f"--corruptions={TRAIN}", f"--eval_corruptions={EVAL}", seeds="[0, 1]", batches=3))
+    options = [f"--corruptions={TRAIN}", f"--eval_corruptions={EVAL}", "--data.val_holdout=2000"]
+    cli_main(tiny(data_dir, out, *options, seeds="[0, 1]", batches=3))
     return out
 
 
@@ -346,13 +349,14 @@ def test_a_bad_corruption_is_one_message_naming_it_before_anything_is_made(args,
 def test_the_evaluation_list_is_part_of_a_studys_identity(corruption_study, data_dir, capsys):
     other = "--eval_corruptions=[{class_path: ShotNoise, init_args: {severities: [0.2]}}]"
     message = exits_with_error(
-        tiny(data_dir, corruption_study, f"--corruptions={TRAIN}", other, seeds="[0, 1]"), capsys
+        tiny(data_dir, corruption_study, f"--corruptions={TRAIN}", other, "--data.val_holdout=2000", seeds="[0, 1]"),
+        capsys,
     )
     assert "holds a study made with other options (eval_corruptions:" in message
 
 
 def test_certify_smooths_the_members_trained_on_gaussian_noise_only(corruption_study):
-    from noise_robustness.certification import Setting, plan
+    from noise_robustness.certify.certification import Setting, plan
 
     (certification,) = plan([str(corruption_study)], Setting(n0=10, n=100, alpha=0.001, images=10, sigma=None))
     assert [m.name for m in certification.members] == ["sigma=1/seed=0", "sigma=1/seed=1"]  # not impulse, not clean

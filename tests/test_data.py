@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from noise_robustness import mnist
-from noise_robustness.data import NoisyMNISTDataModule, shard_batches
-from noise_robustness.noise import add_noise, standard_normal
+from noise_robustness.data import mnist
+from noise_robustness.data.datamodule import NoisyMNISTDataModule, shard_batches
+from noise_robustness.data.noise import add_noise, standard_normal
 
 
 def ready(data_dir, **kwargs) -> NoisyMNISTDataModule:

@@ -9,8 +9,8 @@ import torch
 import yaml
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from noise_robustness.classifier import NoiseClassifier
-from noise_robustness.data import NoisyMNISTDataModule
+from noise_robustness.data.datamodule import NoisyMNISTDataModule
+from noise_robustness.training.classifier import NoiseClassifier
 from tests.conftest import independent_accuracy
 
 REPO = Path(__file__).parents[1]

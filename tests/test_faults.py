@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from noise_robustness.checkpoints import FileCheckpointIO, verify
 from noise_robustness.cli import cli_main
-from noise_robustness.study import Study, identity_of, study_members, write_atomic
+from noise_robustness.study.files import write_atomic
+from noise_robustness.study.folder import Study
+from noise_robustness.study.members import study_members
+from noise_robustness.study.spec import identity_of
+from noise_robustness.training.checkpoints import FileCheckpointIO, verify
 from tests.conftest import METRICS, exits_with_error, member_rows, rows, short_run, tiny
 
 REPO = Path(__file__).parents[1]

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from noise_robustness.cli import cli_main
-from noise_robustness.data import NoisyMNISTDataModule, blocks_of
+from noise_robustness.data.datamodule import NoisyMNISTDataModule, blocks_of
 from tests.conftest import exits_with_error, needs_native_bf16, rows, tiny
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
+@pytest.mark.slow  # two whole epochs of a study: ~10 s each
 @pytest.mark.parametrize("precision", ["32-true", pytest.param("bf16-mixed", marks=needs_native_bf16)])
 def test_the_graphed_step_trains_a_study_as_the_default_step_does(data_dir, tmp_path, precision):
     """On a CPU the graphed step runs eagerly, through manual optimisation, held dropout keys and the metrics'
@@ -84,7 +85,7 @@ def test_the_step_graph_helper_runs_eagerly_off_a_gpu():
 
 @needs_cuda
 def test_counter_masks_are_the_same_bits_on_a_gpu_as_the_specification():
-    from noise_robustness.stacked import CounterMasks
+    from noise_robustness.engine.masks import CounterMasks
     from tests.test_stacked import numpy_counter_masks
 
     layers = ((512, 0.2), (512, 0.2), (128, 0.5))
@@ -126,4 +127,4 @@ def test_the_gpu_config_plans_the_same_study_as_the_default(tmp_path, monkeypatc
     plain = cli_main(["sweep", f"--out={tmp_path / 'plain'}"])
     graphed = cli_main(["sweep", "--config=configs/gpu.yaml", f"--out={tmp_path / 'graphed'}"])
     assert graphed.config.sweep.model.graphed and graphed.config.sweep.data.steps_per_batch == 16
-    assert graphed.study.identity == plain.study.identity
+    assert graphed.plan.study.identity == plain.plan.study.identity

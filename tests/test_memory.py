@@ -1,8 +1,8 @@
-"""The allocator setting of ``python -m noise_robustness`` (``noise_robustness.memory``)."""
+"""The allocator setting of ``python -m noise_robustness`` (``noise_robustness.engine.memory``)."""
 
 import os
 
-from noise_robustness.memory import SWITCH, tune_allocator
+from noise_robustness.engine.memory import SWITCH, tune_allocator
 
 # Whether keeping freed memory pays (page faults, step times) depends on the machine: benchmarks/allocator.py measures
 # it. Here, what holds anywhere: it is set where it can be, and never over a user's own malloc settings.

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from noise_robustness import mnist
-from noise_robustness.noise import BLOCK, add_noise, check_noise_mode, check_noise_scale, standard_normal
+from noise_robustness.data import mnist
+from noise_robustness.data.noise import BLOCK, add_noise, check_noise_mode, check_noise_scale, standard_normal
 
 SHAPE = (1, 28, 28)
 

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from noise_robustness.cli import cli_main
-from noise_robustness.precision import cpu_flags, fast_precision
+from noise_robustness.engine.precision import cpu_flags, fast_precision
 from tests.conftest import tiny
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")

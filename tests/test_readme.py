@@ -1,4 +1,5 @@
-"""The README's commands are the ones that run: CI's test command is the README's, to the letter."""
+"""The README's and docs/results.md's commands are the ones that run, and their numbers are the committed results':
+CI's test command is the README's, to the letter."""
 
 import re
 import shlex
@@ -7,17 +8,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from noise_robustness.certification import Certification, Setting, gathered, summary_markdown
+from noise_robustness.certify.certification import Certification, Setting
+from noise_robustness.certify.report import gathered, summary_markdown
 from noise_robustness.cli import NoiseCLI, cli_main
-from noise_robustness.study import Study, compared_rows
+from noise_robustness.study.folder import Study, compared_rows
 
 REPO = Path(__file__).parents[1]
+FRONT = ("README.md", "docs/results.md")  # the front door and the findings it links to: what a reader copies
 MEAN_STD = re.compile(r"(\d+\.\d\d) ± (\d+\.\d\d)")  # a result as the tables print it: "98.38 ± 0.08"
 
 
+def front_text() -> str:
+    return "\n".join((REPO / name).read_text() for name in FRONT)
+
+
 def readme_commands() -> list[str]:
-    """Every command line in the README's bash blocks."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    """Every command line in the bash blocks of the README and docs/results.md."""
+    blocks = re.findall(r"```bash\n(.*?)```", front_text(), flags=re.S)
     return [line for block in blocks for line in block.splitlines() if line.strip()]
 
 
@@ -30,7 +37,7 @@ def test_ci_runs_the_readme_test_command():
 def test_every_study_command_in_the_readme_parses(capsys):
     """What a reader copies runs: each ``python -m noise_robustness ...`` in the README is a valid command."""
     studies = [c.split("python -m noise_robustness ", 1)[1] for c in readme_commands() if "-m noise_robustness " in c]
-    assert any(c.startswith("sweep --compare '[docs/results/cnn]'") for c in studies)  # the main job, beside the CNN
+    assert studies[0] == "sweep"  # the main job needs no committed folder
     for command in studies:
         with pytest.raises(SystemExit) as exit:
             cli_main([*shlex.split(command), "--print_config"])
@@ -39,8 +46,8 @@ def test_every_study_command_in_the_readme_parses(capsys):
 
 
 def test_every_config_the_readme_names_exists():
-    readme = (REPO / "README.md").read_text()
-    for path in set(re.findall(r"(?:configs|scripts|benchmarks)/[\w./]+\.(?:yaml|sh|py)", readme)):
+    readme = front_text()
+    for path in set(re.findall(r"(?:configs|scripts|benchmarks|examples)/[\w./]+\.(?:yaml|sh|py|ipynb)", readme)):
         assert (REPO / path).is_file(), path
 
 
@@ -102,12 +109,13 @@ def test_every_committed_study_is_what_its_command_makes_today(tmp_path, monkeyp
     for folder, options in COMMITTED_STUDIES.items():
         cli = cli_main(["sweep", *options, f"--out={tmp_path / folder}"])
         recorded = yaml.safe_load((REPO / "docs" / "results" / folder / "study.yaml").read_text())
-        assert cli.study.identity == recorded, folder
+        assert cli.plan.study.identity == recorded, folder
 
 
 def test_every_result_the_readme_quotes_is_in_a_committed_summary():
-    """A README number that is not in the committed results (stale, mistyped, hand-made) fails here."""
-    quoted = set(MEAN_STD.findall((REPO / "README.md").read_text()))
+    """A number the README or docs/results.md quotes that is not in the committed results (stale, mistyped,
+    hand-made) fails here."""
+    quoted = set(MEAN_STD.findall(front_text()))
     committed = {
         pair for path in (REPO / "docs" / "results").glob("*/summary.md") for pair in MEAN_STD.findall(path.read_text())
     }
@@ -121,7 +129,7 @@ CERTIFIED = re.compile(
 
 
 def test_every_certified_accuracy_the_readme_quotes_is_in_the_committed_certification():
-    section = (REPO / "README.md").read_text().split("## Certified robustness", 1)[1].split("\n## ", 1)[0]
+    section = front_text().split("## Certified robustness", 1)[1].split("\n## ", 1)[0]
     quoted = set(CERTIFIED.findall(section))
     committed = {
         pair
@@ -155,7 +163,8 @@ CHI2_6_99 = 16.81  # the 99th percentile of the chi-square distribution with 6 d
 def mean_differences(folder: str, other: str) -> list[tuple[float, float]]:
     """Two committed 3-seed studies of the same σ: per σ, the difference d of their mean validation accuracies
     (``folder`` minus ``other``) and its standard error se (of a difference of two 3-seed means)."""
-    from noise_robustness.report import aggregate, mean_std
+    from noise_robustness.study.measures import aggregate
+    from noise_robustness.study.text import mean_std
     from tests.conftest import rows
 
     (cells,), (other_cells,) = (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from noise_robustness.cli import cli_main
-from noise_robustness.run_logger import claim_run_folder
+from noise_robustness.training.run_logger import claim_run_folder
 from tests.conftest import fails_cleanly, short_run
 
 REPO = Path(__file__).parents[1]

@@ -8,8 +8,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from noise_robustness.models import DropoutMLP
-from noise_robustness.smoothing import (
+from noise_robustness.certify.smoothing import (
     ABSTAIN,
     Votes,
     certificate,
@@ -17,7 +16,8 @@ from noise_robustness.smoothing import (
     lower_confidence_bound,
     predict_p_value,
 )
-from noise_robustness.stacked import build_member, stack
+from noise_robustness.engine.stacked import build_member, stack
+from noise_robustness.models import DropoutMLP
 
 
 @pytest.mark.parametrize(("successes", "trials"), [(1, 10), (5, 10), (99, 100), (990, 1000), (700, 1000)])

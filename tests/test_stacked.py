@@ -9,21 +9,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.op_count import STUDIES_BY_K, CountOps, ops_per_step
-from noise_robustness.classifier import NoiseClassifier
-from noise_robustness.data import NoisyMNISTDataModule
+from noise_robustness.data.datamodule import NoisyMNISTDataModule
+from noise_robustness.data.noise import derive_seed
+from noise_robustness.engine.masks import KEEP_BITS, CounterMasks, keep_mask
+from noise_robustness.engine.rmsprop import StackedRMSprop, compiler_missing
+from noise_robustness.engine.stacked import MemberLoop, StackedSequential, build_member, stack_members
 from noise_robustness.models import DropoutMLP, KerasCNN
-from noise_robustness.noise import derive_seed
-from noise_robustness.stacked import (
-    KEEP_BITS,
-    CounterMasks,
-    MemberLoop,
-    StackedRMSprop,
-    StackedSequential,
-    build_member,
-    compiler_missing,
-    keep_mask,
-    stack_members,
-)
+from noise_robustness.training.classifier import NoiseClassifier
 from tests.conftest import needs_native_bf16
 
 needs_compiler = pytest.mark.skipif(compiler_missing() is not None, reason=str(compiler_missing()))
@@ -180,7 +172,7 @@ def test_the_fast_rmsprop_step_is_torchs(data_dir, batches):
 
 
 def test_member_run_names_sort_as_numbers():
-    from noise_robustness.study import run_names, study_members
+    from noise_robustness.study.members import run_names, study_members
 
     main = run_names(study_members([0, 0.1, 0.5, 1, 2, 4], [0, 1]))
     assert main[:6] == [

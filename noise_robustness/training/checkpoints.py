@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from noise_robustness.study import differences, write_atomic
+from noise_robustness.study.files import write_atomic
+from noise_robustness.study.spec import differences
 
 RECORD = "noise_robustness"  # the checkpoint key of the record
 CHECKED = ("state_dict", "optimizer_states", "epoch", "global_step")  # what training continues from
@@ -60,6 +61,31 @@ def record(checkpoint: dict, identity: dict, epoch_metrics: dict[str, torch.Tens
     checkpoint[RECORD]["checksum"] = checksum(checkpoint)
 
 
+def checked_load(path: Path, what: str, remedy: str = "") -> object:
+    """``torch.load`` of a file this tool wrote (tensors and plain values only), on the CPU.
+
+    Raises:
+        ValueError: ``{path} is damaged or not a {what}``, with torch's kind of error and the ``remedy``.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged, truncated or foreign file
+        hint = f"; {remedy}" if remedy else ""
+        raise ValueError(f"{path} is damaged or not a {what} ({type(err).__name__}){hint}") from None
+
+
+def check_checkpoint(path: str) -> None:
+    """Raises ValueError unless ``path`` (a command's ``ckpt_path``) is a Lightning checkpoint file."""
+    if not Path(path).is_file():
+        raise ValueError(f"Expected `ckpt_path` to be a checkpoint file (or `last`), but {path} does not exist")
+    try:
+        checkpoint = checked_load(Path(path), "checkpoint")
+    except ValueError as err:
+        raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} is not one: {err}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} holds no `state_dict`")
+
+
 def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str) -> None:
     """Checks a checkpoint before it is resumed, creating nothing.
 
@@ -73,10 +99,7 @@ def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str) ->
         ValueError: naming the file and what is wrong: not a checkpoint, damaged, written by
             another tool, or written with other options (each named with both values).
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a damaged or truncated file
-        raise ValueError(f"{path} is damaged or not a checkpoint ({type(err).__name__}); {remedy}") from None
+    checkpoint = checked_load(path, "checkpoint", remedy)
     kept = checkpoint.get(RECORD) if isinstance(checkpoint, dict) else None
     if not isinstance(kept, dict) or "checksum" not in kept:
         raise ValueError(f"{path} holds no record of the options that wrote it, so it cannot be checked; {remedy}")
@@ -127,10 +150,7 @@ def load_weights(path: Path, study_id: str) -> dict[str, torch.Tensor]:
             f"{path} does not exist: the study kept no final weights for this member (studies trained before "
             "weights were kept have none); train the study anew in a new --out to certify it"
         )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a damaged or truncated file
-        raise ValueError(f"{path} is damaged or not a weights file ({type(err).__name__})") from None
+    saved = checked_load(path, "weights file")
     unchecked = {key: value for key, value in saved.items() if key != "checksum"} if isinstance(saved, dict) else None
     if unchecked is None or saved.get("checksum") != checksum_of(unchecked):
         raise ValueError(f"{path} is damaged: its weights no longer match the checksum written with them")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import MNIST
 
-ASSETS = Path(__file__).parent / "assets" / "mnist"
+ASSETS = Path(__file__).parents[1] / "assets" / "mnist"
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 

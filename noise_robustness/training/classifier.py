@@ -10,10 +10,11 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from noise_robustness.corruptions import Corruption
-from noise_robustness.graphs import StepGraphs, graphed_step
+from noise_robustness.engine.graphs import StepGraphs, graphed_step
+from noise_robustness.engine.rmsprop import StackedRMSprop, compiler_missing
+from noise_robustness.engine.stacked import StackedSequential, stack_members
 from noise_robustness.models import DropoutMLP
-from noise_robustness.stacked import StackedRMSprop, StackedSequential, compiler_missing, stack_members
-from noise_robustness.study import study_members
+from noise_robustness.study.members import chosen, study_members
 
 STAGES = ("train", "val", "test")
 METRICS = ("acc", "loss")  # logged as "<stage>/<metric>", per member
@@ -95,6 +96,8 @@ class NoiseClassifier(pl.LightningModule):
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
         corruptions: what the members train on; set by the study's ``--corruptions``.
+        members: the names of the members to train (``sigma=0.5/seed=0``), among every (corruption, severity,
+            seed) of the options above; null: all of them. ``sweep`` sets it to the members not finished yet.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class NoiseClassifier(pl.LightningModule):
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
         corruptions: list[Corruption] | None = None,
+        members: list[str] | None = None,
     ):
         super().__init__()
         # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
@@ -126,7 +130,7 @@ class NoiseClassifier(pl.LightningModule):
                 "`dropout_masks` counter, or leave `graphed` false"
             )
         self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
-        self.members = study_members(scales, seeds, corruptions)
+        self.members = chosen(study_members(scales, seeds, corruptions), members)
         self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks, compiled)
         if graphed and not isinstance(self.net, StackedSequential):
             raise ValueError(

@@ -10,7 +10,8 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
-from noise_robustness.study import Member, check_writable, run_names
+from noise_robustness.study.files import check_writable
+from noise_robustness.study.members import Member, run_names
 
 FINAL_METRICS = ("val/acc", "train/acc", "val/loss", "train/loss")  # the HParams table's metric columns
 
@@ -134,3 +135,15 @@ def experiment_summary(infos: list[api_pb2.HParamInfo], metrics: list[api_pb2.Me
     data = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(experiment=experiment))
     summary.value.add(tag=metadata.EXPERIMENT_TAG, metadata=data, tensor=metadata.NULL_TENSOR)
     return summary
+
+
+def last_checkpoint(save_dir: str, name: str) -> str:
+    """The newest ``<save_dir>/<name>/version_<n>/checkpoints/last.ckpt``: what ``--ckpt_path last`` resumes."""
+    found = [folder / "checkpoints" / "last.ckpt" for _, folder in sorted(run_folders(Path(save_dir, name)).items())]
+    found = [path for path in found if path.is_file()]
+    if not found:
+        raise ValueError(
+            "Expected a checkpoint to resume with `--ckpt_path last`, but found no "
+            f"{Path(save_dir, name, 'version_*/checkpoints/last.ckpt')}"
+        )
+    return str(found[-1])

@@ -21,7 +21,7 @@ from statistics import NormalDist
 import torch
 from scipy import stats
 
-from noise_robustness.noise import add_noise, derive_seed
+from noise_robustness.data.noise import add_noise, derive_seed
 
 BLOCK = 500  # noise samples per generator and per forward pass: part of the draws' definition
 CLASSES = 10

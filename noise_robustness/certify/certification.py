@@ -14,48 +14,32 @@ never mix or overwrite each other:
 """
 
 import csv
-import fcntl
 import functools
-import importlib
 import io
 import math
-import statistics
-import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from matplotlib.figure import Figure
-from torch.utils.tensorboard import SummaryWriter
+from pytorch_lightning.cli import instantiate_class
 
-from noise_robustness.checkpoints import load_weights
+from noise_robustness.certify import report
+from noise_robustness.certify.smoothing import Votes, certificate
 from noise_robustness.corruptions import GAUSSIAN
-from noise_robustness.data import N_TEST, NoisyMNISTDataModule
-from noise_robustness.noise import derive_seed
-from noise_robustness.report import mean_std
-from noise_robustness.run_logger import member_run
-from noise_robustness.smoothing import ABSTAIN, Votes, certificate, certified_radius, lower_confidence_bound
-from noise_robustness.stacked import stack
-from noise_robustness.study import (
-    Member,
-    Study,
-    check_writable,
-    csv_text,
-    sigma_text,
-    write_atomic,
-)
+from noise_robustness.data.datamodule import N_TEST, NoisyMNISTDataModule
+from noise_robustness.data.noise import derive_seed
+from noise_robustness.engine.stacked import stack
+from noise_robustness.study.files import Lock, check_writable, csv_text, write_atomic
+from noise_robustness.study.folder import Study, StudyError
+from noise_robustness.study.members import Member, network_name, sigma_text
+from noise_robustness.study.text import say
+from noise_robustness.training.checkpoints import load_weights
 
 SUBSET_SEED = 0  # the certified images: the first `images` of one seeded order of the validation split
 SAVE_EVERY = 20  # images between saves of the members' rows
-RADIUS_STEP = 0.25  # the summary's radii: 0, 0.25, 0.5, ... up to the largest certified
 COLUMNS = ["image", "label", "predict", "prediction", "correct", "count", "counts", "p_lower", "radius"]
-
-
-def say(text: str) -> None:
-    print(f"[certify] {text}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -110,7 +94,7 @@ class Certification:
 
     @property
     def network(self) -> str:
-        return self.study.resolved["model"]["net"]["class_path"].rsplit(".", 1)[-1]
+        return network_name(self.study.resolved["model"]["net"]["class_path"])
 
     def rows_file(self, member: Member) -> Path:
         return self.folder / "members" / f"{member.name}.csv"
@@ -137,7 +121,10 @@ class Certification:
         except (OSError, UnicodeDecodeError, csv.Error):
             rows = [{}]  # damaged: not a saved part
         if any(set(COLUMNS) - set(row) for row in rows) or [int(r["image"]) for r in rows] != positions[: len(rows)]:
-            say(f"{self.rows_file(member)} is not a saved part of this certification: certifying its member anew")
+            say(
+                "certify",
+                f"{self.rows_file(member)} is not a saved part of this certification: certifying its member anew",
+            )
             return []
         return rows
 
@@ -195,8 +182,9 @@ def subset(split_size: int, images: int) -> list[int]:
 
 def network_factory(spec: dict):
     """The network a study recorded (``model.net``: ``class_path`` and ``init_args``), as a factory."""
-    module, name = spec["class_path"].rsplit(".", 1)
-    return functools.partial(getattr(importlib.import_module(module), name), **spec.get("init_args", {}))
+    return functools.partial(
+        instantiate_class, (), {"class_path": spec["class_path"], "init_args": spec.get("init_args") or {}}
+    )
 
 
 def certify_study(certification: Certification, data_dir: str, device: torch.device) -> None:
@@ -210,17 +198,16 @@ def certify_study(certification: Certification, data_dir: str, device: torch.dev
     saved = {m: certification.saved_rows(m, positions) for m in certification.members}
     todo = [k for k, m in enumerate(certification.members) if len(saved[m]) < setting.images]
     if not todo:
-        say(f"{folder}: every member certified earlier")
+        say("certify", f"{folder}: every member certified earlier")
         return
     (folder / "members").mkdir(parents=True, exist_ok=True)
-    with open(folder / "lock", "a") as lock:  # held while this process certifies
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"Another command is certifying {folder}; let it finish (rerun this one afterwards)"
-            ) from None
+    lock = Lock(folder / "lock")  # held while this process certifies
+    if not lock.held:
+        raise StudyError(f"Another command is certifying {folder}; let it finish (rerun this one afterwards)")
+    try:
         certify_members(certification, todo, saved, datamodule, positions, device)
+    finally:
+        lock.release()
 
 
 def certify_members(
@@ -244,7 +231,7 @@ def certify_members(
     start = min(len(saved[m]) for m in members)
     rows = {m: saved[m][:start] for m in members}
     file, indices = datamodule.splits["val"]
-    say(f"{folder}: {len(members)} member(s) side by side, images {start + 1} to {setting.images}")
+    say("certify", f"{folder}: {len(members)} member(s) side by side, images {start + 1} to {setting.images}")
     began = time.perf_counter()
     for i in range(start, setting.images):
         index = int(indices[positions[i]])
@@ -275,8 +262,9 @@ def certify_members(
             seconds = time.perf_counter() - began
             rate = (i + 1 - start) / seconds
             say(
+                "certify",
                 f"{i + 1}/{setting.images} images ({rate:.2f}/s for each of {len(members)} members: "
-                f"{rate * len(members):.1f} member-images/s)"
+                f"{rate * len(members):.1f} member-images/s)",
             )
 
 
@@ -284,138 +272,4 @@ def run(certifications: list[Certification], data_dir: str, device: torch.device
     """Certifies every study of the command, then writes the report into each study's certification."""
     for certification in certifications:
         certify_study(certification, data_dir, device)
-    report(certifications)
-
-
-# -- the report ------------------------------------------------------------------------------------
-
-
-def by_sigma(certification: Certification, rows: dict[Member, list[dict]]) -> dict[float, list[list[tuple]]]:
-    """Training σ -> per seed, each image's (radius, certified and correct)."""
-    curves: dict[float, list] = defaultdict(list)
-    for member in certification.members:
-        curves[member.noise_scale].append(radii_of(rows[member]))
-    return dict(curves)
-
-
-def radii_of(rows: list[dict]) -> list[tuple[float, bool]]:
-    return [(float(r["radius"]), r["correct"] == "1") for r in rows]
-
-
-def certified_accuracy(images: list[tuple[float, bool]], radius: float) -> float:
-    """The share of images whose smoothed prediction is correct and certified at L2 radius >= ``radius``."""
-    return sum(correct and r >= radius for r, correct in images) / len(images)
-
-
-def report(certifications: list[Certification]) -> None:
-    """``summary.md`` and ``certified_accuracy.png`` (every study of the command) in each certification folder,
-    and each member's curve (step = radius × 100) and the figure in its study's TensorBoard."""
-    by_network = gathered(certifications)
-    text = summary_markdown(by_network)
-    figure = certified_figure(by_network)
-    for certification, rows in by_network.values():
-        (certification.folder / "summary.md").write_text(text)
-        figure.savefig(certification.folder / "certified_accuracy.png", dpi=120)
-        log_tensorboard(certification, rows, figure)
-    say(f"done: summary.md and certified_accuracy.png in {', '.join(str(c.folder) for c in certifications)}")
-
-
-def gathered(certifications: list[Certification]) -> dict[str, tuple[Certification, dict[Member, list[dict]]]]:
-    """Network -> (its certification, each member's rows, read once), networks in alphabetical order (whatever
-    the command's)."""
-    return {
-        c.network: (c, {m: c.read_rows(m) for m in c.members}) for c in sorted(certifications, key=lambda c: c.network)
-    }
-
-
-def largest_certified(by_network: dict) -> float:
-    return max(float(r["radius"]) for _, rows in by_network.values() for member in rows.values() for r in member)
-
-
-def summary_markdown(by_network: dict) -> str:
-    """Per network, a row per training σ: certified accuracy at radii 0, 0.25, ... up to the largest certified
-    (mean ± std over seeds), and how often CERTIFY and PREDICT abstained."""
-    setting = next(iter(by_network.values()))[0].setting
-    radii = [RADIUS_STEP * i for i in range(int(largest_certified(by_network) / RADIUS_STEP) + 1)]
-    smoothing = "each member's training σ" if setting.sigma is None else f"σ = {sigma_text(setting.sigma)}"
-    lines = [
-        f"## Certified accuracy (%) against L2 radius: randomized smoothing at {smoothing}",
-        "",
-        f"Cohen et al.'s CERTIFY with n0 = {setting.n0}, n = {setting.n}, α = {setting.alpha:g}, on {setting.images} "
-        f"validation images (a fixed seeded subset). Certified accuracy at r: the share of the images whose "
-        "smoothed prediction is correct and certified at radius ≥ r (an abstention counts as wrong); r in units "
-        "of the [0, 1] pixel range, as σ. Mean ± std over seeds. With these n and α no radius beyond "
-        f"{largest_radius(setting, 1.0):.2f} σ can be certified (p_A ≤ α^(1/n)); PREDICT reads the same n samples.",
-        "",
-    ]
-    for network, (certification, rows) in by_network.items():
-        seeds = sorted({m.seed for m in certification.members})
-        lines += [
-            f"### {network}, seeds {seeds}",
-            "",
-            f"| trained at σ | {' | '.join(f'r = {sigma_text(r)}' for r in radii)} | abstained | PREDICT abstained |",
-            f"| ---: |{' ---: |' * (len(radii) + 2)}",
-        ]
-        for sigma, per_seed in sorted(by_sigma(certification, rows).items()):
-            cells = [fmt([certified_accuracy(images, r) for images in per_seed]) for r in radii]
-            members = [m for m in certification.members if m.noise_scale == sigma]
-            abstained = [statistics.fmean(int(r["prediction"]) == ABSTAIN for r in rows[m]) for m in members]
-            predict_abstained = [statistics.fmean(int(r["predict"]) == ABSTAIN for r in rows[m]) for m in members]
-            lines.append(f"| {sigma_text(sigma)} | {' | '.join(cells)} | {fmt(abstained)} | {fmt(predict_abstained)} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def largest_radius(setting: Setting, sigma: float) -> float:
-    """The largest radius CERTIFY can return: every one of the n samples votes for the class."""
-    return certified_radius(lower_confidence_bound(setting.n, setting.n, setting.alpha), sigma)
-
-
-def fmt(values: list[float]) -> str:
-    mean, std = mean_std([100 * v for v in values])
-    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-
-def certified_figure(by_network: dict) -> Figure:
-    """Certified accuracy against radius, a panel per network, a curve per training σ (mean over seeds, ± std)."""
-    setting = next(iter(by_network.values()))[0].setting
-    largest = largest_certified(by_network)
-    fig = Figure(figsize=(5.5 * len(by_network), 4.2))
-    axes = fig.subplots(1, len(by_network), squeeze=False)[0]
-    grid = [largest * i / 400 for i in range(401)]
-    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
-    for ax, (network, (certification, rows)) in zip(axes, by_network.items()):
-        for colour, (sigma, per_seed) in zip(colours, sorted(by_sigma(certification, rows).items())):
-            stats = [mean_std([100 * certified_accuracy(images, r) for images in per_seed]) for r in grid]
-            ax.plot(grid, [m for m, _ in stats], color=colour, label=f"trained at σ = {sigma_text(sigma)}")
-            if setting.sigma is None:  # each smoothed at its own σ: where its n samples stop certifying
-                ax.axvline(largest_radius(setting, sigma), color=colour, lw=0.8, ls=":")
-            ax.fill_between(grid, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.2)
-        ax.set(xlabel="L2 radius (units of the [0, 1] pixel range)", ylabel="certified accuracy (%)", ylim=(0, 101),
-               title=f"{network}: randomized smoothing")  # fmt: skip
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    smoothing = "each at its training σ" if setting.sigma is None else f"at σ = {sigma_text(setting.sigma)}"
-    fig.suptitle(
-        f"Smoothed {smoothing}; n0 = {setting.n0}, n = {setting.n}, α = {setting.alpha:g}, {setting.images} "
-        "validation images;\nmean ± std over seeds (dotted: the largest radius n samples can certify)",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    return fig
-
-
-def log_tensorboard(certification: Certification, rows: dict[Member, list[dict]], figure: Figure) -> None:
-    """Each member's certified accuracy against radius (step = radius × 100) in its run, the figure at the root."""
-    study = certification.study
-    tag = f"certify/{certification.setting.name}"
-    for member in certification.members:
-        images = radii_of(rows[member])
-        writer = SummaryWriter(str(member_run(study.out / "tensorboard", member, study.members)))
-        largest = max(r for r, _ in images)
-        for step in range(int(100 * largest) + 1):
-            writer.add_scalar(f"{tag}/certified_acc", certified_accuracy(images, step / 100), step)
-        writer.close()
-    writer = SummaryWriter(str(study.out / "tensorboard"))
-    writer.add_figure(tag, figure)
-    writer.close()
+    report.write(certifications)

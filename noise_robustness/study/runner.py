@@ -1,24 +1,62 @@
 """Running a study: one fit for the members not finished yet, the robustness pass, the result files, the report.
 
-``cli.py`` parses the command and checks it against the study's folder before anything is created;
-``run_study`` is what ``python -m noise_robustness sweep`` then runs. The folder and its files are
-``study.py``'s; the tables and figures are ``report.py``'s.
+``plan`` checks a command against the study's folder before anything is built or created; ``run_study`` is what
+``python -m noise_robustness sweep`` (or ``noise_robustness.api.sweep``) then runs. The folder and its files are
+``folder.py``'s; the tables and figures are ``report.py``'s.
 """
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from noise_robustness.checkpoints import save_weights
-from noise_robustness.report import recipe_note, write_report
-from noise_robustness.study import RECIPE, Member, Study, compared_rows, differences
+from noise_robustness.study.folder import Study, StudyError, compared_rows
+from noise_robustness.study.members import Member, evaluations, network_name, study_members
+from noise_robustness.study.report import write_report
+from noise_robustness.study.spec import RECIPE, differences, identity_of, recipe_note
+from noise_robustness.study.text import say
+from noise_robustness.training import checkpoints
+from noise_robustness.training.checkpoints import save_weights
 
 
-def say(text: str) -> None:
-    print(f"[sweep] {text}", file=sys.stderr, flush=True)
+@dataclass
+class Plan:
+    """What a ``sweep`` command does in its folder, decided before anything is built or created."""
+
+    study: Study
+    to_train: list[Member]  # this command's members not finished yet
+    checkpoint_dir: Path  # where their fit checkpoints, and a rerun resumes it
+
+
+def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: list[str], devices, num_nodes) -> Plan:
+    """Checks a sweep (its resolved options, nested) against its folder and the ``compare`` folders; creates nothing.
+
+    Raises:
+        ValueError: bad study options, a folder that holds another study or no study, a compared folder that is
+            not a finished study of another network, or a checkpoint to resume that is damaged or of another study.
+    """
+    members = study_members(resolved["scales"], resolved["seeds"], resolved.get("corruptions"))
+    cells = evaluations(resolved.get("eval_corruptions"), resolved["scales"], members)
+    study = Study(out, identity_of(resolved), members, resolved, cells)
+    to_train = study.to_train(task, gather)
+    if str(devices) not in ("auto", "1") or num_nodes != 1:
+        raise ValueError(
+            "Expected `trainer.devices` and `trainer.num_nodes` to be 1 in a study, which trains its members side "
+            f"by side in one process, but got {devices} and {num_nodes}; spread a study over devices as tasks, one "
+            "seed each (--task, scripts/slurm_study.sh)"
+        )
+    study.check()
+    for folder in compare:
+        compared_rows(Path(folder), study.identity)
+    if gather:
+        study.finished_runs()  # nothing to train: a gather needs no GPU time to say what is missing
+    checkpoint_dir = study.checkpoint_dir(to_train)
+    if (checkpoint_dir / "last.ckpt").is_file():  # what a rerun resumes: whole, and of this study
+        remedy = f"delete {checkpoint_dir} to train {len(to_train)} member(s) from their first epoch"
+        checkpoints.verify(checkpoint_dir / "last.ckpt", study.identity, set(), remedy)
+    return Plan(study, to_train, checkpoint_dir)
 
 
 def run_study(
@@ -33,7 +71,7 @@ def run_study(
     """Trains the members of ``study`` this command owns and has not finished, in one fit (resuming an
     interrupted one), writes their results, and reports the study beside the ``compare`` studies.
 
-    ``model`` and ``datamodule`` hold the members to train (a product of σ and seeds covering them);
+    ``model`` and ``datamodule`` hold the members to train;
     ``trainer`` checkpoints into ``study.checkpoint_dir`` of them.
     """
     if not gather:
@@ -41,26 +79,18 @@ def run_study(
     if gather or task is None:
         report(study, datamodule, compare)
     else:
-        say(f"task {task} done; gather the study with the same command and --gather true")
+        say("sweep", f"task {task} done; gather the study with the same command and --gather true")
 
 
 def train(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[Member]) -> None:
     """Fits ``model`` (resuming from the group's last checkpoint), then records each member of ``to_train``."""
     if not to_train:
-        say(f"{study.out}: every member of this command finished earlier")
+        say("sweep", f"{study.out}: every member of this command finished earlier")
         return
     done = sum(study.finished(m) for m in study.members)
-    try:
-        study.start(to_train)
-    except ValueError as err:  # another study's study.yaml, or a member locked by another command
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    again = len(model.members) - len(to_train)  # finished members that complete the product of σ and seeds
-    padding = f"; {again} of them trained again beside them, to make a grid of σ and seeds, their results kept"
-    say(
-        f"{study.out}: training {len(to_train)} member(s) side by side "
-        f"({done} of {len(study.members)} finished earlier{padding if again else ''})"
-    )
+    study.start(to_train)  # StudyError: another study's study.yaml, or a member locked by another command
+    finished = f"{done} of {len(study.members)} finished earlier"
+    say("sweep", f"{study.out}: training {len(to_train)} member(s) side by side ({finished})")
     try:
         fit(trainer, model, datamodule, study.checkpoint_dir(to_train))
         record(trainer, model, datamodule, study, to_train)
@@ -83,11 +113,9 @@ def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[
     """Writes each trained member's final weights, metrics and accuracy at every σ of the study, a file each."""
     final = dict(model.epoch_metrics)  # the last epoch's (or its checkpoint's), before the robustness pass
     accuracy = robustness(trainer, model, datamodule, study.cells)
-    network = type(model.net.member(0)).__name__
+    network = network_name(type(model.net.member(0)))
     data = datamodule.hparams
     for k, member in enumerate(model.members):
-        if member not in to_train:
-            continue  # trained alongside to make a product of σ and seeds; its result exists
         # float32, as the metrics are logged (and as every results.csv has recorded them)
         metrics = {
             f"{stage}_{name}": float(final[f"{stage}/{name}"][k].float())
@@ -136,9 +164,23 @@ def report(study: Study, datamodule, compare: list[Path]) -> None:
             if differ := differences(theirs, study.identity, set(RECIPE), "here"):
                 notes.append(f"The study compared from {folder} was trained otherwise: {'; '.join(differ)}.")
     except ValueError as err:  # members missing, damaged or of another study, here or in a compared folder
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        raise StudyError(str(err)) from None
     datamodule.setup("validate")
     recipe = "\n\n".join(note for note in notes if note) or None
     written = write_report(study.out, results, robustness_rows, datamodule, study.members, study.cells, recipe)
-    say(f"done: {study.out}/results.csv, {', '.join(written)}")
+    say("sweep", f"done: {study.out}/results.csv, {', '.join(written)}")
+
+
+def covering_corruptions(members: list[Member]) -> list[dict]:
+    """Each corruption of ``members`` at exactly their severities (in their order), as config values: with their
+    seeds, a product that covers ``members`` (severity 0, clean, is Gaussian noise's)."""
+    by_corruption = {}
+    for m in members:
+        by_corruption.setdefault(m.corruption, []).append(m.noise_scale)
+    return [
+        {
+            "class_path": f"{type(c).__module__}.{type(c).__qualname__}",
+            "init_args": {"severities": list(dict.fromkeys(levels))},
+        }
+        for c, levels in by_corruption.items()
+    ]

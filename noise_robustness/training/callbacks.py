@@ -8,9 +8,9 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid
 
-from noise_robustness import checkpoints
-from noise_robustness.run_logger import RunLogger
-from noise_robustness.study import Member
+from noise_robustness.study.members import Member, network_name
+from noise_robustness.training import checkpoints
+from noise_robustness.training.run_logger import RunLogger
 
 
 def _run_logger(trainer: pl.Trainer) -> RunLogger | None:
@@ -60,7 +60,7 @@ class StudyHParams(pl.Callback):
             return
         data = trainer.datamodule.hparams
         constants = {
-            "network": type(pl_module.net.member(0)).__name__,
+            "network": network_name(type(pl_module.net.member(0))),
             "noise_mode": data["noise_mode"],
             "clip": bool(data["clip"]),
             "epochs": int(trainer.max_epochs),
@@ -70,8 +70,22 @@ class StudyHParams(pl.Callback):
         logger.log_member_hparams(pl_module.members, constants)
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min 05 s``, ``1 h 12 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 class EpochLines(pl.Callback):
-    """One line per epoch on stderr (for log files, where a progress bar would redraw thousands of times)."""
+    """One line per epoch on stderr, with the time the remaining epochs will take at this run's pace so far (for log
+    files, where a progress bar would redraw thousands of times)."""
+
+    def __init__(self):
+        self.epochs: list[float] = []  # seconds of each epoch this process trained, validation included
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = time.perf_counter()
@@ -86,11 +100,12 @@ class EpochLines(pl.Callback):
             if val is not None
             else ""
         )
-        print(
-            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {time.perf_counter() - self.start:.1f} s  {text}",
-            file=sys.stderr,
-            flush=True,
-        )
+        seconds = time.perf_counter() - self.start
+        self.epochs.append(seconds)
+        left = (trainer.max_epochs - trainer.current_epoch - 1) * sum(self.epochs) / len(self.epochs)
+        pace = f"about {duration(left)} left" if left else "the last epoch"
+        epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        print(f"{epoch}: {seconds:.1f} s, {pace}  {text}", file=sys.stderr, flush=True)
 
 
 class CheckpointRecord(pl.Callback):

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import pytorch_lightning as pl
 import torch
 
-from noise_robustness import mnist
 from noise_robustness.corruptions import Corruption
-from noise_robustness.noise import check_noise_mode, derive_seed, draw
-from noise_robustness.study import Member, study_members
+from noise_robustness.data import mnist
+from noise_robustness.data.noise import check_noise_mode, derive_seed, draw
+from noise_robustness.study.members import Member, chosen, study_members
 
 IMAGE_SHAPE = (1, 28, 28)
 N_TRAIN, N_TEST = 60_000, 10_000  # images in the MNIST train and test files
@@ -156,6 +156,8 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             members; set by the study's ``--seeds``.
         corruptions: what the members train on, each at its severities (default: Gaussian noise at the
             ``scales``); set by the study's ``--corruptions``.
+        members: the names of the members to serve (``sigma=0.5/seed=0``), among every (corruption, severity,
+            seed) of the options above; null: all of them. ``sweep`` sets it to the members it trains.
         noise_mode: ``fixed`` draws each image's noise once; ``resample`` draws training noise
             afresh each epoch (validation and test noise stay fixed, so epochs compare).
         clip: clip noisy pixels to [0, 1].
@@ -174,6 +176,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         scales: list[float] = [0.0],
         seeds: list[int] = [0],
         corruptions: list[Corruption] | None = None,
+        members: list[str] | None = None,
         noise_mode: str = "fixed",
         clip: bool = False,
         batch_size: int = 128,
@@ -183,7 +186,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         steps_per_batch: int = 1,
     ):
         super().__init__()
-        self.members = study_members(scales, seeds, corruptions)
+        self.members = chosen(study_members(scales, seeds, corruptions), members)
         check_noise_mode(noise_mode)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")

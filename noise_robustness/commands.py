@@ -1,0 +1,138 @@
+"""The study's subcommands as LightningCLI reads them, and the Trainer's defaults: the Trainer, with ``sweep`` and
+``certify`` methods whose typed arguments are the subcommands' options and whose docstrings are their help.
+
+LightningCLI builds a subcommand's parser from the signature of the Trainer's method of that name, and runs the
+CLI's method of that name when the CLI has one (``NoiseCLI.sweep``, ``NoiseCLI.certify``): these methods are the
+schema, never run (``tests/test_cli.py`` fails if Lightning stops doing either).
+"""
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import SaveConfigCallback
+
+from noise_robustness.corruptions import Corruption
+from noise_robustness.engine.precision import resolve as resolve_precision
+from noise_robustness.engine.precision import uses_cuda
+from noise_robustness.training.callbacks import EpochLines, NoisySamples, StudyHParams
+
+STUDY_SCALES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0]  # the sweep's default noise levels
+STUDY_SEEDS = [0, 1, 2]  # the sweep's default seeds
+GRAPHED_STEPS_PER_BATCH = 16  # training batches a graphed step is served at once: Lightning's loop once a block
+DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
+
+
+def trainer_defaults() -> dict:
+    """Trainer settings of the study: 20 epochs, TensorBoard under ``tb_logs/``, a last checkpoint."""
+    interactive = sys.stderr.isatty()
+    return {
+        "max_epochs": 20,
+        "num_sanity_val_steps": 0,  # the study validates after every epoch anyway
+        "log_every_n_steps": 1,  # nothing is logged per step; this only silences a warning about short epochs
+        "enable_progress_bar": interactive,  # a log file gets one line per epoch instead
+        "logger": {
+            "class_path": "noise_robustness.training.run_logger.RunLogger",
+            "init_args": {"save_dir": "tb_logs", "default_hp_metric": False},
+        },
+        "callbacks": [newest_checkpoint(), NoisySamples(), StudyHParams(), EpochLines()],  # a line an epoch, time left
+    }
+
+
+def newest_checkpoint(dirpath: Path | None = None) -> ModelCheckpoint:
+    """The newest epoch's state and ``last.ckpt`` linking to it (no "best": each member has its own best)."""
+    return ModelCheckpoint(dirpath=dirpath, save_top_k=1, save_last="link")
+
+
+def processes(trainer: Namespace) -> int:
+    """How many processes a trainer with these options trains in (``devices`` × ``num_nodes``, a launcher's
+    ``WORLD_SIZE``; ``auto`` devices on CUDA: every GPU)."""
+    devices = trainer.devices
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if devices in ("auto", "-1", -1):
+        devices = torch.cuda.device_count() if uses_cuda(trainer.accelerator) else 1
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    return max(count * int(trainer.num_nodes or 1), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+# Lightning's own type of `trainer.precision` (Optional[...]), which StudyTrainer widens by `auto`
+PRECISION = inspect.signature(pl.Trainer).parameters["precision"].annotation
+
+
+class StudyTrainer(pl.Trainer):
+    """The Trainer, with the options of the ``sweep`` and ``certify`` subcommands, and ``precision`` ``auto``."""
+
+    def __init__(self, *, precision: PRECISION | Literal["auto"] = "auto", **kwargs):
+        """``precision`` ``auto``: this machine's fast precision (``engine.precision.fast_precision``); the command
+        records which one it chose. The rest is Lightning's."""
+        super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
+
+    def sweep(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        out: str = "sweeps/noise_sweep",
+        task: int | None = None,
+        gather: bool = False,
+        compare: list[str] | None = None,
+        eval_corruptions: list[Corruption] | None = None,
+    ) -> None:
+        """Trains the whole study (every σ and seed) as one model, then writes its tables and figures.
+
+        Args:
+            out: the study's folder. Rerunning the same command resumes it; a command with other
+                options stops, naming them. ``--epochs N`` sets ``trainer.max_epochs``.
+            task: train only the members of the seed at this index of ``seeds`` (a cluster job
+                array's ``$SLURM_ARRAY_TASK_ID``) and write no report; ``--gather true`` reports.
+            gather: train nothing: gather every member's results into the tables and figures; exits
+                non-zero, naming the members without results, if any are missing.
+            compare: finished study folders of other networks trained on the same noisy data (e.g.
+                ``docs/results/cnn``): their results join this study's summary and figures, side by
+                side; its csv files keep its own members.
+            eval_corruptions: what every member is evaluated on after training, each at its severities (null:
+                what the members trained on); clean images always come first (docs/corruptions.md).
+        """
+        raise NotImplementedError("a study runs through NoiseCLI.sweep, which checks it against its folder first")
+
+    def certify(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        out: list[str] | str,
+        sigma: float | None = None,
+        n0: int = 100,
+        n: int = 1000,
+        alpha: float = 0.001,
+        images: int = 200,
+    ) -> None:
+        """Certifies every member of finished studies by randomized smoothing (Cohen et al. 2019): the certified
+        L2 radius of each validation image, and certified accuracy against radius (docs/certify.md).
+
+        Args:
+            out: a finished study's folder, or a list of them (one per network, reported side by side);
+                the certification goes to ``<out>/certify/<setting>/``, and the same command resumes it.
+            sigma: the smoothing noise σ; null: each member's training σ (members trained clean are skipped).
+            n0: noise samples that select the class to certify (CERTIFY's n0).
+            n: noise samples that estimate its probability (CERTIFY's n).
+            alpha: the failure probability of each certificate (and PREDICT's test level).
+            images: validation images to certify, the first of one fixed seeded order.
+        """
+        raise NotImplementedError("a certification runs through NoiseCLI.certify, which checks its studies first")
+
+
+CERTIFY_ARGUMENTS = set(inspect.signature(StudyTrainer.certify).parameters) - {"self", "model", "datamodule"}
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` in a run's folder; a study writes its own into its folder instead."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if "out" not in self.config:  # only a sweep has `out`
+            super().setup(trainer, pl_module, stage)

@@ -1,0 +1,1 @@
+"""The data: MNIST's files, the per-image noise as pure functions, and the DataModule that composes them."""

@@ -1,0 +1,189 @@
+"""A study's figures: accuracy against σ, the noise preview, the train × evaluation matrix, corruption errors."""
+
+import statistics
+from collections import defaultdict
+
+import torch
+from matplotlib.figure import Figure  # a Figure of its own needs no pyplot and no display backend
+
+from noise_robustness.corruptions import GAUSSIAN
+from noise_robustness.study.measures import (
+    CLEAN,
+    CorruptionMeasures,
+    aggregate,
+    cell_order,
+    label,
+    only_gaussian,
+    trained_on,
+)  # fmt: skip
+from noise_robustness.study.members import sigma_text
+from noise_robustness.study.text import mean_std
+
+
+def corruption_error_figure(measures: dict[str, CorruptionMeasures]) -> Figure:
+    """Per network, a heatmap of the corruption error (%, mean over seeds): rows = what the member trained on,
+    columns = the evaluated corruptions and their mean (mCE); below 100 (blue): fewer errors than the clean-trained
+    member, above (red): more."""
+    columns = len(next(iter(measures.values())).corruptions) + 1
+    fig = Figure(figsize=(0.62 * columns + 3.5, 4.3 * len(measures) + 0.5), layout="constrained")
+    axes = fig.subplots(len(measures), 1, squeeze=False)[:, 0]
+    for ax, (network, m) in zip(axes, measures.items()):
+        grid = [
+            [100 * statistics.fmean(v) if v else float("nan") for v in m.columns("ce", train)] for train in m.trained
+        ]
+        image = ax.imshow(grid, cmap="RdBu_r", vmin=0, vmax=200, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                far = abs(value - 100) > 60  # a dark cell: white text
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if far else "black")
+        ax.axvline(len(m.corruptions) - 0.5, color="black", lw=1)
+        ax.set_xticks(range(len(m.corruptions) + 1), [*m.corruptions, "mCE"], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(m.trained)), [label(t, False) for t in m.trained], fontsize=8)
+        seeds = f"mean over seeds {m.seeds}" if len(m.seeds) > 1 else f"seed {m.seeds[0]}"
+        ax.set(xlabel="evaluated on (each at its severities)", ylabel="trained on", title=f"{network}, {seeds}")
+    fig.colorbar(image, ax=axes.tolist(), label="corruption error (%), clean-trained member = 100", shrink=0.8)
+    fig.suptitle("Corruption error of each member, relative to the clean-trained member of its network", fontsize=10)
+    return fig
+
+
+def _shaded(ax, scales: list[float], per_seed: list[list[float]], style: str, colour: str, label: str) -> None:
+    """A line through the means over seeds at each σ, with ± one std shaded."""
+    stats = [mean_std(values) for values in per_seed]
+    ax.plot(scales, [m for m, _ in stats], style, marker="o", color=colour, label=label)
+    ax.fill_between(scales, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.15)
+
+
+def accuracy_figure(results: list[dict], majority: float) -> Figure:
+    """Left: train (dashed) and validation (solid) accuracy against σ; right: their gap. One colour per
+    network, mean over seeds, ± std shaded.
+
+    ``majority``: the share of the commonest digit among the validation labels, what a network that
+    always answers it scores.
+    """
+    fig = Figure(figsize=(11, 4.5))
+    accuracy, gap = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    results = [r for r in results if trained_on(r)[0] == GAUSSIAN.name]  # σ is Gaussian noise's
+    for colour, (network, by_cell) in zip(colours, aggregate(results).items()):
+        by_scale = {severity: values for (_, severity), values in by_cell.items()}
+        scales = sorted(by_scale)
+        for split, style in (("train_acc", "--"), ("val_acc", "-")):
+            _shaded(
+                accuracy,
+                scales,
+                [[100 * v for v in by_scale[s][split]] for s in scales],
+                style,
+                colour,
+                f"{network} {split.split('_')[0]}",
+            )
+        _shaded(gap, scales, [[100 * v for v in by_scale[s]["gap"]] for s in scales], "-", colour, network)
+    all_scales = sorted({float(r["noise_scale"]) for r in results})
+    noisy = [s for s in all_scales if s > 0]
+    for ax in (accuracy, gap):
+        # linear up to the smallest noisy σ, logarithmic above: σ = 0 and 0.1 ... 4 (or 255 x that) alike
+        ax.set_xscale("symlog", linthresh=noisy[0] if noisy else 1.0, linscale=0.5)
+        ax.set_xticks(all_scales, [sigma_text(s) for s in all_scales])
+        ax.tick_params(axis="x", labelsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("noise std σ (units of the [0, 1] pixel range)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    accuracy.axhline(100 * majority, color="grey", lw=0.8, ls=":")
+    accuracy.annotate(  # below the line, at the right: no network scores below it
+        f"always the commonest digit: {100 * majority:.2f}%",
+        (1, 100 * majority),
+        xycoords=("axes fraction", "data"),
+        xytext=(-3, -3),
+        textcoords="offset points",
+        ha="right",
+        va="top",
+        fontsize=8,
+        color="grey",
+    )
+    accuracy.set(ylabel="accuracy (%)", ylim=(0, 101), title="Accuracy after training at noise σ")
+    gap.axhline(0, color="grey", lw=0.8)
+    gap.set(ylabel="train − val (points)", title="Train − validation gap")
+    seeds = len({int(r["seed"]) for r in results})
+    fig.suptitle(f"Mean ± std over {seeds} seed(s); train accuracy with dropout on, over the last epoch", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def preview_figure(images: torch.Tensor, rows: list[tuple[str, float]]) -> Figure:
+    """The same digits at every training level: ``images`` ``[row, digit, 1, H, W]``, a row per (corruption,
+    severity) of ``rows``; pixels shown clipped to [0, 1]."""
+    n = images.shape[1]
+    gaussian = only_gaussian(rows)
+    fig = Figure(figsize=(n * 0.8 + (0 if gaussian else 0.6), len(rows) * 0.85))
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for axes_row, cell, digits in zip(axes, rows, images.cpu().clamp(0, 1)):
+        for ax, image in zip(axes_row, digits):
+            ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        name = f"σ={sigma_text(cell[1])}" if gaussian else label(cell, False)
+        axes_row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(f"The same validation digits at every {'noise level' if gaussian else 'training level'}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def corruption_preview(images: dict[tuple[str, float], torch.Tensor], digits: int = 4) -> Figure:
+    """Every evaluated corruption (a row) at each of its severities (columns, clean first), the same ``digits``
+    validation digits side by side in each; ``images``: (corruption, severity) -> ``[digit, 1, H, W]``."""
+    corruptions = list(dict.fromkeys(c for c, s in images if s > 0))
+    levels = {c: [s for e, s in images if e == c and s > 0] for c in corruptions}
+    columns = 1 + max(len(v) for v in levels.values())
+    fig = Figure(figsize=(columns * 1.9, len(corruptions) * 0.75 + 0.4))
+    axes = fig.subplots(len(corruptions), columns, squeeze=False)
+    for axes_row, corruption in zip(axes, corruptions):
+        for ax, severity in zip(axes_row, [0.0, *levels[corruption]]):
+            strip = images[CLEAN if severity == 0 else (corruption, severity)][:digits, 0].cpu().clamp(0, 1)
+            ax.imshow(torch.cat(list(strip), dim=1), cmap="gray", vmin=0, vmax=1)
+            ax.set_title("clean" if severity == 0 else f"{corruption} {sigma_text(severity)}", fontsize=8, pad=2)
+        for ax in axes_row:
+            ax.axis("off")
+    fig.suptitle("The same validation digits under every evaluated corruption, at each severity", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def robustness_figure(robustness: list[dict]) -> Figure:
+    """Heatmap per network: rows = training (corruption, severity), columns = evaluation (corruption, severity),
+    cells = val accuracy (%), mean over seeds. For Gaussian noise alone, rows and columns are σ."""
+    networks = list(dict.fromkeys(r["network"] for r in robustness))
+    train_cells = cell_order(trained_on(r, "train_") for r in robustness)
+    eval_cells = cell_order(trained_on(r, "eval_") for r in robustness)
+    gaussian = only_gaussian(train_cells + eval_cells)
+    width, height = (
+        (5.5, 4.5) if gaussian else (max(6.5, 0.55 * len(eval_cells) + 2.5), max(4.5, 0.4 * len(train_cells) + 2))
+    )
+    fig = Figure(figsize=(width * len(networks), height))
+    axes = fig.subplots(1, len(networks), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        cells = defaultdict(list)
+        for r in robustness:
+            if r["network"] == network:
+                cells[trained_on(r, "train_"), trained_on(r, "eval_")].append(100 * float(r["acc"]))
+        rows = [t for t in train_cells if any(k[0] == t for k in cells)]
+        grid = [
+            [statistics.fmean(cells[t, e]) if cells.get((t, e)) else float("nan") for e in eval_cells] for t in rows
+        ]
+        ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto" if not gaussian else None)
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(
+                    j, i, f"{value:.1f}" if gaussian else f"{value:.0f}", ha="center", va="center",
+                    fontsize=8 if gaussian else 7, color="white" if value < 60 else "black",
+                )  # fmt: skip
+        if gaussian:
+            ax.set_xticks(range(len(eval_cells)), [sigma_text(s) for _, s in eval_cells])
+            ax.set_yticks(range(len(rows)), [sigma_text(s) for _, s in rows])
+            ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
+        else:
+            ax.set_xticks(range(len(eval_cells)), [label(e, False) for e in eval_cells], rotation=60, ha="right")
+            ax.set_yticks(range(len(rows)), [label(t, False) for t in rows])
+            ax.tick_params(labelsize=8)
+            ax.set(xlabel="evaluated on", ylabel="trained on", title=f"{network}: val. accuracy (%), mean over seeds")
+    fig.tight_layout()
+    return fig

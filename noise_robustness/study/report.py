@@ -1,0 +1,158 @@
+"""A study's report: ``summary.md``, ``accuracy_vs_noise.png``, ``noise_preview.png``, ``robustness.png``."""
+
+import io
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from noise_robustness.study.figures import (
+    accuracy_figure,
+    corruption_error_figure,
+    corruption_preview,
+    preview_figure,
+    robustness_figure,
+)  # fmt: skip
+from noise_robustness.study.files import write_atomic
+from noise_robustness.study.measures import (
+    aggregate,
+    cell_order,
+    corrupted,
+    corruption_measures,
+    label,
+    only_gaussian,
+    trained_on,
+)  # fmt: skip
+from noise_robustness.study.members import Member, sigma_text
+from noise_robustness.study.text import percent
+
+PREVIEW_DIGITS = 10  # the first validation image of each digit 0-9: a fixed choice
+AUC_NOTE = (
+    "clean: the accuracy on clean validation images. Each corruption: the mean accuracy from severity 0 to the "
+    "largest evaluated (trapezoids from the clean accuracy); mean: their mean over the corruptions."
+)
+CE_NOTE = (
+    "Each: the member's errors summed over the corruption's severities, over those of the clean-trained member of "
+    "the same network and seed (the baseline: 100 %); mCE: their mean over the corruptions."
+)
+
+
+def side_by_side(table: dict) -> list[str]:
+    """Validation accuracy (%) of every network at every σ, one column per network."""
+    networks = list(table)
+    cells = cell_order(cell for by_cell in table.values() for cell in by_cell)
+    gaussian = only_gaussian(cells)
+    lines = [
+        "### Validation accuracy (%) by network",
+        "",
+        f"| {'σ' if gaussian else 'trained on'} | {' | '.join(networks)} |",
+        f"| ---: |{' ---: |' * len(networks)}",
+    ]
+    for cell in cells:
+        values = [percent(table[n][cell]["val_acc"]) if cell in table[n] else "" for n in networks]
+        lines.append(f"| {label(cell, gaussian)} | {' | '.join(values)} |")
+    return [*lines, ""]
+
+
+def summary_markdown(results: list[dict], robustness: list[dict] | None = None, recipe: str | None = None) -> str:
+    """One table per network: rows = σ (clean first), train and validation accuracy (%) and their gap.
+
+    ``recipe`` (``recipe_note``), when given, comes first.
+
+    With several networks, a table of their validation accuracy side by side comes first. With any corruption
+    but Gaussian noise (trained or evaluated), the corruption summary of ``robustness`` follows
+    (``corruption_summary``).
+    """
+    table = aggregate(results)
+    lines = [recipe, ""] if recipe else []
+    lines += side_by_side(table) if len(table) > 1 else []
+    for network, by_cell in table.items():
+        rows = [r for r in results if r["network"] == network]
+        seeds = sorted({int(r["seed"]) for r in rows})
+        settings = ", ".join(
+            f"{key} {', '.join(sorted({str(r[key]) for r in rows}))}" for key in ("epochs", "noise_mode", "clip")
+        )
+        spread = f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+        gaussian = only_gaussian(by_cell)
+        lines += [
+            f"### {network}: {settings}, seeds {seeds}{spread}",
+            "",
+            f"| {'σ' if gaussian else 'trained on'} | train acc (%) | val acc (%) | train − val (points) |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        for cell in cell_order(by_cell):
+            values = by_cell[cell]
+            lines.append(
+                f"| {label(cell, gaussian)} | {percent(values['train_acc'])} | {percent(values['val_acc'])} | "
+                f"{percent(values['gap'])} |"
+            )
+        lines.append("")
+    if robustness and corrupted(results, robustness):
+        lines += corruption_summary(robustness)
+    return "\n".join(lines)
+
+
+def corruption_summary(robustness: list[dict]) -> list[str]:
+    """Per network, one row per training (corruption, severity): for each evaluated corruption, the area under
+    accuracy against severity (%) and the corruption error relative to the clean-trained member of the same seed
+    (%), with their means over the corruptions (mCE), mean ± std over seeds (docs/corruptions.md)."""
+    lines = []
+    for network, m in corruption_measures(robustness).items():
+        spread = f"mean ± std over seeds {m.seeds}" if len(m.seeds) > 1 else f"seed {m.seeds[0]}"
+        header = " | ".join(f"{c} ({', '.join(sigma_text(s) for s in m.levels[c])})" for c in m.corruptions)
+        for title, measure, first, mean_name, note in (
+            ("area under accuracy against severity (%)", "auc", "clean | ", "mean", AUC_NOTE),
+            ("corruption error (%), relative to the clean-trained member", "ce", "", "mCE", CE_NOTE),
+        ):
+            lines += [f"### {network}: {title}, {spread}", "", note, ""]
+            lines.append(f"| trained on | {first}{header} | {mean_name} |")
+            lines.append(f"| --- |{' ---: |' * (len(m.corruptions) + 1 + bool(first))}")
+            for train in m.trained:
+                columns = ([m.clean[train]] if first else []) + m.columns(measure, train)
+                values = [percent(column) if column else "" for column in columns]
+                lines.append(f"| {label(train, False)} | {' | '.join(values)} |")
+            lines.append("")
+    return lines
+
+
+def write_report(
+    out: Path,
+    results: list[dict],
+    robustness: list[dict],
+    datamodule,
+    members: list[Member],
+    cells: list[tuple],
+    recipe: str | None = None,
+) -> list[str]:
+    """Writes the study's table and figures into ``out``, and the figures into its TensorBoard root run; returns
+    the files' names. ``members`` and ``cells``: the study's members and the (corruption, severity) each is
+    evaluated at, whose previews it shows; ``recipe``: how they were trained, when not the default."""
+    write_atomic(out / "summary.md", summary_markdown(results, robustness, recipe))
+    labels = datamodule.labels("val")
+    majority = torch.bincount(labels).max().item() / len(labels)
+    seed = int(results[0]["seed"])
+    picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
+    levels = cell_order((m.corruption.name, m.noise_scale) for m in members)
+    by_name = {m.corruption.name: m.corruption for m in members}
+    preview, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, by_name[c]) for c, s in levels])
+    figures = {
+        "accuracy_vs_noise": accuracy_figure(results, majority),
+        "noise_preview": preview_figure(preview, levels),
+        "robustness": robustness_figure(robustness),
+    }
+    measures = corruption_measures(robustness)
+    if measures and not only_gaussian([trained_on(r, "eval_") for r in robustness] + levels):
+        figures["corruption_errors"] = corruption_error_figure(measures)
+    if not only_gaussian([(c.name, s) for c, s in cells] + levels):
+        shown, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, c) for c, s in cells])
+        figures["corruption_preview"] = corruption_preview(
+            {(c.name, s): images for (c, s), images in zip(cells, shown)}
+        )
+    writer = SummaryWriter(str(out / "tensorboard"))
+    for name, fig in figures.items():
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
+        write_atomic(out / f"{name}.png", png.getvalue())
+        writer.add_figure(f"study/{name}", fig)
+    writer.close()
+    return ["summary.md", *(f"{name}.png" for name in figures)]

@@ -1,0 +1,1 @@
+"""The Lightning layer: the LightningModule that trains every member, its callbacks, logger and checkpoints."""

@@ -1,0 +1,39 @@
+"""The Python API: the same command, called with plain arguments, returning what the study wrote."""
+
+import pytest
+import torch
+
+from noise_robustness import api
+from tests.conftest import rows
+
+
+def test_a_sweep_from_python_returns_the_rows_its_folder_holds_and_resumes_from_the_shell_command(data_dir, tmp_path):
+    out = tmp_path / "study"
+    options = [
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    study = api.sweep(out, scales=[0, 1.0], seeds=[0], epochs=1, data_dir=data_dir, options=options)
+    written = rows(out / "results.csv")
+    assert [(r["noise_scale"], r["seed"]) for r in study.results] == [(0.0, 0), (1.0, 0)]
+    assert [r["val_acc"] for r in study.results] == [float(r["val_acc"]) for r in written]
+    assert study.summary == (out / "summary.md").read_text() and study._repr_markdown_() == study.summary
+    assert study.figure().is_file()
+    assert api.load(out) == study
+    again = api.sweep(out, scales=[0, 1.0], seeds=[0], epochs=1, data_dir=data_dir, options=options)  # resumed: done
+    assert again == study
+
+
+def test_a_bad_option_from_python_is_an_exception_not_an_exit(data_dir, tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="exit code 2"):
+        api.sweep(tmp_path / "study", scales=[-1.0], data_dir=data_dir)
+    assert "scales" in capsys.readouterr().err and not (tmp_path / "study").exists()
+
+
+def test_noisy_images_are_the_clean_ones_plus_each_sigma_times_one_pattern(data_dir):
+    images = api.noisy_images([0.0, 0.5, 1.0], count=4, data_dir=data_dir)
+    assert images.shape == (3, 4, 1, 28, 28)
+    clean = images[0]
+    assert clean.min() >= 0 and clean.max() <= 1
+    torch.testing.assert_close(images[2] - clean, 2 * (images[1] - clean), rtol=0, atol=1e-5)  # σ z, one z per seed
