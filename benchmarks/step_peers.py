@@ -8,11 +8,11 @@
              and ``torch.optim.RMSprop`` on the stacked parameters: torch's own way to run many models as one;
   loop       the plain PyTorch loop: 18 ``DropoutMLP``s, one after another, each with its ``torch.optim.RMSprop``.
 
-Every way trains in this machine's ``precision auto`` (bf16 autocast where the CPU or GPU multiplies bf16 natively,
-fp32 elsewhere). Milliseconds a step: the median of ``--repeats`` rounds, each way timed over ``--steps`` steps in
-turn (so that a busy moment hurts all of them), after two warm-up steps each.
+Every way trains in this machine's ``precision auto`` (bf16 autocast where the CPU multiplies bf16 natively, fp32
+elsewhere; ``--fp32``: fp32 anyway). Milliseconds a step: the median of ``--repeats`` rounds, each way timed over
+``--steps`` steps in turn (so that a busy moment hurts all of them), after two warm-up steps each.
 
-    python benchmarks/step_peers.py
+    python benchmarks/step_peers.py [--fp32]
 """
 
 import argparse
@@ -92,8 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="steps a way is timed over, each round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the median is reported")
+    parser.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is native (as on an AVX2 CPU)")
     args = parser.parse_args()
-    bf16 = fast_precision("cpu") == "bf16-mixed"
+    bf16 = fast_precision("cpu") == "bf16-mixed" and not args.fp32
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

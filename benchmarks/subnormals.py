@@ -7,7 +7,7 @@ below the largest underflows), and the backward pass's products read them: the m
 to ~34 s over its 20 epochs, where the bf16 job's, whose products run on AMX (which flushes), stay flat. Each case
 runs in a fresh process:
 
-- ``ieee``: as torch comes (and as a study runs: only its optimizer step flushes, ``stacked.denormals_flushed``);
+- ``ieee``: as torch comes (and as a study runs: only its optimizer step flushes, ``rmsprop.denormals_flushed``);
 - ``flushed_first``: ``torch.set_flush_denormal(True)`` before any other torch operation, and never undone;
 - ``flushed_later``: the same flag set once products and elementwise operations have run on subnormals, as in a
   process that decided to flush while running.

@@ -2,7 +2,7 @@
 
 ``python -m noise_robustness fit --config configs/scale_1.0.yaml`` trains one member;
 ``python -m noise_robustness sweep`` trains the whole study (every σ and seed) as one model and writes its tables and
-figures (``study.runner``); ``certify`` certifies a finished study (``certify.certification``). ``validate``,
+figures (``training.runner``); ``certify`` certifies a finished study (``certify.certification``). ``validate``,
 ``test``, ``predict`` and ``--print_config`` are LightningCLI's own. This module parses and calls; the process exits
 here only (``cli_main``).
 """
@@ -25,16 +25,18 @@ from noise_robustness.commands import StudyTrainer
 from noise_robustness.corruptions import BUILT_IN, Corruption
 from noise_robustness.data.datamodule import NoisyMNISTDataModule
 from noise_robustness.data.mnist import DataFileError
+from noise_robustness.engine import switches
 from noise_robustness.engine.precision import resolve as resolve_precision
 from noise_robustness.stops import StopSignals, how_to_resume
-from noise_robustness.study import runner
 from noise_robustness.study.folder import StudyError
 from noise_robustness.study.members import scales_of, seeds_of
 from noise_robustness.study.spec import RESUMABLE, identity_of
-from noise_robustness.training import checkpoints
+from noise_robustness.training import checkpoints, runner
 from noise_robustness.training.callbacks import CheckpointRecord
 from noise_robustness.training.classifier import NoiseClassifier
 from noise_robustness.training.run_logger import last_checkpoint
+
+STUDY_LOGGER = "noise_robustness.training.run_logger.RunLogger"  # a TensorBoard run per member
 
 
 class NoiseCLI(LightningCLI):
@@ -94,11 +96,7 @@ class NoiseCLI(LightningCLI):
             epochs = config.trainer.max_epochs
             if self.subcommand in ("fit", "sweep") and (epochs is None or epochs <= 0):
                 raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {epochs}")
-            if config.model.graphed and (count := commands.processes(config.trainer)) > 1:
-                raise ValueError(
-                    f"`model.graphed` trains in one process, but this trainer runs {count} (DDP reduces gradients "
-                    "outside the step's graph): leave `graphed` false, or run on one device"
-                )
+            switches.check_processes(config.model.graphed, commands.processes(config.trainer))
             if self.subcommand == "sweep":
                 self.plan = self.plan_study(config)
             elif self.subcommand == "certify":
@@ -146,6 +144,12 @@ class NoiseCLI(LightningCLI):
     def plan_study(self, config: Namespace) -> runner.Plan:
         """Checks a sweep against its folder (``runner.plan``), then sets the classes to the members it trains, the
         study's logger and its checkpoints; creates nothing."""
+        logger = config.trainer.logger
+        if not isinstance(logger, Namespace) or logger.class_path != STUDY_LOGGER:
+            raise ValueError(
+                f"Expected no `trainer.logger` in a sweep, which logs each member to <out>/tensorboard, but got "
+                f"{getattr(logger, 'class_path', logger)}: other loggers are not served yet, so leave it unset"
+            )
         plan = runner.plan(
             Path(config.out), self.resolved(), config.task, config.gather, config.compare or [],
             config.trainer.devices, config.trainer.num_nodes,
@@ -157,7 +161,7 @@ class NoiseCLI(LightningCLI):
             target.members = [m.name for m in train]
         config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
         config.trainer.logger = {
-            "class_path": "noise_robustness.training.run_logger.RunLogger",
+            "class_path": STUDY_LOGGER,
             "init_args": {"save_dir": str(plan.study.out), "name": "tensorboard", "version": ""},
         }
         config.trainer.logger["init_args"]["default_hp_metric"] = False

@@ -1,7 +1,7 @@
 """Corruptions of MNIST images, each a class chosen by ``class_path``: the study's corruption axis.
 
 A corruption maps clean images in [0, 1] to corrupted ones at a *severity*, in units its class
-states. It draws nothing itself: its randomness comes from the per-image patterns of ``noise.py``
+states. It draws nothing itself: its randomness comes from the per-image patterns of ``data/noise.py``
 (a standard-normal pattern, and a uniform one), which are pure functions of (seed, split, image
 index, epoch) and the same whatever the batch, subset or process. So a corrupted image is a pure
 function of (seed, split, image index, epoch, severity), and K members get their batch from one

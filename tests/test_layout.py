@@ -15,6 +15,54 @@ def test_every_module_fits_a_few_screens_and_the_cli_is_a_thin_layer():
     assert sizes["cli.py"] <= 250
 
 
+# The layers, lowest first (docs/architecture.md): a module imports from its own layer or those before it, never
+# from a later one. `study/` is plain values: it imports neither Lightning nor jsonargparse.
+LAYERS = [
+    ("models", "corruptions", "data.noise", "data.mnist"),
+    ("study.",),
+    ("data.datamodule",),
+    ("engine.",),
+    ("training.",),
+    ("certify.",),
+    ("commands", "options", "stops", "cli", "api", "__main__"),
+]
+
+
+def layer(module: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) for name in names if module == name or module.startswith(name))
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("noise_robustness"):
+            package = PACKAGE.parent.joinpath(*node.module.split(".")).is_dir()  # `from package import module`
+            found |= {f"{node.module}.{alias.name}" for alias in node.names} if package else {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_imports_flow_one_way_through_the_layers():
+    upward = []
+    for path in MODULES:
+        if path.name == "__init__.py":
+            continue
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        for imported in imports(path):
+            if imported.startswith("noise_robustness."):
+                target = imported.removeprefix("noise_robustness.")
+                if layer(target) > layer(module):
+                    upward.append(f"{module} -> {target}")
+            elif module.startswith("study.") and imported.split(".")[0] in (
+                "pytorch_lightning",
+                "lightning",
+                "jsonargparse",
+            ):
+                upward.append(f"{module} -> {imported}")
+    assert upward == []
+
+
 def test_only_the_command_line_exits_the_process():
     exits = []
     for path in MODULES:

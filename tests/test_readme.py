@@ -245,3 +245,12 @@ def test_the_cnns_bf16_shift_is_what_its_readme_says():
     readme = (REPO / "docs" / "results" / "cnn_h200" / "README.md").read_text()
     assert f"Σ (d / se)² = {chi2:.1f}" in readme and chi2 > CHI2_6_99
     quoted_table("cnn_h200", "cnn_h200_fp32")
+
+
+def test_every_committed_study_is_in_the_index_with_its_machine_and_commit():
+    index = (REPO / "docs" / "results" / "README.md").read_text()
+    rows = {line.split("`")[1].rstrip("/"): line for line in index.splitlines() if line.startswith("| [`")}
+    assert sorted(rows) == sorted(COMMITTED_STUDIES)
+    for row in rows.values():
+        commit = row.rstrip(" |").rsplit("| ", 1)[1]
+        assert re.fullmatch(r"[0-9a-f]{7}", commit), row

@@ -1,4 +1,4 @@
-"""Randomized smoothing (``smoothing.py``) against independent references: scipy's binomial tail and normal
+"""Randomized smoothing (``certify/smoothing.py``) against independent references: scipy's binomial tail and normal
 quantile, a linear base classifier whose smoothed radius is known in closed form, and repeated runs."""
 
 import math

@@ -2,6 +2,7 @@
 
 import collections
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -35,15 +36,15 @@ def member_batch(batch, k: int):
     return images[k : k + 1], labels[k : k + 1]
 
 
-@pytest.mark.parametrize("fast, masks", [(True, "per_member"), (False, "per_member"), (True, "counter")])
-def test_a_member_trains_as_its_network_alone(batches, fast, masks):
+@pytest.mark.parametrize("masks", ["per_member", "counter"])
+def test_a_member_trains_as_its_network_alone(batches, masks):
     """Member k of a stack and a K = 1 model of the same (σ, seed) see the same data, weights, dropout masks and
     updates, step after step. Stacking changes the products' summation order, and training amplifies such
     differences wherever a pre-activation sits near 0 (for some masks within 10 steps): so the lone model starts
     every step from the stacked member's weights and optimizer state."""
-    together = NoiseClassifier(scales=[0.0, 1.0], seeds=[0, 3], fast=fast, dropout_masks=masks)
+    together = NoiseClassifier(scales=[0.0, 1.0], seeds=[0, 3], dropout_masks=masks)
     k = 3  # σ = 1, seed 3: the last member
-    alone = NoiseClassifier(scales=[1.0], seeds=[3], fast=fast, dropout_masks=masks)
+    alone = NoiseClassifier(scales=[1.0], seeds=[3], dropout_masks=masks)
     optimizers = {"together": together.configure_optimizers(), "alone": alone.configure_optimizers()}
     for model in (together, alone):
         model.net.start_epoch(0, 0)
@@ -126,19 +127,19 @@ def test_any_network_works_as_a_member_loop():
 def test_dropout_keeps_each_unit_with_probability_one_minus_p():
     generator = torch.Generator().manual_seed(0)
     p = 0.2
-    draws = torch.cat([keep_mask((1000, 10_000), p, generator, fast=True).flatten() for _ in range(10)])  # 10^8
+    draws = torch.cat([keep_mask((1000, 10_000), p, generator).flatten() for _ in range(10)])  # 10^8
     assert len(draws) == 10**8
     assert abs(draws.float().mean().item() - (1 - p)) < 1e-4
     assert abs(round((1 - p) * 2**KEEP_BITS) / 2**KEEP_BITS - (1 - p)) < 1e-5  # the exact probability drawn
     # independent across units and images: neighbours and rows are uncorrelated
-    mask = keep_mask((4096, 512), p, generator, fast=True).float()
+    mask = keep_mask((4096, 512), p, generator).float()
     centred = mask - mask.mean()
     for shifted in (centred.roll(1, dims=1), centred.roll(1, dims=0), centred.roll(4, dims=1)):
         assert abs((centred * shifted).mean().item()) / centred.var().item() < 0.01
 
 
 def test_dropout_is_independent_across_members_and_steps_and_scales_kept_units():
-    stacked = stack_members(DropoutMLP, [0, 1])
+    stacked = stack_members(DropoutMLP, [0, 1], masks="per_member")
     stacked.start_epoch(0, 0)
     x = torch.ones(2, 256, 512)
     masks = [stacked._member_dropout(x, 0, 0.2, relu=True, conv=False) for _ in range(2)]
@@ -147,6 +148,34 @@ def test_dropout_is_independent_across_members_and_steps_and_scales_kept_units()
     for a, b in ((kept[0][0], kept[0][1]), (kept[0][0], kept[1][0])):  # members; steps
         correlation = ((a - a.mean()) * (b - b.mean())).mean() / a.var()
         assert abs(correlation) < 0.02
+
+
+def test_the_engine_computes_what_torchs_own_path_computes(batches):
+    """``fast`` false is torch's own path: each member's network as built, one after another, ``torch.optim.RMSprop``.
+    The engine starts from the same weights bit for bit; without dropout (where the two draw other masks) it gives the
+    same losses up to the stacked products' summation order: within 2e-7 relative for 5 steps, after which RMSprop's
+    normalised steps amplify the last bits (measured: 9e-4 relative by the 20th step, bounded here at 5e-3)."""
+    network = functools.partial(DropoutMLP, dropout=0.0)
+    engine, reference = (NoiseClassifier(net=network, scales=[0.0, 1.0], seeds=[0, 3], fast=f) for f in (True, False))
+    assert isinstance(reference.net, MemberLoop) and isinstance(reference.configure_optimizers(), torch.optim.RMSprop)
+    for k in range(4):
+        for name, tensor in engine.net.member(k).state_dict().items():
+            assert torch.equal(tensor, reference.net.member(k).state_dict()[name])
+    optimizers = [model.configure_optimizers() for model in (engine, reference)]
+    for model in (engine, reference):
+        model.net.start_epoch(0, 0)
+    losses = [[], []]
+    for batch in batches:
+        for model, optimizer, trace in zip((engine, reference), optimizers, losses):
+            loss, _ = model.member_losses(*batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trace.append(loss.detach())
+    engine_losses, reference_losses = torch.stack(losses[0]), torch.stack(losses[1])
+    torch.testing.assert_close(engine_losses[:5], reference_losses[:5], rtol=1e-6, atol=0)
+    torch.testing.assert_close(engine_losses, reference_losses, rtol=5e-3, atol=0)
+    assert losses[0][-1] < 0.8 * losses[0][0]  # it trained
 
 
 def test_the_fast_rmsprop_step_is_torchs(data_dir, batches):
@@ -412,7 +441,6 @@ def test_a_conv_network_in_groups_of_members_trains_bit_for_bit_as_all_at_once(b
         [2], [2, 2], [3, 2, 2], [3] * 6
     ]  # fmt: skip
     assert stack_members(DropoutMLP, [0, 1, 2, 3]).member_groups(cpu) == [4]  # no convolution
-    assert stack_members(KerasCNN, [0, 1, 2, 3], fast=False).member_groups(cpu) == [4]  # the reference path
     assert stack_members(KerasCNN, [0, 1, 2, 3]).member_groups(torch.device("cuda")) == [4]  # a GPU: all at once
     grouped, at_once = train_cnn_in_groups(3, bf16, masks), train_cnn_in_groups(None, bf16, masks)
     for ours, reference in zip(grouped, at_once, strict=True):

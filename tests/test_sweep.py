@@ -293,3 +293,13 @@ def test_a_member_after_one_epoch_scores_as_its_fit_alone(data_dir, tmp_path):
     assert abs(float(member["val_acc"]) - alone.trainer.callback_metrics["val/acc"].item()) < 0.003
     record = json.loads((tmp_path / "study" / "members" / "sigma=0.5" / "seed=4.json").read_text())
     assert record["result"]["study_id"] == member["study_id"]
+
+
+@pytest.mark.parametrize("logger", ["CSVLogger", "false"])
+def test_a_logger_the_study_cannot_serve_is_refused_not_dropped(logger, data_dir, tmp_path, capsys):
+    """A sweep logs every member to <out>/tensorboard; another `trainer.logger` is named and refused, before anything
+    is created, rather than silently replaced."""
+    out = tmp_path / "study"
+    message = exits_with_error(tiny(data_dir, out, f"--trainer.logger={logger}"), capsys)
+    assert "Expected no `trainer.logger` in a sweep" in message and ("CSVLogger" in message or "False" in message)
+    assert not out.exists()

@@ -1,4 +1,4 @@
-"""Certifying finished studies: randomized smoothing of every member (``smoothing.py``), resumable, reported.
+"""Certifying finished studies: randomized smoothing of every member (``certify/smoothing.py``), resumable, reported.
 
 ``python -m noise_robustness certify --out <study> [--out ...]``: ``cli.py`` parses the command and
 calls ``plan`` (every check, nothing created), then ``run``. A study's certification lives in

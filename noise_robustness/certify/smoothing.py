@@ -21,7 +21,7 @@ from statistics import NormalDist
 import torch
 from scipy import stats
 
-from noise_robustness.data.noise import add_noise, derive_seed
+from noise_robustness.data.noise import add_noise, seeded
 
 BLOCK = 500  # noise samples per generator and per forward pass: part of the draws' definition
 CLASSES = 10
@@ -77,8 +77,7 @@ def certificate(selection: torch.Tensor, estimation: torch.Tensor, alpha: float,
 def noise_block(seed: int, file: str, index: int, phase: str, block: int, device: torch.device) -> torch.Tensor:
     """Standard-normal samples ``block * BLOCK`` to ``(block + 1) * BLOCK - 1`` of image ``index`` of an MNIST
     ``file``, for ``phase`` "selection" or "estimation": ``[BLOCK, 1, 28, 28]``."""
-    generator = torch.Generator(device=device).manual_seed(derive_seed("smoothing", seed, file, index, phase, block))
-    return torch.randn((BLOCK, 1, 28, 28), generator=generator, device=device)
+    return seeded(torch.randn, (BLOCK, 1, 28, 28), "smoothing", seed, file, index, phase, block, device=device)
 
 
 class Votes:

@@ -1,4 +1,4 @@
-"""Noisy MNIST for a study's members, as a LightningDataModule: whole-split tensors, noise from ``noise.py``.
+"""Noisy MNIST for a study's members, as a LightningDataModule: whole-split tensors, noise from ``data/noise.py``.
 
 The clean images are kept once (uint8) and one standard-normal pattern per noise seed (and epoch,
 in ``resample`` mode); a batch for member k is composed when it is served, as
@@ -167,8 +167,8 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         data_dir: where MNIST lives in torchvision's layout; the shipped copy is unpacked there.
         download: let torchvision download MNIST into ``data_dir`` if it is missing.
         steps_per_batch: training batches served as one block (``MemberBatches``), which the graphed step trains
-            batch by batch; set from ``--model.graphed`` (``cli.steps_per_batch``). Lightning's per-batch work
-            (its hooks, ``limit_train_batches``, the progress bar) then counts blocks.
+            batch by batch; set from ``--model.graphed`` (``commands.GRAPHED_STEPS_PER_BATCH``). Lightning's
+            per-batch work (its hooks, ``limit_train_batches``, the progress bar) then counts blocks.
     """
 
     def __init__(

@@ -44,6 +44,13 @@ def derive_seed(*key: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
+def seeded(sample, shape: tuple[int, ...], *key: object, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``sample(shape)`` (``torch.randn``, ``torch.rand``) from a generator seeded by ``key`` alone: a pure function of
+    the key on a device type. Every random block of the study's noise and of ``certify``'s samples comes from here."""
+    generator = torch.Generator(device=device).manual_seed(derive_seed(*key))
+    return sample(shape, generator=generator, device=device)
+
+
 # A pattern's kind -> its generators' stream name and how a block is drawn. "noise" is Gaussian noise's stream,
 # named before there were other kinds: part of the noise definition, so never rename it.
 KINDS = {"normal": ("noise", torch.randn), "uniform": ("uniform", torch.rand)}
@@ -61,8 +68,7 @@ def pattern_block(
     """The ``kind`` patterns (standard normal, or uniform in [0, 1)) of images ``block * BLOCK`` to
     ``(block + 1) * BLOCK - 1`` of ``split``; each kind from generators of its own."""
     stream, sample = KINDS[kind]
-    generator = torch.Generator(device=device).manual_seed(derive_seed(stream, seed, split, epoch, block))
-    return sample((BLOCK, *image_shape), generator=generator, device=device)
+    return seeded(sample, (BLOCK, *image_shape), stream, seed, split, epoch, block, device=device)
 
 
 def draw(

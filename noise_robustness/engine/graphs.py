@@ -5,7 +5,7 @@ running them. ``StepGraphs`` records the step once per batch shape and replays i
 replayed the same way by ``stacked.StackedRMSprop(graphed=True)``. A graph replays the same kernels on the same
 memory, so a step may write only tensors that outlive it (parameters' gradients, running sums) and read only
 tensors that sit in one place (its inputs are copied into the graph's own before each replay; the dropout keys
-are held in one tensor, ``stacked.CounterMasks.hold_keys``).
+are held in one tensor, ``masks.CounterMasks.hold_keys``).
 """
 
 from collections import Counter

@@ -15,13 +15,13 @@ from noise_robustness.data.noise import derive_seed
 
 KEEP_BITS = 16  # random bits per dropout decision: P(keep) is exact to 2**-16 (3e-6 for p = 0.2)
 MASKS = ("per_member", "counter")  # where dropout masks come from (see the module docstring)
+DEFAULT_MASKS = "counter"  # the engine's and the study's default
 
 
-def keep_mask(shape: tuple[int, ...], p: float, generator: torch.Generator, fast: bool) -> torch.Tensor:
-    """A boolean mask of ``shape``: each unit kept with probability 1 - p, independently."""
+def keep_mask(shape: tuple[int, ...], p: float, generator: torch.Generator) -> torch.Tensor:
+    """A boolean mask of ``shape``: each unit kept with probability 1 - p (exact to 2**-16), independently, from 16
+    random bits per unit (four units per 64-bit draw: ~7x cheaper than ``bernoulli_`` on a CPU)."""
     device = generator.device
-    if not fast:
-        return torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator).bool()
     n = math.prod(shape)
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device)
     words.random_(-(2**63), 2**63 - 1, generator=generator)  # all 64 bits (the default range leaves the top bit 0)

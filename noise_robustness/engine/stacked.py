@@ -11,14 +11,12 @@ Two sources of dropout masks (``masks``):
   (member seed, epoch, rank, step) and the unit's index (``CounterMasks``): the same operations at any K,
   and the same bits on any device.
 
-Two implementations of the same math, chosen by ``fast``:
-- fast: dropout masks from 16 random bits per unit (4 units per 64-bit draw, ~7x cheaper than
-  ``bernoulli_`` on a CPU), ReLU and dropout fused into one multiplication by a saved mask, and an
-  RMSprop step as five multi-tensor (``_foreach``) operations (six on a CPU: ``state_floor``);
-- reference: ``bernoulli_`` masks (what ``nn.Dropout`` draws), ReLU and dropout as separate ops, and
-  ``torch.optim.RMSprop``.
+Dropout masks come from 16 random bits per unit (4 units per 64-bit draw, ~7x cheaper than ``bernoulli_`` on a
+CPU) or the counter-based draw, and ReLU and dropout are one multiplication by a saved mask. The reference these
+are tested against is torch's own path: each member's network as built, one after another (``MemberLoop``, what
+``NoiseClassifier(fast=False)`` trains with ``torch.optim.RMSprop``).
 
-Under bf16 autocast the fast path also keeps bf16 copies of the weights that the optimizer step writes
+Under bf16 autocast the engine also keeps bf16 copies of the weights that the optimizer step writes
 (``Bf16Copies``), instead of autocast casting every weight to bf16 and every gradient back to fp32 each step:
 the same numbers, bit for bit.
 """
@@ -34,7 +32,7 @@ from torch.nn import functional as F
 
 from noise_robustness.data.noise import derive_seed
 from noise_robustness.engine.bf16 import Bf16Copies
-from noise_robustness.engine.masks import MASKS, CounterMasks, MemberGenerators, ReluDropout, keep_mask
+from noise_robustness.engine.masks import DEFAULT_MASKS, MASKS, CounterMasks, MemberGenerators, ReluDropout, keep_mask
 
 
 def build_member(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -111,15 +109,14 @@ class StackedSequential(nn.Module):
         self,
         members: list[nn.Sequential],
         seeds: list[int],
-        fast: bool = True,
-        masks: str = "per_member",
+        masks: str = DEFAULT_MASKS,
         compiled: bool = False,
         bf16_copies: bool = True,
     ):
         super().__init__()
         if masks not in MASKS:
             raise ValueError(f"Expected `masks` to be one of {MASKS}, but got {masks!r}")
-        self.k, self.fast, self.masks = len(members), fast, masks
+        self.k, self.masks = len(members), masks
         self.template = [copy.deepcopy(members[0])]  # in a list: a pattern for `member()`, not a submodule
         self.plan = plan_steps(list(members[0]))
         self.generators, self.counter = MemberGenerators(seeds), CounterMasks(seeds, compiled)
@@ -136,8 +133,8 @@ class StackedSequential(nn.Module):
                     torch.cat([layer.weight.detach() for layer in layers]).contiguous(memory_format=torch.channels_last)
                 )
                 self.biases.append(torch.cat([layer.bias.detach() for layer in layers]))
-        # under bf16 autocast (fast path): weights as [*weights, *biases] in bf16, written by the optimizer
-        self.bf16_copies = Bf16Copies([*self.weights, *self.biases]) if fast and bf16_copies else None
+        # under bf16 autocast: weights as [*weights, *biases] in bf16, written by the optimizer
+        self.bf16_copies = Bf16Copies([*self.weights, *self.biases]) if bf16_copies else None
 
     def start_epoch(self, epoch: int, rank: int) -> None:
         self.step = 0
@@ -152,11 +149,10 @@ class StackedSequential(nn.Module):
         # Each member draws its own mask of its own shape, so a member's masks do not depend on K.
         generators = self.generators.generators[members]
         shape = (x.shape[0], x.shape[1] // len(generators), *x.shape[2:]) if conv else x.shape[1:]
-        keep = torch.stack([keep_mask(shape, p, g, self.fast) for g in generators], dim=1 if conv else 0)
+        keep = torch.stack([keep_mask(shape, p, g) for g in generators], dim=1 if conv else 0)
         keep = keep.view(x.shape)
-        if self.fast and relu:
+        if relu:
             return ReluDropout.apply(x, keep, 1 / (1 - p))
-        x = F.relu(x) if relu else x
         return x * keep.to(x.dtype) * (1 / (1 - p))
 
     def _counter_dropout(self, images: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -219,14 +215,14 @@ class StackedSequential(nn.Module):
 
     def member_groups(self, device: torch.device) -> list[int]:
         """How many members run through the network at once, group after group: all of them, but for a conv
-        network on a CPU (fast path) groups of at most ``cpu_conv_group``. 18 members' conv activations (~0.5 GB a
+        network on a CPU groups of at most ``cpu_conv_group``. 18 members' conv activations (~0.5 GB a
         step) do not fit the caches, and their ReLUs, pooling and copies then take as long as the convolutions:
         an 18-member CNN step took 0.78 s at once, 0.55 s in groups of 3. The groups are as even as they can be,
         so that none holds a lone member: oneDNN runs a convolution of one group with another kernel than a
         grouped one, with other last bits, where a grouped convolution computes each group the same way at any
         number of groups (a test: the same numbers as all members at once, bit for bit)."""
         convolves = any(step == "conv" for step, _ in self.plan)
-        if not (self.fast and convolves and device.type == "cpu" and self.cpu_conv_group) or self.k <= 2:
+        if not (convolves and device.type == "cpu" and self.cpu_conv_group) or self.k <= 2:
             return [self.k]
         count = math.ceil(self.k / max(self.cpu_conv_group, 2))
         return [self.k // count + (i < self.k % count) for i in range(count)]
@@ -313,22 +309,18 @@ class MemberLoop(nn.Module):
 
 
 def stack_members(
-    factory: Callable[[], nn.Module],
-    seeds: list[int],
-    fast: bool = True,
-    masks: str = "per_member",
-    compiled: bool = False,
+    factory: Callable[[], nn.Module], seeds: list[int], masks: str = DEFAULT_MASKS, compiled: bool = False
 ) -> StackedSequential | MemberLoop:
     """One network per seed from ``factory``, stacked when its layers allow, else looped over."""
-    return stack([build_member(factory, seed) for seed in seeds], seeds, fast, masks, compiled)
+    return stack([build_member(factory, seed) for seed in seeds], seeds, masks, compiled)
 
 
 def stack(
-    members: list[nn.Module], seeds: list[int], fast: bool = True, masks: str = "per_member", compiled: bool = False
+    members: list[nn.Module], seeds: list[int], masks: str = DEFAULT_MASKS, compiled: bool = False
 ) -> StackedSequential | MemberLoop:
     """``members`` (one network each, of one class; ``seeds`` their dropout streams) as one module, stacked
     when their layers allow (``compiled``: the counter masks' hash through ``torch.compile``), else looped over
     (each member's dropout from the global generator, whatever ``masks`` says)."""
     if stackable(members[0]):
-        return StackedSequential(members, seeds, fast, masks, compiled)
+        return StackedSequential(members, seeds, masks, compiled)
     return MemberLoop(members, seeds)

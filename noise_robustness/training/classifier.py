@@ -10,9 +10,9 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from noise_robustness.corruptions import Corruption
+from noise_robustness.engine import switches
 from noise_robustness.engine.graphs import StepGraphs, graphed_step
-from noise_robustness.engine.rmsprop import StackedRMSprop, compiler_missing
-from noise_robustness.engine.stacked import StackedSequential, stack_members
+from noise_robustness.engine.masks import DEFAULT_MASKS
 from noise_robustness.models import DropoutMLP
 from noise_robustness.study.members import chosen, study_members
 
@@ -79,19 +79,21 @@ class NoiseClassifier(pl.LightningModule):
         lr: RMSprop learning rate.
         rho: RMSprop decay of the squared-gradient average (PyTorch calls it ``alpha``).
         eps: RMSprop epsilon, added to the root mean square (1e-7 in Keras, 1e-8 in PyTorch).
-        fast: the fast dropout masks and RMSprop step (see ``stacked.py``); false selects torch's own
-            ``bernoulli_`` dropout and ``torch.optim.RMSprop``, the reference to check them against.
+        fast: the speed engine (``engine/``): the members stacked into one network, their dropout masks drawn
+            at once, the multi-tensor RMSprop, bf16 copies of the weights. False: torch's own path, the reference the
+            engine is tested against: each member's network as built (``nn.Linear``, ``nn.Dropout``, ...), one after
+            another, ``torch.optim.RMSprop`` and Lightning's own precision; the same members, weights and noise.
         dropout_masks: ``counter`` draws every member's dropout masks in one counter-based draw a step, the
-            same handful of operations at any number of members (``stacked.CounterMasks``); ``per_member``
+            same handful of operations at any number of members (``masks.CounterMasks``); ``per_member``
             draws each member's from a generator of its own, three operations per member and layer (the
             recipe of studies made before ``counter``; other masks, so other numbers).
         compiled: run the step's elementwise passes through ``torch.compile``: the RMSprop update as one
             fused pass instead of five (~3x faster on a CPU; last-bit differences) and the counter masks' hash
             as one pass instead of eight (the same bits); compiled once a process, needs a C++ compiler on a CPU.
-        graphed: on a CUDA device, the training step as CUDA graphs (``graphs.py``): forward, loss, backward
+        graphed: on a CUDA device, the training step as CUDA graphs (``engine/graphs.py``): forward, loss, backward
             and metrics one graph per batch shape, the RMSprop update another, each replayed in one launch a
             step; the same kernels, so the same numbers. Elsewhere the same step runs eagerly. The training batches
-            then come in blocks (``cli.steps_per_batch``), so that Lightning's per-batch work is done once a block.
+            then come in blocks (``data.steps_per_batch``), so that Lightning's per-batch work is done once a block.
             Needs the fast path, the counter masks, a network that stacks, and one process.
         scales: the study's noise levels σ; set by the study's ``--scales``.
         seeds: the study's seeds; set by the study's ``--seeds``.
@@ -107,7 +109,7 @@ class NoiseClassifier(pl.LightningModule):
         rho: float = 0.9,
         eps: float = 1e-7,
         fast: bool = True,
-        dropout_masks: Literal["counter", "per_member"] = "counter",
+        dropout_masks: Literal["counter", "per_member"] = DEFAULT_MASKS,
         compiled: bool = False,
         graphed: bool = False,
         scales: list[float] = [0.0],
@@ -118,25 +120,10 @@ class NoiseClassifier(pl.LightningModule):
         super().__init__()
         # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
         # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
-        if compiled and not fast:
-            raise ValueError(
-                "`compiled` compiles the fast path's RMSprop step; `fast` false is torch's own, uncompiled"
-            )
-        if compiled and not torch.cuda.is_available() and (why := compiler_missing()):
-            raise ValueError(f"`compiled` needs torch.compile, but {why}; install one or leave it false")
-        if graphed and not (fast and dropout_masks == "counter"):
-            raise ValueError(
-                "`graphed` captures the fast path's step with the counter masks: set `fast` true and "
-                "`dropout_masks` counter, or leave `graphed` false"
-            )
+        switches.check(fast, dropout_masks, compiled, graphed)
         self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
         self.members = chosen(study_members(scales, seeds, corruptions), members)
-        self.net = stack_members(net, [m.seed for m in self.members], fast, dropout_masks, compiled)
-        if graphed and not isinstance(self.net, StackedSequential):
-            raise ValueError(
-                f"`graphed` captures a stacked network's step; {type(self.net.members[0]).__name__} does "
-                "not stack (stacked.SUPPORTED lists the layers that do): leave `graphed` false"
-            )
+        self.net = switches.members_net(net, [m.seed for m in self.members], fast, dropout_masks, compiled, graphed)
         self.automatic_optimization = not graphed  # graphed: the step's backward pass is inside its graph
         self.step_sums = StepSums()  # the graphed step's metrics
         self.step_graphs: StepGraphs | None = None  # made when fitting starts
@@ -156,17 +143,10 @@ class NoiseClassifier(pl.LightningModule):
                 lambda: [*self.parameters(), *(copies.copies if copies is not None else [])],
                 optimizer.zero_grad,
             )
-        # The forward pass runs on the bf16 copies (stacked.Bf16Copies) only where the step after it updates from
-        # their gradients straight after the backward pass: the fast RMSprop, not another `--optimizer`, with
-        # nothing reading the parameters' own gradients first (clipping) or adding batches' up; else autocast's casts.
-        if self.net.bf16_copies is not None:
-            optimizers = self.trainer.optimizers
-            self.net.bf16_copies.enabled = (
-                len(optimizers) == 1
-                and isinstance(optimizers[0], StackedRMSprop)
-                and optimizers[0].bf16_copies is self.net.bf16_copies
-                and self.trainer.gradient_clip_val is None
-                and self.trainer.accumulate_grad_batches == 1
+        if self.net.bf16_copies is not None:  # else autocast's own casts
+            trainer = self.trainer
+            self.net.bf16_copies.enabled = switches.bf16_copies_serve(
+                self.net, trainer.optimizers, trainer.gradient_clip_val, trainer.accumulate_grad_batches
             )
 
     def on_train_epoch_start(self) -> None:
@@ -256,14 +236,6 @@ class NoiseClassifier(pl.LightningModule):
         return self(batch[0]).argmax(dim=-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if not self.fast:
-            return torch.optim.RMSprop(self.parameters(), lr=self.lr, alpha=self.rho, eps=self.eps)
-        return StackedRMSprop(
-            self.parameters(),
-            self.lr,
-            self.rho,
-            self.eps,
-            compiled=self.compiled,
-            bf16_copies=self.net.bf16_copies,
-            graphed=self.graphed,
+        return switches.optimizer(
+            self.parameters(), self.net, self.fast, self.lr, self.rho, self.eps, self.compiled, self.graphed
         )

@@ -2,7 +2,7 @@
 
 ``plan`` checks a command against the study's folder before anything is built or created; ``run_study`` is what
 ``python -m noise_robustness sweep`` (or ``noise_robustness.api.sweep``) then runs. The folder and its files are
-``folder.py``'s; the tables and figures are ``report.py``'s.
+``study/folder.py``'s; the tables and figures are ``study/report.py``'s.
 """
 
 from dataclasses import dataclass
