@@ -247,7 +247,9 @@ def numpy_counter_masks(seeds, epoch, rank, step, images, layers):
     return torch.from_numpy(np.stack(masks))
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=[pytest.mark.slow, needs_compiler])]
+)  # compiling: ~15 s
 def test_counter_masks_are_the_specified_hash_and_depend_on_neither_k_nor_position(compiled):
     layers = ((40, 0.2), (24, 0.5))
     masks = CounterMasks([7, 3, 11], compiled)
