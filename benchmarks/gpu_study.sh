@@ -26,7 +26,7 @@ study() { # study NAME TIMEOUT OPTIONS...: one sweep, its wall time and the sum 
     start=$(date +%s.%N)
     # shellcheck disable=SC2086  # STUDY_ARGS is a list of options
     timeout "$limit" python3 -m noise_robustness sweep --out "$WORK/$name" --trainer.enable_progress_bar=false \
-        --trainer.logger.init_args.save_dir="$WORK/tb_logs" "$@" ${STUDY_ARGS:-} >"$OUT/$name.log" 2>&1
+        "$@" ${STUDY_ARGS:-} >"$OUT/$name.log" 2>&1
     local rc=$?
     end=$(date +%s.%N)
     echo "$name: exit $rc, command $(python3 -c "print(round($end - $start, 1))") s, epochs (training and" \
@@ -43,11 +43,11 @@ for name in $STUDIES; do
     mlp_eager) study mlp_eager "${MLP_LIMIT:-150}" ;;
     profile)
         python3 -m cProfile -o "$WORK/profile.out" -m noise_robustness sweep --out "$WORK/profile" --epochs 3 \
-            --model.graphed true --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir="$WORK/tb_logs" \
+            --model.graphed true --trainer.enable_progress_bar=false \
             ${STUDY_ARGS:-} >"$OUT/profile.log" 2>&1
         python3 -c "import pstats; pstats.Stats('$WORK/profile.out').sort_stats('cumulative').print_stats(80)" \
             >"$OUT/profile.txt"
-        grep -E "cli_main|run_study|sweep.py|report.py|_run_stage|import_module|fit_loop.py:.*\(run\)|trainer.py.*\(test\)" \
+        grep -E "cli_main|run_study|runner.py|report.py|_run_stage|import_module|fit_loop.py:.*\(run\)|trainer.py.*\(test\)" \
             "$OUT/profile.txt" | head -n 16
         ;;
     esac

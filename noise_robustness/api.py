@@ -12,6 +12,7 @@ folder and numbers), so a study started in a notebook can be resumed, extended o
 """
 
 import csv
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,17 @@ class StudyResults:
     robustness: list[dict]
     summary: str
 
+    def matrix(self) -> dict[tuple[str, float], dict[tuple[str, float], float]]:
+        """The robustness pass as a train × evaluation matrix: (training corruption, severity) -> (evaluation
+        corruption, severity) -> validation accuracy, the mean over the members' seeds."""
+        cells: dict[tuple, dict[tuple, list[float]]] = {}
+        for row in self.robustness:
+            train = (row["train_corruption"], row["train_noise_scale"])
+            cells.setdefault(train, {}).setdefault((row["eval_corruption"], row["eval_noise_scale"]), []).append(
+                row["acc"]
+            )
+        return {train: {cell: statistics.fmean(accs) for cell, accs in row.items()} for train, row in cells.items()}
+
     def figure(self, name: str = "accuracy_vs_noise.png") -> Path:
         """A figure of the study's report (``accuracy_vs_noise.png``, ``robustness.png``, ``noise_preview.png``)."""
         return self.out / name
@@ -45,19 +57,21 @@ def load(out: str | Path) -> StudyResults:
 
     def table(name: str) -> list[dict]:
         with open(out / name, newline="") as f:
-            return [{key: number(value) for key, value in row.items()} for row in csv.DictReader(f)]
+            return [{key: value_of(key, text) for key, text in row.items()} for row in csv.DictReader(f)]
 
     return StudyResults(out, table("results.csv"), table("robustness.csv"), (out / "summary.md").read_text())
 
 
-def number(text: str):
-    """A csv cell as the value it was written from: an int, a float, a bool, or the text."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"True": True, "False": False}.get(text, text)
+TEXT = {"network", "corruption", "train_corruption", "eval_corruption", "noise_mode", "study_id"}  # csv columns
+
+
+def value_of(column: str, text: str):
+    """A csv cell as the value it was written from: text, a bool (``clip``), an int (``seed``, ``epochs``), a float."""
+    if column in TEXT:
+        return text
+    if column == "clip":
+        return text == "True"
+    return int(text) if column in ("seed", "epochs") else float(text)
 
 
 def sweep(

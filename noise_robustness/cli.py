@@ -29,14 +29,12 @@ from noise_robustness.engine import switches
 from noise_robustness.engine.precision import resolve as resolve_precision
 from noise_robustness.stops import StopSignals, how_to_resume
 from noise_robustness.study.folder import StudyError
-from noise_robustness.study.members import scales_of, seeds_of
-from noise_robustness.study.spec import RESUMABLE, identity_of
+from noise_robustness.study.members import chosen, scales_of, seeds_of, study_members
+from noise_robustness.study.spec import MEMBER_OPTIONS, RESUMABLE, identity_of
 from noise_robustness.training import checkpoints, runner
 from noise_robustness.training.callbacks import CheckpointRecord
 from noise_robustness.training.classifier import NoiseClassifier
 from noise_robustness.training.run_logger import last_checkpoint
-
-STUDY_LOGGER = "noise_robustness.training.run_logger.RunLogger"  # a TensorBoard run per member
 
 
 class NoiseCLI(LightningCLI):
@@ -68,8 +66,11 @@ class NoiseCLI(LightningCLI):
         parser.link_arguments(
             "model.graphed", "data.steps_per_batch", compute_fn=lambda g: commands.GRAPHED_STEPS_PER_BATCH if g else 1
         )
+        parser.add_argument(
+            "--members", type=list[str] | None, default=None, help="The members to train by name (null: all of them)."
+        )
         for target in ("data", "model"):
-            for key in ("scales", "seeds", "corruptions"):
+            for key in MEMBER_OPTIONS:
                 parser.link_arguments(key, f"{target}.{key}")
 
     def parse_arguments(self, parser, args) -> None:
@@ -127,29 +128,23 @@ class NoiseCLI(LightningCLI):
         if self.subcommand != "fit" and not config.get("ckpt_path"):
             return  # nothing to record or check: no need to resolve the config
         resolved = self.resolved()
-        members = {key: resolved[key] for key in ("scales", "seeds", "corruptions") if resolved.get(key) is not None}
+        members = {key: resolved[key] for key in MEMBER_OPTIONS if resolved.get(key) is not None}
         identity = identity_of(resolved) | members  # a run's checkpoint is of its members (Gaussian: no corruptions)
         fit = self.subcommand == "fit"
         if fit:
             self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], CheckpointRecord(identity)]
         if config.get("ckpt_path"):
             remedy = "resume from a checkpoint of this run's options, or start a new run without --ckpt_path"
-            checkpoints.verify(
-                Path(config.ckpt_path),
-                identity if fit else None,
-                RESUMABLE,
-                remedy if fit else "name another checkpoint",
-            )
+            names = [
+                m.name for m in chosen(study_members(*(resolved.get(k) for k in MEMBER_OPTIONS[:3])), config.members)
+            ]
+            verify = remedy if fit else "name another checkpoint"
+            checkpoints.verify(Path(config.ckpt_path), identity if fit else None, RESUMABLE, verify, names)
 
     def plan_study(self, config: Namespace) -> runner.Plan:
         """Checks a sweep against its folder (``runner.plan``), then sets the classes to the members it trains, the
         study's logger and its checkpoints; creates nothing."""
-        logger = config.trainer.logger
-        if not isinstance(logger, Namespace) or logger.class_path != STUDY_LOGGER:
-            raise ValueError(
-                f"Expected no `trainer.logger` in a sweep, which logs each member to <out>/tensorboard, but got "
-                f"{getattr(logger, 'class_path', logger)}: other loggers are not served yet, so leave it unset"
-            )
+        commands.check_study_logger(config.trainer.logger)
         plan = runner.plan(
             Path(config.out), self.resolved(), config.task, config.gather, config.compare or [],
             config.trainer.devices, config.trainer.num_nodes,
@@ -161,7 +156,7 @@ class NoiseCLI(LightningCLI):
             target.members = [m.name for m in train]
         config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
         config.trainer.logger = {
-            "class_path": STUDY_LOGGER,
+            "class_path": commands.STUDY_LOGGER,
             "init_args": {"save_dir": str(plan.study.out), "name": "tensorboard", "version": ""},
         }
         config.trainer.logger["init_args"]["default_hp_metric"] = False

@@ -26,6 +26,7 @@ from noise_robustness.training.callbacks import EpochLines, NoisySamples, StudyH
 STUDY_SCALES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0]  # the sweep's default noise levels
 STUDY_SEEDS = [0, 1, 2]  # the sweep's default seeds
 GRAPHED_STEPS_PER_BATCH = 16  # training batches a graphed step is served at once: Lightning's loop once a block
+STUDY_LOGGER = "noise_robustness.training.run_logger.RunLogger"  # a TensorBoard run per member
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
 
 
@@ -38,7 +39,7 @@ def trainer_defaults() -> dict:
         "log_every_n_steps": 1,  # nothing is logged per step; this only silences a warning about short epochs
         "enable_progress_bar": interactive,  # a log file gets one line per epoch instead
         "logger": {
-            "class_path": "noise_robustness.training.run_logger.RunLogger",
+            "class_path": STUDY_LOGGER,
             "init_args": {"save_dir": "tb_logs", "default_hp_metric": False},
         },
         "callbacks": [newest_checkpoint(), NoisySamples(), StudyHParams(), EpochLines()],  # a line an epoch, time left
@@ -136,3 +137,18 @@ class SaveRunConfig(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if "out" not in self.config:  # only a sweep has `out`
             super().setup(trainer, pl_module, stage)
+
+
+def check_study_logger(logger) -> None:
+    """Raises ValueError naming a ``trainer.logger`` a sweep would have to replace: the study logs each member to
+    ``<out>/tensorboard`` and serves no other logger yet, so a given one is refused rather than dropped."""
+    if not isinstance(logger, Namespace) or logger.class_path != STUDY_LOGGER:
+        given = getattr(logger, "class_path", logger)
+    elif (logger.init_args.save_dir, logger.init_args.name) != ("tb_logs", DEFAULT_RUN_NAME):
+        given = f"RunLogger in {logger.init_args.save_dir}/{logger.init_args.name}"
+    else:
+        return
+    raise ValueError(
+        f"Expected no `trainer.logger` in a sweep, which logs each member to <out>/tensorboard, but got {given}: "
+        "other loggers are not served yet, so leave it unset"
+    )

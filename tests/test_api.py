@@ -7,7 +7,7 @@ from noise_robustness import api
 from tests.conftest import rows
 
 
-def test_a_sweep_from_python_returns_the_rows_its_folder_holds_and_resumes_from_the_shell_command(data_dir, tmp_path):
+def test_a_sweep_from_python_returns_the_rows_its_folder_holds_and_resumes_it(data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     options = [
         "--trainer.limit_train_batches=3",
@@ -20,9 +20,18 @@ def test_a_sweep_from_python_returns_the_rows_its_folder_holds_and_resumes_from_
     assert [r["val_acc"] for r in study.results] == [float(r["val_acc"]) for r in written]
     assert study.summary == (out / "summary.md").read_text() and study._repr_markdown_() == study.summary
     assert study.figure().is_file()
+    matrix = study.matrix()  # trained on σ -> evaluated at σ -> accuracy (one seed: its own)
+    assert set(matrix) == {("gaussian", 0.0), ("gaussian", 1.0)} and all(len(row) == 2 for row in matrix.values())
+    expected = {(r["train_noise_scale"], r["eval_noise_scale"]): float(r["acc"]) for r in rows(out / "robustness.csv")}
+    assert {(t[1], e[1]): acc for t, row in matrix.items() for e, acc in row.items()} == {
+        (float(t), float(e)): acc for (t, e), acc in expected.items()
+    }
     assert api.load(out) == study
-    again = api.sweep(out, scales=[0, 1.0], seeds=[0], epochs=1, data_dir=data_dir, options=options)  # resumed: done
-    assert again == study
+    capsys.readouterr()
+    again = api.sweep(out, scales=[0, 1.0], seeds=[0], epochs=1, data_dir=data_dir, options=options)
+    assert (
+        again == study and "every member of this command finished earlier" in capsys.readouterr().err
+    )  # not retrained
 
 
 def test_a_bad_option_from_python_is_an_exception_not_an_exit(data_dir, tmp_path, capsys):

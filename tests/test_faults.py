@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from noise_robustness.cli import cli_main
-from noise_robustness.study.files import write_atomic
+from noise_robustness.files import write_atomic
 from noise_robustness.study.folder import Study
 from noise_robustness.study.members import study_members
 from noise_robustness.study.spec import identity_of

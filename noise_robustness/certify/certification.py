@@ -29,9 +29,9 @@ from noise_robustness.certify import report
 from noise_robustness.certify.smoothing import Votes, certificate
 from noise_robustness.corruptions import GAUSSIAN
 from noise_robustness.data.datamodule import N_TEST, NoisyMNISTDataModule
-from noise_robustness.data.noise import derive_seed
+from noise_robustness.data.noise import seeded
 from noise_robustness.engine.stacked import stack
-from noise_robustness.study.files import Lock, check_writable, csv_text, write_atomic
+from noise_robustness.files import Lock, check_writable, csv_text, write_atomic
 from noise_robustness.study.folder import Study, StudyError
 from noise_robustness.study.members import Member, network_name, sigma_text
 from noise_robustness.study.text import say
@@ -176,7 +176,7 @@ def plan(folders: list[str], setting: Setting) -> list[Certification]:
 
 def subset(split_size: int, images: int) -> list[int]:
     """The certified validation positions: the first ``images`` of a fixed seeded order (more images extend it)."""
-    order = torch.randperm(split_size, generator=torch.Generator().manual_seed(derive_seed("certify", SUBSET_SEED)))
+    order = seeded(torch.randperm, split_size, "certify", SUBSET_SEED)
     return order[:images].tolist()
 
 

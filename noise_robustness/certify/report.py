@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
 from noise_robustness.certify.smoothing import ABSTAIN, certified_radius, lower_confidence_bound
-from noise_robustness.study.files import write_atomic
+from noise_robustness.files import write_atomic
 from noise_robustness.study.members import Member, sigma_text
 from noise_robustness.study.text import mean_std, percent, say
 from noise_robustness.training.run_logger import member_run

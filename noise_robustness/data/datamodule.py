@@ -16,7 +16,7 @@ import torch
 
 from noise_robustness.corruptions import Corruption
 from noise_robustness.data import mnist
-from noise_robustness.data.noise import check_noise_mode, derive_seed, draw
+from noise_robustness.data.noise import check_noise_mode, draw, seeded
 from noise_robustness.study.members import Member, chosen, study_members
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -114,9 +114,7 @@ class MemberBatches:
         def order(seed: int) -> torch.Tensor:
             if not self.shuffle:
                 return torch.arange(self.size)
-            return torch.randperm(
-                self.size, generator=torch.Generator().manual_seed(derive_seed("shuffle", seed, epoch))
-            )
+            return seeded(torch.randperm, self.size, "shuffle", seed, epoch)
 
         return {
             seed: shard_batches(order(seed).to(self.device), rank, world_size, self.batch_size) for seed in self.seeds
@@ -218,9 +216,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         self.file_labels = {name: y.to(self.device) for name, (_, y) in files.items()}
         train_idx, val_idx = torch.arange(N_TRAIN), None
         if self.hparams.val_holdout:
-            perm = torch.randperm(
-                N_TRAIN, generator=torch.Generator().manual_seed(derive_seed("holdout", HOLDOUT_SEED))
-            )
+            perm = seeded(torch.randperm, N_TRAIN, "holdout", HOLDOUT_SEED)
             train_idx, val_idx = (
                 perm[self.hparams.val_holdout :].sort().values,
                 perm[: self.hparams.val_holdout].sort().values,

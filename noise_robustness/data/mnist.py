@@ -9,12 +9,12 @@ so a truncated or corrupt file is an error naming it, never training on garbage.
 import functools
 import gzip
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torchvision.datasets import MNIST
+
+from noise_robustness.files import write_atomic
 
 ASSETS = Path(__file__).parents[1] / "assets" / "mnist"
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -39,21 +39,20 @@ def _sha256(path: Path) -> str:
 
 
 def _unpack(name: str, raw_dir: Path) -> None:
-    """Decompresses the shipped ``name.gz`` into ``raw_dir`` atomically (temp file, then rename)."""
+    """Decompresses the shipped ``name.gz`` into ``raw_dir`` atomically (``files.write_atomic``)."""
     source = ASSETS / f"{name}.gz"
     if not source.is_file():
         raise DataFileError(f"MNIST file {source} is missing from the package; reinstall noise_robustness")
-    tmp = None
-    try:
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=raw_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as out, gzip.open(source) as f:
+
+    def decompress(out) -> None:
+        with gzip.open(source) as f:
             while chunk := f.read(1 << 20):
                 out.write(chunk)
-        os.replace(tmp, raw_dir / name)
+
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(raw_dir / name, decompress)
     except (OSError, EOFError) as err:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
         raise DataFileError(f"could not unpack {source} into {raw_dir} (is `data_dir` writable?): {err}") from err
 
 

@@ -44,9 +44,10 @@ def derive_seed(*key: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def seeded(sample, shape: tuple[int, ...], *key: object, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``sample(shape)`` (``torch.randn``, ``torch.rand``) from a generator seeded by ``key`` alone: a pure function of
-    the key on a device type. Every random block of the study's noise and of ``certify``'s samples comes from here."""
+def seeded(sample, shape: int | tuple[int, ...], *key: object, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``sample(shape)`` (``torch.randn``, ``torch.rand``, ``torch.randperm``) from a generator seeded by ``key`` alone:
+    a pure function of the key on a device type. Every random draw of the data (noise, shuffles, the hold-out) and of
+    ``certify``'s samples comes from here; dropout's are the engine's (``engine/masks.py``)."""
     generator = torch.Generator(device=device).manual_seed(derive_seed(*key))
     return sample(shape, generator=generator, device=device)
 
@@ -54,21 +55,6 @@ def seeded(sample, shape: tuple[int, ...], *key: object, device: torch.device | 
 # A pattern's kind -> its generators' stream name and how a block is drawn. "noise" is Gaussian noise's stream,
 # named before there were other kinds: part of the noise definition, so never rename it.
 KINDS = {"normal": ("noise", torch.randn), "uniform": ("uniform", torch.rand)}
-
-
-def pattern_block(
-    kind: str,
-    block: int,
-    image_shape: tuple[int, ...],
-    seed: int,
-    split: str,
-    epoch: int = 0,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """The ``kind`` patterns (standard normal, or uniform in [0, 1)) of images ``block * BLOCK`` to
-    ``(block + 1) * BLOCK - 1`` of ``split``; each kind from generators of its own."""
-    stream, sample = KINDS[kind]
-    return seeded(sample, (BLOCK, *image_shape), stream, seed, split, epoch, block, device=device)
 
 
 def draw(
@@ -88,11 +74,11 @@ def draw(
         (seed, split, epoch, i) and the device type (CPU and CUDA generators differ).
     """
     out = torch.empty((n_images, *image_shape), device=device) if out is None else out
+    stream, sample = KINDS[kind]  # each kind from generators of its own
     for block, start in enumerate(range(0, n_images, BLOCK)):
         # Always a whole block, so a shorter split (or a subset) gets the same rows.
-        out[start : start + BLOCK] = pattern_block(kind, block, image_shape, seed, split, epoch, device)[
-            : n_images - start
-        ]
+        patterns = seeded(sample, (BLOCK, *image_shape), stream, seed, split, epoch, block, device=device)
+        out[start : start + BLOCK] = patterns[: n_images - start]
     return out
 
 

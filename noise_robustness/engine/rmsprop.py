@@ -36,26 +36,20 @@ def rmsprop_update(
 
 
 def rmsprop_update_bf16(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    square_avgs: list[torch.Tensor],
-    copies: list[torch.Tensor],
-    lr: float,
-    alpha: float,
-    eps: float,
-    floor: float | None = None,
-    widened: list[torch.Tensor] | None = None,
-) -> None:
+    params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor], copies: list[torch.Tensor],
+    *hyper: float | None, widened: list[torch.Tensor] | None = None,
+) -> None:  # fmt: skip
     """``rmsprop_update`` from the bf16 gradients of the parameters' bf16 ``copies`` (read as fp32, the cast
     autocast makes), then each copy written from its updated parameter (``Bf16Copies``). ``widened``: fp32
     buffers kept from step to step that the eager update casts the gradients into (fresh fp32 tensors each step
-    cost a CPU ~15 ms more at K = 18: new memory is zeroed page by page); compiled, the cast is fused in."""
+    cost a CPU ~15 ms more at K = 18: new memory is zeroed page by page); compiled, the cast is fused in. ``hyper``:
+    ``rmsprop_update``'s ``lr, alpha, eps`` and ``floor``."""
     if widened is None:
         grads = [g.float() for g in grads]
     else:
         torch._foreach_copy_(widened, grads)
         grads = widened
-    rmsprop_update(params, grads, square_avgs, lr, alpha, eps, floor)
+    rmsprop_update(params, grads, square_avgs, *hyper)
     torch._foreach_copy_(copies, params)
 
 
@@ -180,7 +174,7 @@ class StackedRMSprop(torch.optim.Optimizer):
             if on_copies:
                 copies = [on_copies[p] for p in params]
                 widened = None if self.compiled else [self.widened(p) for p in params]
-                self.update_bf16(params, [c.grad for c in copies], square_avgs, copies, *hyper, widened)
+                self.update_bf16(params, [c.grad for c in copies], square_avgs, copies, *hyper, widened=widened)
             else:
                 self.update(params, [p.grad for p in params], square_avgs, *hyper)
 

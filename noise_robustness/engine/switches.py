@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from noise_robustness.engine.masks import DEFAULT_MASKS
 from noise_robustness.engine.rmsprop import StackedRMSprop, compiler_missing
 from noise_robustness.engine.stacked import MemberLoop, StackedSequential, build_member, stack_members
 
@@ -24,6 +25,11 @@ def check(fast: bool, dropout_masks: str, compiled: bool, graphed: bool) -> None
         raise ValueError("`compiled` compiles the fast path's RMSprop step; `fast` false is torch's own, uncompiled")
     if compiled and not torch.cuda.is_available() and (why := compiler_missing()):
         raise ValueError(f"`compiled` needs torch.compile, but {why}; install one or leave it false")
+    if not fast and dropout_masks != DEFAULT_MASKS:
+        raise ValueError(
+            f"`dropout_masks` chooses the engine's masks; `fast` false draws torch's own (`nn.Dropout`): leave it at "
+            f"{DEFAULT_MASKS}, or set `fast` true"
+        )
     if graphed and not (fast and dropout_masks == "counter"):
         raise ValueError(
             "`graphed` captures the fast path's step with the counter masks: set `fast` true and "

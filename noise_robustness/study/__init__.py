@@ -1,1 +1,1 @@
-"""A study: its members, its folder (identity, results, resume), how it runs, and its report."""
+"""A study as plain values: what each option is to it (one spec), its members, its folder and its report."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from noise_robustness.corruptions import GAUSSIAN
-from noise_robustness.study.files import Lock, check_writable, create_exclusive, csv_text, read_options, write_atomic
+from noise_robustness.files import Lock, check_writable, create_exclusive, csv_text, read_options, write_atomic
 from noise_robustness.study.members import Member, evaluations, seeds_of, study_members
 from noise_robustness.study.spec import RECIPE, differences
 
@@ -34,7 +34,6 @@ RESULT_COLUMNS = [
 ROBUSTNESS_COLUMNS = [
     "network", "seed", "train_corruption", "train_noise_scale", "eval_corruption", "eval_noise_scale", "acc",
 ]  # fmt: skip
-# Keys that name where or how a study runs, not what it computes; they may differ between commands.
 
 # -- the study -----------------------------------------------------------------------------------
 

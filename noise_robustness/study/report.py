@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from noise_robustness.files import write_atomic
 from noise_robustness.study.figures import (
     accuracy_figure,
     corruption_error_figure,
@@ -13,7 +14,6 @@ from noise_robustness.study.figures import (
     preview_figure,
     robustness_figure,
 )  # fmt: skip
-from noise_robustness.study.files import write_atomic
 from noise_robustness.study.measures import (
     aggregate,
     cell_order,

@@ -40,6 +40,7 @@ IDENTITY = Role()
 RUNTIME = Role(identity=False)  # where or how a command runs, not what it computes
 MEMBERS = Role(identity=False)  # which members a study has: each member's file is its own; more train only the new
 PER_SEED = "`--seeds` (each member's seed draws its weights, noise, shuffle and dropout)"
+MEMBER_OPTIONS = ("scales", "seeds", "corruptions", "members")  # the command's options that name its members
 
 OPTIONS: dict[str, Role] = {
     # the command's own options
@@ -50,11 +51,7 @@ OPTIONS: dict[str, Role] = {
     "gather": RUNTIME,
     "compare": RUNTIME,
     "ckpt_path": RUNTIME,
-    **{
-        f"{prefix}{key}": MEMBERS
-        for prefix in ("", "data.", "model.")
-        for key in ("scales", "seeds", "corruptions", "members")
-    },
+    **{f"{prefix}{key}": MEMBERS for prefix in ("", "data.", "model.") for key in MEMBER_OPTIONS},
     "eval_corruptions": Role(before=None),
     # where the data is and what runs it: tasks may run on GPUs and the gather on a CPU
     "data.data_dir": Role(identity=False, certify=True),
@@ -72,6 +69,7 @@ OPTIONS: dict[str, Role] = {
     "trainer.max_epochs": Role(resumable=True),
     "trainer.callbacks": Role(resumable=True),
     # the recipe: how the arithmetic runs
+    "model.fast": Role(recipe=True),  # the engine, or torch's own path: other dropout draws, other last bits
     "trainer.precision": Role(recipe=True),
     "model.dropout_masks": Role(recipe=True, before="per_member", describe="dropout masks {}"),
     "model.compiled": Role(recipe=True, before=False, describe="compiled step (torch.compile)"),
@@ -132,6 +130,8 @@ def recipe_note(identity: dict) -> str | None:
     value studies ran with before it existed): a line for its summary, naming the precision whenever it names
     anything, or None."""
     precision = identity.get("trainer.precision") or "32-true"  # null: Lightning's default
+    if identity.get("model.fast") is False:  # torch's own modules and RMSprop: the engine's options do not apply
+        return f"Trained with precision {precision} on torch's own path (`--model.fast false`; this study's members)."
     choices = [
         OPTIONS[key].describe.format(identity[key])
         for key in RECIPE

@@ -81,8 +81,8 @@ def duration(seconds: float) -> str:
 
 
 class EpochLines(pl.Callback):
-    """One line per epoch on stderr, with the time the remaining epochs will take at this run's pace so far (for log
-    files, where a progress bar would redraw thousands of times)."""
+    """One line per epoch on stderr, with the time the remaining epochs will take at this run's pace so far: above the
+    progress bar in a terminal, the only progress in a log file (where no bar is drawn)."""
 
     def __init__(self):
         self.epochs: list[float] = []  # seconds of each epoch this process trained, validation included
@@ -105,7 +105,12 @@ class EpochLines(pl.Callback):
         left = (trainer.max_epochs - trainer.current_epoch - 1) * sum(self.epochs) / len(self.epochs)
         pace = f"about {duration(left)} left" if left else "the last epoch"
         epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
-        print(f"{epoch}: {seconds:.1f} s, {pace}  {text}", file=sys.stderr, flush=True)
+        line = f"{epoch}: {seconds:.1f} s, {pace}  {text}"
+        bar = trainer.progress_bar_callback
+        if bar is not None and sys.stderr.isatty():  # above a progress bar, which redraws below it
+            bar.print(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 class CheckpointRecord(pl.Callback):
@@ -125,7 +130,7 @@ class CheckpointRecord(pl.Callback):
             trainer.strategy.checkpoint_io = checkpoints.FileCheckpointIO()  # written as it goes, not first in memory
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoints.record(checkpoint, self.identity, pl_module.epoch_metrics)
+        checkpoints.record(checkpoint, self.identity, pl_module.epoch_metrics, [m.name for m in pl_module.members])
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         kept = checkpoint.get(checkpoints.RECORD)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from noise_robustness.study.files import write_atomic
+from noise_robustness.files import write_atomic
 from noise_robustness.study.spec import differences
 
 RECORD = "noise_robustness"  # the checkpoint key of the record
@@ -52,11 +52,13 @@ def checksum_of(value) -> str:
     return digest.hexdigest()
 
 
-def record(checkpoint: dict, identity: dict, epoch_metrics: dict[str, torch.Tensor]) -> None:
-    """Adds the record to a checkpoint Lightning is about to save."""
+def record(checkpoint: dict, identity: dict, epoch_metrics: dict[str, torch.Tensor], members: list[str]) -> None:
+    """Adds the record to a checkpoint Lightning is about to save: the options, the last epoch's metrics and the
+    names of the members whose state it holds."""
     checkpoint[RECORD] = {
         "identity": identity,
         "epoch_metrics": {k: v.detach().cpu() for k, v in epoch_metrics.items()},
+        "members": members,
     }
     checkpoint[RECORD]["checksum"] = checksum(checkpoint)
 
@@ -86,7 +88,7 @@ def check_checkpoint(path: str) -> None:
         raise ValueError(f"Expected `ckpt_path` to be a checkpoint file, but {path} holds no `state_dict`")
 
 
-def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str) -> None:
+def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str, members: list[str] | None = None) -> None:
     """Checks a checkpoint before it is resumed, creating nothing.
 
     Args:
@@ -94,6 +96,8 @@ def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str) ->
         identity: the options of the run that would resume it (None: check that it is whole only).
         ignored: options that may differ (more epochs, other callbacks).
         remedy: what the user can do instead, for the message.
+        members: the names of the members the run would resume (None: not checked). A checkpoint written before
+            its record named them is checked by their number (its metrics have one value per member).
 
     Raises:
         ValueError: naming the file and what is wrong: not a checkpoint, damaged, written by
@@ -112,6 +116,14 @@ def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str) ->
         differ = differences(kept["identity"], identity, keys, "now")
         if differ:
             raise ValueError(f"{path} was written by a run with other options ({'; '.join(differ)}); {remedy}")
+    if members is not None:
+        metrics = next(iter(kept.get("epoch_metrics", {}).values()), None)
+        recorded = kept.get("members") or ([None] * len(metrics) if metrics is not None else None)
+        if recorded is not None and (len(recorded) != len(members) or None not in recorded and recorded != members):
+            raise ValueError(
+                f"{path} holds the state of {len(recorded)} member(s), not of the {len(members)} this command "
+                f"trains ({', '.join(members)}); {remedy}"
+            )
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor], study_id: str) -> None:

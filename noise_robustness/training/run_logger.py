@@ -10,7 +10,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
-from noise_robustness.study.files import check_writable
+from noise_robustness.files import check_writable
 from noise_robustness.study.members import Member, run_names
 
 FINAL_METRICS = ("val/acc", "train/acc", "val/loss", "train/loss")  # the HParams table's metric columns

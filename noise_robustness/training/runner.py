@@ -55,7 +55,7 @@ def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: lis
     checkpoint_dir = study.checkpoint_dir(to_train)
     if (checkpoint_dir / "last.ckpt").is_file():  # what a rerun resumes: whole, and of this study
         remedy = f"delete {checkpoint_dir} to train {len(to_train)} member(s) from their first epoch"
-        checkpoints.verify(checkpoint_dir / "last.ckpt", study.identity, set(), remedy)
+        checkpoints.verify(checkpoint_dir / "last.ckpt", study.identity, set(), remedy, [m.name for m in to_train])
     return Plan(study, to_train, checkpoint_dir)
 
 
@@ -116,6 +116,8 @@ def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[
     network = network_name(type(model.net.member(0)))
     data = datamodule.hparams
     for k, member in enumerate(model.members):
+        if member not in to_train:
+            continue  # finished by another command since this one was planned: its result stands
         # float32, as the metrics are logged (and as every results.csv has recorded them)
         metrics = {
             f"{stage}_{name}": float(final[f"{stage}/{name}"][k].float())
