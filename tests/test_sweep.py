@@ -209,13 +209,13 @@ def test_compare_refuses_studies_that_cannot_stand_beside_this_one(data_dir, tmp
         (
             ["--data.noise_mode=resample", f"--compare=[{cnn}]"],
             f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) "
-            "and its recipe (`trainer.precision`, `model.dropout_masks`, `model.compiled`) alone, "
+            "and its recipe (`model.fast`, `trainer.precision`, `model.dropout_masks`, `model.compiled`) alone, "
             "but data.noise_mode: 'fixed' there, 'resample' here",
         ),
         (  # trained for other batches: the same "epochs 1" would stand side by side
             ["--trainer.limit_train_batches=5", f"--compare=[{cnn}]"],
             f"Expected the study in {cnn} (`compare`) to differ from this one in its network (`model.net`) "
-            "and its recipe (`trainer.precision`, `model.dropout_masks`, `model.compiled`) alone, "
+            "and its recipe (`model.fast`, `trainer.precision`, `model.dropout_masks`, `model.compiled`) alone, "
             "but trainer.limit_train_batches: 2.0 there, 5.0 here",
         ),
     ]
