@@ -182,3 +182,37 @@ def test_the_compiled_step_needs_a_compiler_and_says_so(data_dir, tmp_path, monk
     message = capsys.readouterr().err
     assert "`compiled`" in message and "C++ compiler" in message
     assert not (tmp_path / "tb_logs").exists()  # refused before any run folder was made
+
+
+USER_NETWORKS = """
+from torch import nn
+
+
+class SevenLogits(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(784, 7))
+
+
+class ColourImages(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+"""
+
+
+@pytest.mark.parametrize(
+    "network, message",
+    [
+        ("SevenLogits", "to map MNIST's images to 10 logits, [B, 10], but it gave [2, 7] for B = 2"),
+        ("ColourImages", "to take MNIST's images, [B, 1, 28, 28], but it raised RuntimeError"),
+    ],
+)
+def test_a_users_network_that_does_not_fit_mnist_is_named_before_anything_runs(
+    network, message, data_dir, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "usernets.py").write_text(USER_NETWORKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit:
+        cli_main(short_run(data_dir, tmp_path, "fit", f"--model.net=usernets.{network}"))
+    assert exit.value.code == 2
+    assert f"Expected `model.net` (usernets.{network}) {message}" in capsys.readouterr().err
+    assert not (tmp_path / "tb_logs").exists()

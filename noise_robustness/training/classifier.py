@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from noise_robustness.corruptions import Corruption
+from noise_robustness.data.datamodule import IMAGE_SHAPE
 from noise_robustness.engine import switches
 from noise_robustness.engine.graphs import StepGraphs, graphed_step
 from noise_robustness.engine.masks import DEFAULT_MASKS
@@ -17,6 +18,7 @@ from noise_robustness.models import DropoutMLP
 from noise_robustness.study.members import chosen, study_members
 
 STAGES = ("train", "val", "test")
+CLASSES = 10  # MNIST's digits
 METRICS = ("acc", "loss")  # logged as "<stage>/<metric>", per member
 
 
@@ -68,6 +70,28 @@ class MemberMeans(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         # float64: an accuracy is a ratio of counts
         return {name: row / self.count for name, row in zip(METRICS, self.sums, strict=True)}
+
+
+def check_network(network: nn.Module) -> None:
+    """Raises ValueError, before any data is read, unless ``network`` maps MNIST's images (``[B, 1, 28, 28]``, the
+    study's data) to 10 logits: a user's network that does not fails here, named, not in the middle of a step."""
+    images, name = torch.zeros(2, *IMAGE_SHAPE), f"{type(network).__module__}.{type(network).__qualname__}"
+    training = network.training
+    try:
+        with torch.no_grad():
+            shape = tuple(network.eval()(images).shape)
+    except Exception as err:  # whatever the network raises on input of the wrong shape
+        raise ValueError(
+            f"Expected `model.net` ({name}) to take MNIST's images, [B, {', '.join(map(str, IMAGE_SHAPE))}], but it "
+            f"raised {type(err).__name__}: {err}"
+        ) from None
+    finally:
+        network.train(training)
+    if shape != (2, CLASSES):
+        raise ValueError(
+            f"Expected `model.net` ({name}) to map MNIST's images to {CLASSES} logits, [B, {CLASSES}], but it gave "
+            f"{list(shape)} for B = 2"
+        )
 
 
 class NoiseClassifier(pl.LightningModule):
@@ -124,6 +148,7 @@ class NoiseClassifier(pl.LightningModule):
         self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
         self.members = chosen(study_members(scales, seeds, corruptions), members)
         self.net = switches.members_net(net, [m.seed for m in self.members], fast, dropout_masks, compiled, graphed)
+        check_network(self.net.member(0))
         self.automatic_optimization = not graphed  # graphed: the step's backward pass is inside its graph
         self.step_sums = StepSums()  # the graphed step's metrics
         self.step_graphs: StepGraphs | None = None  # made when fitting starts
