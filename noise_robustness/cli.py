@@ -128,16 +128,15 @@ class NoiseCLI(LightningCLI):
         if self.subcommand != "fit" and not config.get("ckpt_path"):
             return  # nothing to record or check: no need to resolve the config
         resolved = self.resolved()
+        names = [m.name for m in chosen(study_members(*(resolved.get(k) for k in MEMBER_OPTIONS[:3])), config.members)]
         members = {key: resolved[key] for key in MEMBER_OPTIONS if resolved.get(key) is not None}
+        members |= {"members": names} if "members" in members else {}  # in the study's order, however typed
         identity = identity_of(resolved) | members  # a run's checkpoint is of its members (Gaussian: no corruptions)
         fit = self.subcommand == "fit"
         if fit:
             self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], CheckpointRecord(identity)]
         if config.get("ckpt_path"):
             remedy = "resume from a checkpoint of this run's options, or start a new run without --ckpt_path"
-            names = [
-                m.name for m in chosen(study_members(*(resolved.get(k) for k in MEMBER_OPTIONS[:3])), config.members)
-            ]
             verify = remedy if fit else "name another checkpoint"
             checkpoints.verify(Path(config.ckpt_path), identity if fit else None, RESUMABLE, verify, names)
 

@@ -69,7 +69,7 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
             os.fsync(f.fileno())
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)  # a failed write leaves no temporary file behind
-        if isinstance(err, OSError) and err.filename is None:  # a write's error names no file: name this one
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # name the file written
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     os.replace(tmp, path)

@@ -57,6 +57,11 @@ def check_given(tokens: list[str], configs: list[dict | None], certify_arguments
     check_retired(given)
     if tokens and tokens[0] == "sweep" and "ckpt_path" in given:
         raise ValueError("`ckpt_path` is chosen by the study: rerun the same sweep command to resume it")
+    if tokens and tokens[0] == "sweep" and any(key.rpartition(".")[2] == "members" for key in given):
+        raise ValueError(
+            "`members` is chosen by the study (the members of `--scales` and `--seeds` not finished yet): name the "
+            "levels and seeds instead, or `--task` for one seed"
+        )
     if tokens and tokens[0] == "certify":
         allowed = certify_arguments | CERTIFY
         unknown = sorted(given - allowed - {"help"})

@@ -102,7 +102,7 @@ def chosen(members: list[Member], names: list[str] | None) -> list[Member]:
         return members
     known = {m.name: m for m in members}
     unknown = [name for name in names if name not in known]
-    if unknown or len(set(names)) != len(names):
+    if not names or unknown or len(set(names)) != len(names):
         raise ValueError(
             f"Expected `members` to name members of the study once each ({', '.join(known)}), but got {names}"
         )

@@ -107,7 +107,7 @@ class EpochLines(pl.Callback):
         epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
         line = f"{epoch}: {seconds:.1f} s, {pace}  {text}"
         bar = trainer.progress_bar_callback
-        if bar is not None and sys.stderr.isatty():  # above a progress bar, which redraws below it
+        if bar is not None and bar.is_enabled and sys.stderr.isatty():  # above a progress bar, which redraws below it
             bar.print(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)

@@ -118,11 +118,16 @@ def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str, me
             raise ValueError(f"{path} was written by a run with other options ({'; '.join(differ)}); {remedy}")
     if members is not None:
         metrics = next(iter(kept.get("epoch_metrics", {}).values()), None)
-        recorded = kept.get("members") or ([None] * len(metrics) if metrics is not None else None)
-        if recorded is not None and (len(recorded) != len(members) or None not in recorded and recorded != members):
+        recorded = kept.get("members")
+        if recorded is not None and sorted(recorded) != sorted(members):
             raise ValueError(
-                f"{path} holds the state of {len(recorded)} member(s), not of the {len(members)} this command "
-                f"trains ({', '.join(members)}); {remedy}"
+                f"{path} holds the state of other members ({', '.join(recorded)}) than this command trains "
+                f"({', '.join(members)}); {remedy}"
+            )
+        if recorded is None and metrics is not None and len(metrics) != len(members):  # written before the names
+            raise ValueError(
+                f"{path} holds the state of {len(metrics)} member(s), not of the {len(members)} this command trains "
+                f"({', '.join(members)}); {remedy}"
             )
 
 

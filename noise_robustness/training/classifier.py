@@ -1,6 +1,7 @@
 """The LightningModule: K members (one network per (σ, seed)) trained in one step, cross-entropy each."""
 
 from collections.abc import Callable
+from copy import deepcopy
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -75,18 +76,17 @@ class MemberMeans(Metric):
 def check_network(network: nn.Module) -> None:
     """Raises ValueError, before any data is read, unless ``network`` maps MNIST's images (``[B, 1, 28, 28]``, the
     study's data) to 10 logits: a user's network that does not fails here, named, not in the middle of a step."""
-    images, name = torch.zeros(2, *IMAGE_SHAPE), f"{type(network).__module__}.{type(network).__qualname__}"
-    training = network.training
+    name = f"{type(network).__module__}.{type(network).__qualname__}"
+    copy = deepcopy(network).eval()  # the member itself stays as it is: its mode, its lazy layers
+    images = torch.zeros(2, *IMAGE_SHAPE, device=next(copy.parameters(), torch.zeros(())).device)
     try:
-        with torch.no_grad():
-            shape = tuple(network.eval()(images).shape)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the global generator left as it was
+            shape = tuple(copy(images).shape)
     except Exception as err:  # whatever the network raises on input of the wrong shape
         raise ValueError(
             f"Expected `model.net` ({name}) to take MNIST's images, [B, {', '.join(map(str, IMAGE_SHAPE))}], but it "
             f"raised {type(err).__name__}: {err}"
         ) from None
-    finally:
-        network.train(training)
     if shape != (2, CLASSES):
         raise ValueError(
             f"Expected `model.net` ({name}) to map MNIST's images to {CLASSES} logits, [B, {CLASSES}], but it gave "
