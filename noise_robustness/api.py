@@ -12,7 +12,6 @@ folder and numbers), so a study started in a notebook can be resumed, extended o
 """
 
 import csv
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from noise_robustness.cli import cli_main
 from noise_robustness.data.datamodule import NoisyMNISTDataModule
+from noise_robustness.study.measures import robustness_matrix
 
 
 @dataclass
@@ -35,13 +35,7 @@ class StudyResults:
     def matrix(self) -> dict[tuple[str, float], dict[tuple[str, float], float]]:
         """The robustness pass as a train × evaluation matrix: (training corruption, severity) -> (evaluation
         corruption, severity) -> validation accuracy, the mean over the members' seeds."""
-        cells: dict[tuple, dict[tuple, list[float]]] = {}
-        for row in self.robustness:
-            train = (row["train_corruption"], row["train_noise_scale"])
-            cells.setdefault(train, {}).setdefault((row["eval_corruption"], row["eval_noise_scale"]), []).append(
-                row["acc"]
-            )
-        return {train: {cell: statistics.fmean(accs) for cell, accs in row.items()} for train, row in cells.items()}
+        return robustness_matrix(self.robustness)
 
     def figure(self, name: str = "accuracy_vs_noise.png") -> Path:
         """A figure of the study's report (``accuracy_vs_noise.png``, ``robustness.png``, ``noise_preview.png``)."""

@@ -29,7 +29,7 @@ from noise_robustness.engine import switches
 from noise_robustness.engine.precision import resolve as resolve_precision
 from noise_robustness.stops import StopSignals, how_to_resume
 from noise_robustness.study.folder import StudyError
-from noise_robustness.study.members import chosen, scales_of, seeds_of, study_members
+from noise_robustness.study.members import members_of, scales_of, seeds_of
 from noise_robustness.study.spec import MEMBER_OPTIONS, RESUMABLE, identity_of
 from noise_robustness.training import checkpoints, runner
 from noise_robustness.training.callbacks import CheckpointRecord
@@ -128,7 +128,7 @@ class NoiseCLI(LightningCLI):
         if self.subcommand != "fit" and not config.get("ckpt_path"):
             return  # nothing to record or check: no need to resolve the config
         resolved = self.resolved()
-        names = [m.name for m in chosen(study_members(*(resolved.get(k) for k in MEMBER_OPTIONS[:3])), config.members)]
+        names = [m.name for m in members_of(resolved)]
         members = {key: resolved[key] for key in MEMBER_OPTIONS if resolved.get(key) is not None}
         members |= {"members": names} if "members" in members else {}  # in the study's order, however typed
         identity = identity_of(resolved) | members  # a run's checkpoint is of its members (Gaussian: no corruptions)
@@ -154,11 +154,8 @@ class NoiseCLI(LightningCLI):
             target.scales, target.seeds, target.corruptions = scales_of(train), seeds_of(train), covering
             target.members = [m.name for m in train]
         config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
-        config.trainer.logger = {
-            "class_path": commands.STUDY_LOGGER,
-            "init_args": {"save_dir": str(plan.study.out), "name": "tensorboard", "version": ""},
-        }
-        config.trainer.logger["init_args"]["default_hp_metric"] = False
+        runs = {"save_dir": str(plan.study.out), "name": "tensorboard", "version": "", "default_hp_metric": False}
+        config.trainer.logger = {"class_path": commands.STUDY_LOGGER, "init_args": runs}
         self.trainer_defaults["callbacks"] = [
             commands.newest_checkpoint(plan.checkpoint_dir) if isinstance(c, ModelCheckpoint) else c
             for c in self.trainer_defaults["callbacks"]

@@ -28,6 +28,7 @@ STUDY_SEEDS = [0, 1, 2]  # the sweep's default seeds
 GRAPHED_STEPS_PER_BATCH = 16  # training batches a graphed step is served at once: Lightning's loop once a block
 STUDY_LOGGER = "noise_robustness.training.run_logger.RunLogger"  # a TensorBoard run per member
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
+RUNS = "tb_logs"  # where a run's TensorBoard experiment goes (a study's go to its own folder)
 
 
 def trainer_defaults() -> dict:
@@ -40,7 +41,7 @@ def trainer_defaults() -> dict:
         "enable_progress_bar": interactive,  # a log file gets one line per epoch instead
         "logger": {
             "class_path": STUDY_LOGGER,
-            "init_args": {"save_dir": "tb_logs", "default_hp_metric": False},
+            "init_args": {"save_dir": RUNS, "default_hp_metric": False},
         },
         "callbacks": [newest_checkpoint(), NoisySamples(), StudyHParams(), EpochLines()],  # a line an epoch, time left
     }
@@ -144,7 +145,7 @@ def check_study_logger(logger) -> None:
     ``<out>/tensorboard`` and serves no other logger yet, so a given one is refused rather than dropped."""
     if not isinstance(logger, Namespace) or logger.class_path != STUDY_LOGGER:
         given = getattr(logger, "class_path", logger)
-    elif (logger.init_args.save_dir, logger.init_args.name) != ("tb_logs", DEFAULT_RUN_NAME):
+    elif (logger.init_args.save_dir, logger.init_args.name) != (RUNS, DEFAULT_RUN_NAME):
         given = f"RunLogger in {logger.init_args.save_dir}/{logger.init_args.name}"
     else:
         return

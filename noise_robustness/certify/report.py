@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import statistics
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -48,9 +47,9 @@ def write(certifications: list[Certification]) -> None:
     figure = certified_figure(by_network)
     for certification, rows in by_network.values():
         write_atomic(certification.folder / "summary.md", text)
-        png = io.BytesIO()
-        figure.savefig(png, format="png", dpi=120)
-        write_atomic(certification.folder / "certified_accuracy.png", png.getvalue())
+        write_atomic(
+            certification.folder / "certified_accuracy.png", lambda file: figure.savefig(file, format="png", dpi=120)
+        )
         log_tensorboard(certification, rows, figure)
     say("certify", f"done: summary.md and certified_accuracy.png in {', '.join(str(c.folder) for c in certifications)}")
 

@@ -17,7 +17,7 @@ import torch
 from noise_robustness.corruptions import Corruption
 from noise_robustness.data import mnist
 from noise_robustness.data.noise import check_noise_mode, draw, seeded
-from noise_robustness.study.members import Member, chosen, study_members
+from noise_robustness.study.members import Member, study_members
 
 IMAGE_SHAPE = (1, 28, 28)
 N_TRAIN, N_TEST = 60_000, 10_000  # images in the MNIST train and test files
@@ -184,7 +184,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         steps_per_batch: int = 1,
     ):
         super().__init__()
-        self.members = chosen(study_members(scales, seeds, corruptions), members)
+        self.members = study_members(scales, seeds, corruptions, members)
         check_noise_mode(noise_mode)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")

@@ -1,7 +1,6 @@
 """A study's figures: accuracy against σ, the noise preview, the train × evaluation matrix, corruption errors."""
 
 import statistics
-from collections import defaultdict
 
 import torch
 from matplotlib.figure import Figure  # a Figure of its own needs no pyplot and no display backend
@@ -14,6 +13,7 @@ from noise_robustness.study.measures import (
     cell_order,
     label,
     only_gaussian,
+    robustness_matrix,
     trained_on,
 )  # fmt: skip
 from noise_robustness.study.members import sigma_text
@@ -161,14 +161,9 @@ def robustness_figure(robustness: list[dict]) -> Figure:
     fig = Figure(figsize=(width * len(networks), height))
     axes = fig.subplots(1, len(networks), squeeze=False)
     for ax, network in zip(axes[0], networks):
-        cells = defaultdict(list)
-        for r in robustness:
-            if r["network"] == network:
-                cells[trained_on(r, "train_"), trained_on(r, "eval_")].append(100 * float(r["acc"]))
-        rows = [t for t in train_cells if any(k[0] == t for k in cells)]
-        grid = [
-            [statistics.fmean(cells[t, e]) if cells.get((t, e)) else float("nan") for e in eval_cells] for t in rows
-        ]
+        matrix = robustness_matrix(robustness, network, scale=100)  # percent
+        rows = [t for t in train_cells if t in matrix]
+        grid = [[matrix[t].get(e, float("nan")) for e in eval_cells] for t in rows]
         ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto" if not gaussian else None)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):

@@ -24,8 +24,8 @@ import yaml
 
 from noise_robustness.corruptions import GAUSSIAN
 from noise_robustness.files import Lock, check_writable, create_exclusive, csv_text, read_options, write_atomic
-from noise_robustness.study.members import Member, evaluations, seeds_of, study_members
-from noise_robustness.study.spec import RECIPE, differences
+from noise_robustness.study.members import Member, evaluations, members_of, seeds_of
+from noise_robustness.study.spec import RECIPE, differences, identity_of
 
 RESULT_COLUMNS = [
     "network", "corruption", "noise_scale", "seed", "noise_mode", "clip", "epochs",
@@ -239,11 +239,15 @@ class Study:
         """
         if not (out / "study.yaml").is_file() or not (out / "config.yaml").is_file():
             raise ValueError(f"{out} is not a study folder (with study.yaml and config.yaml)")
-        resolved = read_options(out / "config.yaml")
-        scales, corruptions = resolved["scales"], resolved.get("corruptions")
-        members = study_members(scales, resolved["seeds"], corruptions)
-        cells = evaluations(resolved.get("eval_corruptions"), scales, members)
-        return cls(out, read_options(out / "study.yaml"), members, resolved, cells)
+        return cls.of(out, read_options(out / "config.yaml"), read_options(out / "study.yaml"))
+
+    @classmethod
+    def of(cls, out: Path, resolved: dict, identity: dict | None = None) -> "Study":
+        """The study a command's resolved config (nested) describes, in ``out``: its members and evaluation cells;
+        ``identity`` as recorded (default: the config's own, ``spec.identity_of``)."""
+        members = members_of(resolved)
+        cells = evaluations(resolved.get("eval_corruptions"), resolved["scales"], members)
+        return cls(out, identity_of(resolved) if identity is None else identity, members, resolved, cells)
 
 
 def compared_rows(folder: Path, identity: dict) -> tuple[list[dict], list[dict], dict]:

@@ -68,13 +68,17 @@ def run_names(members: list[Member]) -> list[str]:
     return [f"{m.key}={s.zfill(width)}/seed={m.seed:0{seed_width}d}" for s, m in zip(sigmas, members)]
 
 
-def study_members(scales: list[float], seeds: list[int], corruptions: list | None = None) -> list[Member]:
+def study_members(
+    scales: list[float], seeds: list[int], corruptions: list | None = None, names: list[str] | None = None
+) -> list[Member]:
     """Every (corruption, severity, seed) of the study, seed-major: members of one seed share a shuffle order and
     corruption patterns. Each corruption (``corruptions.build`` specs; default Gaussian noise alone) is trained at
-    its own severities, else at ``scales``; severity 0 is one clean member per seed.
+    its own severities, else at ``scales``; severity 0 is one clean member per seed. ``names``: only the members
+    named (``sigma=0.5/seed=0``, the ``members`` option), in the study's order.
 
     Raises:
-        ValueError: an empty or repeated list, a corruption named twice, or a severity outside its corruption's range.
+        ValueError: an empty or repeated list, a corruption named twice, a severity outside its corruption's range,
+            or a name that is not one of the members.
     """
     if not scales:
         raise ValueError("Expected `scales` to be a non-empty list of noise levels, but got []")
@@ -89,15 +93,17 @@ def study_members(scales: list[float], seeds: list[int], corruptions: list | Non
             raise ValueError(f"Expected `seeds` to be integers >= 0, but got {seed!r}")
     trained = [Member(level, -1, c) for c in distinct(corruptions, "corruptions") for level in c.levels(scales)]
     grid = list(dict.fromkeys((m.noise_scale, m.corruption) for m in trained))  # clean once
-    return [Member(level, seed, corruption) for seed in seeds for level, corruption in grid]
+    return chosen([Member(level, seed, corruption) for seed in seeds for level, corruption in grid], names)
+
+
+def members_of(options: dict) -> list[Member]:
+    """The members a resolved config (nested, as YAML writes it) trains: its ``scales``, ``seeds``, ``corruptions``
+    and ``members``."""
+    return study_members(options["scales"], options["seeds"], options.get("corruptions"), options.get("members"))
 
 
 def chosen(members: list[Member], names: list[str] | None) -> list[Member]:
-    """The ``members`` that ``names`` names (``sigma=0.5/seed=0``), in the study's order; all of them for None.
-
-    Raises:
-        ValueError: a name that is not one of ``members``, or a name given twice.
-    """
+    """The ``members`` that ``names`` names, in the study's order; all of them for None."""
     if names is None:
         return members
     known = {m.name: m for m in members}

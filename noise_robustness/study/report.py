@@ -1,6 +1,5 @@
 """A study's report: ``summary.md``, ``accuracy_vs_noise.png``, ``noise_preview.png``, ``robustness.png``."""
 
-import io
 from pathlib import Path
 
 import torch
@@ -150,9 +149,7 @@ def write_report(
         )
     writer = SummaryWriter(str(out / "tensorboard"))
     for name, fig in figures.items():
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=120)
-        write_atomic(out / f"{name}.png", png.getvalue())
+        write_atomic(out / f"{name}.png", lambda file, fig=fig: fig.savefig(file, format="png", dpi=120))
         writer.add_figure(f"study/{name}", fig)
     writer.close()
     return ["summary.md", *(f"{name}.png" for name in figures)]

@@ -16,7 +16,7 @@ from noise_robustness.engine import switches
 from noise_robustness.engine.graphs import StepGraphs, graphed_step
 from noise_robustness.engine.masks import DEFAULT_MASKS
 from noise_robustness.models import DropoutMLP
-from noise_robustness.study.members import chosen, study_members
+from noise_robustness.study.members import study_members
 
 STAGES = ("train", "val", "test")
 CLASSES = 10  # MNIST's digits
@@ -146,7 +146,7 @@ class NoiseClassifier(pl.LightningModule):
         # hyperparameters is read by LightningCLI's `--ckpt_path` as weights only, never as options.
         switches.check(fast, dropout_masks, compiled, graphed)
         self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
-        self.members = chosen(study_members(scales, seeds, corruptions), members)
+        self.members = study_members(scales, seeds, corruptions, members)
         self.net = switches.members_net(net, [m.seed for m in self.members], fast, dropout_masks, compiled, graphed)
         check_network(self.net.member(0))
         self.automatic_optimization = not graphed  # graphed: the step's backward pass is inside its graph

@@ -13,9 +13,9 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from noise_robustness.study.folder import Study, StudyError, compared_rows
-from noise_robustness.study.members import Member, evaluations, network_name, study_members
+from noise_robustness.study.members import Member, network_name
 from noise_robustness.study.report import write_report
-from noise_robustness.study.spec import RECIPE, differences, identity_of, recipe_note
+from noise_robustness.study.spec import RECIPE, differences, recipe_note
 from noise_robustness.study.text import say
 from noise_robustness.training import checkpoints
 from noise_robustness.training.checkpoints import save_weights
@@ -37,9 +37,7 @@ def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: lis
         ValueError: bad study options, a folder that holds another study or no study, a compared folder that is
             not a finished study of another network, or a checkpoint to resume that is damaged or of another study.
     """
-    members = study_members(resolved["scales"], resolved["seeds"], resolved.get("corruptions"))
-    cells = evaluations(resolved.get("eval_corruptions"), resolved["scales"], members)
-    study = Study(out, identity_of(resolved), members, resolved, cells)
+    study = Study.of(out, resolved)
     to_train = study.to_train(task, gather)
     if str(devices) not in ("auto", "1") or num_nodes != 1:
         raise ValueError(
