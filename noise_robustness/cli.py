@@ -29,7 +29,7 @@ from noise_robustness.engine import switches
 from noise_robustness.engine.precision import resolve as resolve_precision
 from noise_robustness.stops import StopSignals, how_to_resume
 from noise_robustness.study.folder import StudyError
-from noise_robustness.study.members import members_of, scales_of, seeds_of
+from noise_robustness.study.members import members_of, run_names, scales_of, seeds_of
 from noise_robustness.study.spec import MEMBER_OPTIONS, RESUMABLE, identity_of
 from noise_robustness.training import checkpoints, runner
 from noise_robustness.training.callbacks import CheckpointRecord
@@ -143,19 +143,24 @@ class NoiseCLI(LightningCLI):
     def plan_study(self, config: Namespace) -> runner.Plan:
         """Checks a sweep against its folder (``runner.plan``), then sets the classes to the members it trains, the
         study's logger and its checkpoints; creates nothing."""
-        commands.check_study_logger(config.trainer.logger)
+        served = commands.study_loggers(config.trainer.logger)
         plan = runner.plan(
             Path(config.out), self.resolved(), config.task, config.gather, config.compare or [],
             config.trainer.devices, config.trainer.num_nodes,
         )  # fmt: skip
         train = plan.to_train or plan.study.members  # nothing to train: the classes are built, never fitted
+        if plan.to_train and not (plan.checkpoint_dir / "last.ckpt").is_file():  # a new fit: new runs
+            commands.check_new_runs(
+                served,
+                [name for m, name in zip(plan.study.members, run_names(plan.study.members)) if m in plan.to_train],
+            )
         covering = [dict_to_namespace(c) for c in runner.covering_corruptions(train)]
         for target in (config.data, config.model):  # those members, in a product of severities and seeds covering them
             target.scales, target.seeds, target.corruptions = scales_of(train), seeds_of(train), covering
             target.members = [m.name for m in train]
         config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
         runs = {"save_dir": str(plan.study.out), "name": "tensorboard", "version": "", "default_hp_metric": False}
-        config.trainer.logger = {"class_path": commands.STUDY_LOGGER, "init_args": runs}
+        config.trainer.logger = [{"class_path": commands.STUDY_LOGGER, "init_args": runs}, *served]
         self.trainer_defaults["callbacks"] = [
             commands.newest_checkpoint(plan.checkpoint_dir) if isinstance(c, ModelCheckpoint) else c
             for c in self.trainer_defaults["callbacks"]

@@ -22,12 +22,14 @@ from noise_robustness.corruptions import Corruption
 from noise_robustness.engine.precision import resolve as resolve_precision
 from noise_robustness.engine.precision import uses_cuda
 from noise_robustness.training.callbacks import EpochLines, NoisySamples, StudyHParams
+from noise_robustness.training.member_runs import logger_class, naming_argument, taken_runs
 
 STUDY_SCALES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0]  # the sweep's default noise levels
 STUDY_SEEDS = [0, 1, 2]  # the sweep's default seeds
 GRAPHED_STEPS_PER_BATCH = 16  # training batches a graphed step is served at once: Lightning's loop once a block
 STUDY_LOGGER = "noise_robustness.training.run_logger.RunLogger"  # a TensorBoard run per member
 DEFAULT_RUN_NAME = "lightning_logs"  # TensorBoardLogger's own default name: replaced by the config's
+MEMBER_RUNS = "noise_robustness.training.member_runs.MemberRuns"  # a user's logger, a run per member
 RUNS = "tb_logs"  # where a run's TensorBoard experiment goes (a study's go to its own folder)
 
 
@@ -140,16 +142,37 @@ class SaveRunConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-def check_study_logger(logger) -> None:
-    """Raises ValueError naming a ``trainer.logger`` a sweep would have to replace: the study logs each member to
-    ``<out>/tensorboard`` and serves no other logger yet, so a given one is refused rather than dropped."""
-    if not isinstance(logger, Namespace) or logger.class_path != STUDY_LOGGER:
-        given = getattr(logger, "class_path", logger)
-    elif (logger.init_args.save_dir, logger.init_args.name) != (RUNS, DEFAULT_RUN_NAME):
-        given = f"RunLogger in {logger.init_args.save_dir}/{logger.init_args.name}"
-    else:
-        return
-    raise ValueError(
-        f"Expected no `trainer.logger` in a sweep, which logs each member to <out>/tensorboard, but got {given}: "
-        "other loggers are not served yet, so leave it unset"
-    )
+def study_loggers(logger) -> list[dict]:
+    """The loggers a sweep serves besides its own TensorBoard runs in ``<out>/tensorboard``: each ``trainer.logger``
+    given (one or a list) as a ``MemberRuns`` of it, a run per member (``training/member_runs.py``).
+
+    Raises:
+        ValueError: naming a logger the study cannot serve (``false``, which would drop the study's own runs; a class
+            that is not a Logger, or whose runs cannot be named), before anything is created.
+    """
+    if logger is False:
+        raise ValueError(
+            "Expected `trainer.logger` in a sweep to be a logger (or a list of them), but got False: a study always "
+            "writes each member's TensorBoard run into <out>/tensorboard; leave it unset to write only those"
+        )
+    given = logger if isinstance(logger, list) else [logger] if logger not in (None, True) else []
+    served = []
+    for spec in given:
+        spec = spec.as_dict() if isinstance(spec, Namespace) else dict(spec)
+        args = spec.get("init_args") or {}
+        if spec["class_path"] == STUDY_LOGGER and (args.get("save_dir"), args.get("name")) == (RUNS, DEFAULT_RUN_NAME):
+            continue  # the default of `fit`: a sweep's own runs replace it
+        naming_argument(logger_class(spec["class_path"]))
+        served.append({"class_path": MEMBER_RUNS, "init_args": {"logger": spec}})
+    return served
+
+
+def check_new_runs(served: list[dict], names: list[str]) -> None:
+    """Raises ValueError naming a member's run that a served folder logger already holds (another study's, or a
+    run of this one made before its checkpoint was deleted): a new fit's runs never add to them."""
+    for spec in served:
+        if taken := taken_runs(spec["init_args"]["logger"], names):
+            raise ValueError(
+                f"Expected `trainer.logger` to write new runs, but {taken[0]} already holds one (of another study, or "
+                "of this one before its checkpoint was deleted): give the logger another `save_dir` or `name`"
+            )

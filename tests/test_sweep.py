@@ -293,20 +293,3 @@ def test_a_member_after_one_epoch_scores_as_its_fit_alone(data_dir, tmp_path):
     assert abs(float(member["val_acc"]) - alone.trainer.callback_metrics["val/acc"].item()) < 0.003
     record = json.loads((tmp_path / "study" / "members" / "sigma=0.5" / "seed=4.json").read_text())
     assert record["result"]["study_id"] == member["study_id"]
-
-
-@pytest.mark.parametrize(
-    "option, named",
-    [
-        ("--trainer.logger=CSVLogger", "but got pytorch_lightning.loggers.CSVLogger"),
-        ("--trainer.logger=false", "but got False"),
-        ("--trainer.logger.init_args.save_dir=elsewhere", "but got RunLogger in elsewhere/lightning_logs"),
-    ],
-)
-def test_a_logger_the_study_cannot_serve_is_refused_not_dropped(option, named, data_dir, tmp_path, capsys):
-    """A sweep logs every member to <out>/tensorboard; another `trainer.logger` (or the same one elsewhere) is named
-    and refused, before anything is created, rather than silently replaced."""
-    out = tmp_path / "study"
-    message = exits_with_error(tiny(data_dir, out, option), capsys)
-    assert "Expected no `trainer.logger` in a sweep" in message and named in message, message
-    assert not out.exists()

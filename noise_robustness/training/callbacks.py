@@ -10,14 +10,13 @@ from torchvision.utils import make_grid
 
 from noise_robustness.study.members import Member, network_name
 from noise_robustness.training import checkpoints
-from noise_robustness.training.run_logger import RunLogger
 
 
-def _run_logger(trainer: pl.Trainer) -> RunLogger | None:
-    """The run's RunLogger on rank zero, else None (only rank zero writes)."""
+def member_loggers(trainer: pl.Trainer, method: str) -> list:
+    """The run's loggers that log per member with ``method`` (RunLogger, MemberRuns), on rank zero only."""
     if not trainer.is_global_zero:
-        return None
-    return next((lg for lg in trainer.loggers if isinstance(lg, RunLogger)), None)
+        return []
+    return [logger for logger in trainer.loggers if callable(getattr(logger, method, None))]
 
 
 def sample_grid(clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
@@ -37,8 +36,8 @@ class NoisySamples(pl.Callback):
         self.n = n
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = _run_logger(trainer)
-        if logger is None:
+        loggers = member_loggers(trainer, "log_member_image")
+        if not loggers:
             return
         members, dm = pl_module.members, trainer.datamodule
         clean_members = [Member(0.0, m.seed) for m in members]
@@ -47,16 +46,17 @@ class NoisySamples(pl.Callback):
             noisy, _ = dm.noisy_images(split, positions, members)
             clean, _ = dm.noisy_images(split, positions, clean_members)
             for k, member in enumerate(members):
-                writer = logger.member_writer(member, members)
-                writer.add_image(f"{split}/samples_clean_above_noisy", sample_grid(clean[k], noisy[k]), global_step=0)
+                grid = sample_grid(clean[k], noisy[k])
+                for logger in loggers:
+                    logger.log_member_image(member, members, f"{split}/samples_clean_above_noisy", grid)
 
 
 class StudyHParams(pl.Callback):
     """Puts each member's σ, seed and the study's settings in TensorBoard's HParams view, against its final metrics."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = _run_logger(trainer)
-        if logger is None:
+        loggers = member_loggers(trainer, "log_member_hparams")
+        if not loggers:
             return
         data = trainer.datamodule.hparams
         constants = {
@@ -67,7 +67,8 @@ class StudyHParams(pl.Callback):
             "batch_size": int(data["batch_size"]),
             "lr": float(pl_module.lr),
         }
-        logger.log_member_hparams(pl_module.members, constants)
+        for logger in loggers:
+            logger.log_member_hparams(pl_module.members, constants)
 
 
 def duration(seconds: float) -> str:

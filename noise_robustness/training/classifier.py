@@ -215,9 +215,16 @@ class NoiseClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.step_sums.add_to(self.metrics["train_metrics"])
         self.end_epoch("train")
+        step = self.current_epoch + 1
         for logger in self.loggers:
-            if hasattr(logger, "log_members"):
-                logger.log_members(self.epoch_metrics, self.members, step=self.current_epoch + 1)
+            if hasattr(logger, "log_members"):  # a run per member (RunLogger, a study's MemberRuns)
+                logger.log_members(self.epoch_metrics, self.members, step=step)
+            elif self.trainer.is_global_zero:  # a user's logger in a `fit`: one run, each member's metrics named
+                names = [f"/{m.name}" if len(self.members) > 1 else "" for m in self.members]
+                metrics = {
+                    f"{tag}{name}": float(v[k]) for tag, v in self.epoch_metrics.items() for k, name in enumerate(names)
+                }
+                logger.log_metrics(metrics, step=step)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

@@ -82,6 +82,11 @@ class RunLogger(TensorBoardLogger):
             writer.flush()
 
     @rank_zero_only
+    def log_member_image(self, member: Member, members: list[Member], tag: str, image: torch.Tensor) -> None:
+        """``image`` ``[C, H, W]`` in ``member``'s run."""
+        self.member_writer(member, members).add_image(tag, image, global_step=0)
+
+    @rank_zero_only
     def log_member_hparams(self, members: list[Member], constants: dict[str, object]) -> None:
         """The HParams view: σ (or corruption and severity) and seed first, then the study's other settings, against
         the final metrics.

@@ -1,0 +1,144 @@
+"""A user's Lightning logger in a study: one run of it per member, named after the member.
+
+``sweep --trainer.logger CSVLogger --trainer.logger.save_dir csvlogs`` gives every member its own CSVLogger run
+(``csvlogs/<name>/sigma=0.5/seed=0/metrics.csv``), with the member's σ (or corruption and severity) and seed as
+its hyperparameters and its metrics per epoch; the study's own TensorBoard runs in ``<out>/tensorboard`` are written
+beside it. Any ``pytorch_lightning.loggers.Logger`` serves, if a run of it can be named: a folder logger
+(TensorBoard, CSV) takes the member's name as its ``version``, others as their ``run_name`` (MLflow) or ``name``
+(W&B, Neptune). A logger without a way to take images (CSV) gets no sample images.
+"""
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.cli import instantiate_class
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from noise_robustness.study.members import Member, run_names
+
+FOLDER_LOGGERS = (CSVLogger, TensorBoardLogger)  # a run is a folder: <save_dir>/<name>/<version>
+NAMING = ("run_name", "name")  # how other loggers name a run, in the order tried
+
+
+def logger_class(class_path: str) -> type:
+    """The class at ``class_path`` (``pytorch_lightning.loggers.CSVLogger``), or ValueError naming it."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"Expected `trainer.logger` to be a logger class, but {class_path} cannot be imported: {err}"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Logger)):
+        raise ValueError(f"Expected `trainer.logger` to be a pytorch_lightning Logger, but got {class_path}")
+    return cls
+
+
+def naming_argument(cls: type) -> str:
+    """The argument of ``cls`` that names one run of it: ``version`` (folder loggers), ``run_name`` or ``name``.
+
+    Raises:
+        ValueError: naming the logger, when it takes none of them (a run per member could not be told apart).
+    """
+    if issubclass(cls, FOLDER_LOGGERS):
+        return "version"
+    parameters = inspect.signature(cls.__init__).parameters
+    for argument in NAMING:
+        if argument in parameters:
+            return argument
+    raise ValueError(
+        f"Expected `trainer.logger` {cls.__module__}.{cls.__qualname__} to name a run (a `version`, `run_name` or "
+        "`name` argument), so that each member gets its own, but it takes none: use another logger"
+    )
+
+
+def member_values(member: Member) -> dict[str, object]:
+    """What tells a member apart, as hyperparameters: σ and seed, or corruption, severity and seed."""
+    if member.key == "sigma":
+        return {"sigma": member.noise_scale, "seed": member.seed}
+    return {"corruption": member.corruption.name, "severity": member.noise_scale, "seed": member.seed}
+
+
+def taken_runs(logger: dict, names: list[str]) -> list[Path]:
+    """The runs among ``names`` that a folder ``logger`` (``{"class_path", "init_args"}``) already holds: a new
+    member's run must not add to another study's (a resumed one continues its own)."""
+    cls, args = logger_class(logger["class_path"]), logger.get("init_args") or {}
+    if not issubclass(cls, FOLDER_LOGGERS):
+        return []
+    defaults = inspect.signature(cls.__init__).parameters
+    root = Path(args.get("save_dir", defaults["save_dir"].default), args.get("name", defaults["name"].default) or "")
+    return [root / name for name in names if (root / name).is_dir() and any((root / name).iterdir())]
+
+
+class MemberRuns(Logger):
+    """One run of the ``logger`` class (``{"class_path": ..., "init_args": {...}}``) per member, made when the member
+    first logs; what Lightning logs to every logger (nothing per member) it leaves out.
+
+    Args:
+        logger: the user's logger, as the config gives it.
+    """
+
+    def __init__(self, logger: dict):
+        super().__init__()
+        self.spec = {"class_path": logger["class_path"], "init_args": dict(logger.get("init_args") or {})}
+        self.naming = naming_argument(logger_class(self.spec["class_path"]))
+        self.runs: dict[str, Logger] = {}
+
+    @property
+    def name(self) -> str | None:
+        return self.spec["init_args"].get("name")
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str | None:
+        return self.spec["init_args"].get("save_dir")
+
+    def run(self, member: Member, members: list[Member]) -> Logger:
+        """``member``'s run of the logger, named after it (``sigma=0.5/seed=0``)."""
+        if member.name not in self.runs:
+            name = run_names(members)[members.index(member)]
+            init = {"class_path": self.spec["class_path"], "init_args": {**self.spec["init_args"], self.naming: name}}
+            self.runs[member.name] = instantiate_class((), init)
+        return self.runs[member.name]
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the study's options are in <out>/study.yaml; each member's run gets its own (log_member_hparams)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass  # the module logs means over members to no logger; each member's metrics come through log_members
+
+    @rank_zero_only
+    def log_members(self, metrics: dict[str, torch.Tensor], members: list[Member], step: int) -> None:
+        """Logs ``metrics`` (tag -> one value per member) into each member's run at ``step`` (the epoch)."""
+        for k, member in enumerate(members):
+            run = self.run(member, members)
+            run.log_metrics({tag: float(values[k]) for tag, values in metrics.items()}, step=step)
+            run.save()
+
+    @rank_zero_only
+    def log_member_hparams(self, members: list[Member], constants: dict[str, object]) -> None:
+        for member in members:
+            self.run(member, members).log_hyperparams({**member_values(member), **constants})
+
+    @rank_zero_only
+    def log_member_image(self, member: Member, members: list[Member], tag: str, image: torch.Tensor) -> None:
+        """``image`` ``[C, H, W]`` in ``member``'s run, where its logger takes images (TensorBoard, W&B)."""
+        run = self.run(member, members)
+        if isinstance(run, TensorBoardLogger):
+            run.experiment.add_image(tag, image, global_step=0)
+        elif callable(getattr(run, "log_image", None)):
+            run.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=0)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        for run in self.runs.values():
+            run.finalize(status)
