@@ -1,4 +1,5 @@
-"""Corruptions of MNIST images, each a class chosen by ``class_path``: the study's corruption axis.
+"""Corruptions of images (MNIST's, or another dataset's C x H x W), each a class chosen by ``class_path``: the study's
+corruption axis.
 
 A corruption maps clean images in [0, 1] to corrupted ones at a *severity*, in units its class
 states. It draws nothing itself: its randomness comes from the per-image patterns of ``data/noise.py``
@@ -18,6 +19,10 @@ shear, scale, translate, stripe. MNIST-C's others are not here: motion blur, spa
 need ImageMagick, OpenCV or image files; glass blur swaps pixels one after another (each swap sees
 the last); canny edges is a hysteresis search; fog, dotted line and zigzag are random drawings that
 could be written as tensor code, but not yet.
+
+On C x H x W images (another dataset): the noises draw per channel, blur and warps act on every channel alike,
+contrast keeps each channel's mean (ImageNet-C's), stripe inverts whole columns, brightness raises the HSV value.
+Severities in pixels (blur, translate, stripe) are the dataset's pixels; angles and fractions are relative.
 """
 
 import importlib
@@ -75,7 +80,7 @@ class Corruption:
         normal: torch.Tensor | None = None,
         uniform: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``images`` ``[G, n, 1, 28, 28]`` of G members, corrupted at ``severity`` ``[G, 1, 1, 1, 1]`` (one per
+        """``images`` ``[G, n, C, H, W]`` of G members, corrupted at ``severity`` ``[G, 1, 1, 1, 1]`` (one per
         member, on the images' device), from the images' ``normal`` and ``uniform`` patterns (shaped like
         ``images``; given when the class names them in ``patterns``)."""
         raise NotImplementedError
@@ -205,9 +210,12 @@ class GaussianBlur(Corruption):
 
 
 def gaussian_filter(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``images`` ``[n, 1, H, W]`` blurred by a Gaussian of std ``sigma`` pixels (the image itself at 0)."""
+    """``images`` ``[n, C, H, W]`` blurred by a Gaussian of std ``sigma`` pixels (the image itself at 0), each
+    channel alike."""
     if sigma == 0:
         return images
+    if images.shape[1] > 1:
+        return gaussian_filter(images.flatten(0, 1)[:, None], sigma).view_as(images)
     radius = int(4.0 * sigma + 0.5)  # scipy's truncate = 4
     x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=images.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
@@ -218,7 +226,8 @@ def gaussian_filter(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class Brightness(Corruption):
-    """Brightness, MNIST-C's ``brightness``: the HSV value raised by b, which for a grey image is ``min(x + b, 1)``.
+    """Brightness, MNIST-C's ``brightness``: the HSV value raised by b: a grey image's ``min(x + b, 1)``, a colour
+    image's brightest channel v to ``min(v + b, 1)`` and the others scaled with it (a black pixel: grey b).
 
     Severity: b in [0, 1], in units of the pixel range (MNIST-C's levels: 0.1 to 0.5).
     """
@@ -226,7 +235,10 @@ class Brightness(Corruption):
     name, unit, max_severity = "brightness", "the value added, in units of the pixel range", 1.0
 
     def __call__(self, images, severity, normal=None, uniform=None):
-        return (images + severity).clamp(0, 1)
+        if images.shape[-3] == 1:
+            return (images + severity).clamp(0, 1)
+        value = images.amax(dim=-3, keepdim=True)  # raised to min(value + b, 1), the channels in proportion:
+        return torch.where(value > 0, images / value.clamp_min(1e-12), 1.0) * (value + severity).clamp(0, 1)
 
 
 class Contrast(Corruption):
@@ -249,14 +261,16 @@ class Affine(Corruption):
 
     patterns = ("uniform",)
 
-    def matrices(self, severity: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    def matrices(self, severity: torch.Tensor, signs: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
         """``[G, n, 2, 3]``: per image, A (in x = column, y = row, from the centre in units of half the image) and a
-        shift; ``severity`` ``[G, 1]``, ``signs`` ``[G, n, 2]`` of ±1."""
+        shift; ``severity`` ``[G, 1]``, ``signs`` ``[G, n, 2]`` of ±1, ``half`` the pixels from the centre to an
+        edge pixel along x and y (13.5 on MNIST)."""
         raise NotImplementedError
 
     def __call__(self, images, severity, normal=None, uniform=None):
         signs = torch.where(uniform[:, :, 0, 0, :2] < 0.5, -1.0, 1.0).to(torch.float64)  # [G, n, 2]
-        theta = self.matrices(severity.view(-1, 1).double(), signs)
+        half = torch.tensor([(images.shape[-1] - 1) / 2, (images.shape[-2] - 1) / 2], dtype=torch.float64)
+        theta = self.matrices(severity.view(-1, 1).double(), signs, half.to(signs.device))
         flat = images.flatten(0, 1)
         grid = F.affine_grid(theta.flatten(0, 1).to(images.dtype), list(flat.shape), align_corners=True)
         warped = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -280,7 +294,7 @@ class Rotate(Affine):
 
     name, unit, max_severity = "rotate", "the angle in radians", math.pi
 
-    def matrices(self, severity, signs):
+    def matrices(self, severity, signs, half):
         angle = severity * signs[..., 0]
         return _affine(angle.cos(), -angle.sin(), angle.sin(), angle.cos())
 
@@ -294,7 +308,7 @@ class Shear(Affine):
 
     name, unit, max_severity = "shear", "the shear angle in radians", 1.5
 
-    def matrices(self, severity, signs):
+    def matrices(self, severity, signs, half):
         angle = severity * signs[..., 0]
         one = torch.ones_like(angle)
         return _affine(one, -angle.sin(), torch.zeros_like(angle), angle.cos())
@@ -309,7 +323,7 @@ class Scale(Affine):
 
     name, unit, max_severity = "scale", "the fraction of its size the digit loses", 0.9
 
-    def matrices(self, severity, signs):
+    def matrices(self, severity, signs, half):
         factor = (1 / (1 - severity)).expand_as(signs[..., 0])
         zero = torch.zeros_like(factor)
         return _affine(factor, zero, zero, factor)
@@ -318,13 +332,13 @@ class Scale(Affine):
 class Translate(Affine):
     """A shift by t pixels along each axis, in a random direction per axis and image, MNIST-C's ``translate``.
 
-    Severity: t in pixels, at most 28 (MNIST-C's levels: 1 to 5).
+    Severity: t in pixels of the image, at most 28 (MNIST-C's levels: 1 to 5).
     """
 
     name, unit, max_severity = "translate", "the shift along each axis in pixels", 28.0
 
-    def matrices(self, severity, signs):
-        shift = severity[..., None] * signs / 13.5  # pixels in units of half the image (centre to edge pixel)
+    def matrices(self, severity, signs, half):
+        shift = severity[..., None] * signs / half  # pixels in units of half the image (centre to edge pixel)
         one, zero = torch.ones_like(shift[..., 0]), torch.zeros_like(shift[..., 0])
         return _affine(one, zero, zero, one, shift[..., 0], shift[..., 1])
 

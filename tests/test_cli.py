@@ -202,7 +202,10 @@ class ColourImages(nn.Sequential):
 @pytest.mark.parametrize(
     "network, message",
     [
-        ("SevenLogits", "to map MNIST's images to 10 logits, [B, 10], but it gave [2, 7] for B = 2"),
+        (
+            "SevenLogits",
+            "to map MNIST's images, [B, 1, 28, 28], to its 10 classes' logits, [B, 10], but it gave [2, 7] for B = 2",
+        ),
         ("ColourImages", "to take MNIST's images, [B, 1, 28, 28], but it raised RuntimeError"),
     ],
 )

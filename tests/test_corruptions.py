@@ -1,5 +1,6 @@
-"""The corruptions on real MNIST images, each against an independent reference: scipy's filters, warps and
-distributions, numpy draws of scikit-image's and MNIST-C's definitions (statistics over many images, not pixels)."""
+"""The corruptions on real MNIST images and on colour 3 x 32 x 32 images made from them, each against an independent
+reference: scipy's filters, warps and distributions, numpy draws of scikit-image's and MNIST-C's definitions
+(statistics over many images, not pixels), matplotlib's HSV for a colour image's brightness."""
 
 import math
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib import colors
 from scipy import ndimage, stats
 
 from noise_robustness.cli import cli_main
@@ -38,20 +40,34 @@ from tests.conftest import exits_with_error, rows, tiny
 SHAPE = (1, 28, 28)
 
 
-@pytest.fixture(scope="module")
-def images(data_dir) -> torch.Tensor:
-    """The first 2,000 test images as float32 in [0, 1], as one member's batch ``[1, n, 1, 28, 28]``."""
-    return (mnist.load(data_dir, train=False)[0][:2000].float() / 255)[None]
+def colour(grey: torch.Tensor) -> torch.Tensor:
+    """``[n, 1, 28, 28]`` digits -> ``[n, 3, 32, 32]`` colour images: padded by 2, three channels that differ (the
+    digit, the digit mirrored, a dimmed negative) on a grey background."""
+    x = torch.nn.functional.pad(grey, (2, 2, 2, 2), value=0.0)
+    return torch.cat([x, x.flip(-1) * 0.7 + 0.1, (1 - x) * 0.6], dim=1)
+
+
+@pytest.fixture(scope="module", params=["mnist", "colour"])
+def images(data_dir, request) -> torch.Tensor:
+    """The first 2,000 test images as float32 in [0, 1], as one member's batch ``[1, n, C, H, W]``: MNIST's, and
+    colour 3 x 32 x 32 images made from them."""
+    grey = mnist.load(data_dir, train=False)[0][:2000].float() / 255
+    return (grey if request.param == "mnist" else colour(grey[:1000]))[None]
 
 
 @pytest.fixture(scope="module")
 def uniform(images) -> torch.Tensor:
-    return draw("uniform", images.shape[1], SHAPE, seed=1, split="test")[None]
+    return draw("uniform", images.shape[1], tuple(images.shape[2:]), seed=1, split="test")[None]
 
 
 @pytest.fixture(scope="module")
 def normal(images) -> torch.Tensor:
-    return draw("normal", images.shape[1], SHAPE, seed=1, split="test")[None]
+    return draw("normal", images.shape[1], tuple(images.shape[2:]), seed=1, split="test")[None]
+
+
+def planes(x: torch.Tensor) -> np.ndarray:
+    """A member's batch ``[1, n, C, H, W]`` as its ``n * C`` planes ``[n * C, H, W]`` (float64), image by image."""
+    return x[0].flatten(0, 1).double().numpy()
 
 
 def at(severity: float) -> torch.Tensor:
@@ -133,17 +149,18 @@ def test_speckle_noise_is_multiplicative_gaussian(images, normal, severity):
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 3.0, 6.0])
 def test_gaussian_blur_is_scipys_gaussian_filter(images, sigma):
-    out = GaussianBlur()(images[:, :200], at(sigma))[0, :, 0].double().numpy()
-    for image, blurred in zip(images[0, :200, 0].double().numpy(), out):
+    out = planes(GaussianBlur()(images[:, :200], at(sigma)))
+    for image, blurred in zip(planes(images[:, :200]), out):
         expected = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=4.0)
         assert np.abs(blurred - expected).max() < 1e-5
 
 
 def skimage_warp(image: np.ndarray, matrix: np.ndarray, shift=(0.0, 0.0)) -> np.ndarray:
-    """MNIST-C's ``transform.warp(x, inverse_map=aff)`` about the centre (13.5, 13.5), bilinear, zeros outside, by
-    scipy: output (x, y) shows the input at ``matrix @ ((x, y) - c) + c + shift`` (x the column, y the row)."""
+    """MNIST-C's ``transform.warp(x, inverse_map=aff)`` about the centre ((13.5, 13.5) on MNIST), bilinear, zeros
+    outside, by scipy: output (x, y) shows the input at ``matrix @ ((x, y) - c) + c + shift`` (x the column, y the
+    row)."""
     in_rows = np.array([[matrix[1, 1], matrix[1, 0]], [matrix[0, 1], matrix[0, 0]]])  # (row, column) order
-    centre = np.array([13.5, 13.5])
+    centre = (np.array(image.shape) - 1) / 2
     offset = centre - in_rows @ centre + np.array([shift[1], shift[0]])
     return ndimage.affine_transform(image, in_rows, offset=offset, order=1, mode="grid-constant", cval=0.0)
 
@@ -165,9 +182,9 @@ def mnist_c_matrix(name: str, severity: float, sign_x: int, sign_y: int):
 )
 def test_affine_corruptions_are_mnist_c_warps(images, uniform, corruption, severity):
     n = 300
-    out = corruption(images[:, :n], at(severity), uniform=uniform[:, :n])[0, :, 0].double().numpy()
-    signs = np.where(uniform[0, :n, 0, 0, :2].numpy() < 0.5, -1, 1)
-    for image, warped, (sign_x, sign_y) in zip(images[0, :n, 0].double().numpy(), out, signs):
+    out = planes(corruption(images[:, :n], at(severity), uniform=uniform[:, :n]))
+    signs = np.where(uniform[0, :n, 0, 0, :2].numpy() < 0.5, -1, 1)  # one direction per image, every channel
+    for image, warped, (sign_x, sign_y) in zip(planes(images[:, :n]), out, signs.repeat(images.shape[2], axis=0)):
         matrix, shift = mnist_c_matrix(corruption.name, severity, sign_x, sign_y)
         assert np.abs(warped - skimage_warp(image, matrix, shift)).max() < 1e-5
     if corruption.name != "scale":  # a random direction per image: each about half the time
@@ -175,15 +192,21 @@ def test_affine_corruptions_are_mnist_c_warps(images, uniform, corruption, sever
 
 
 def test_brightness_contrast_and_stripe_are_mnist_cs_formulas(images):
-    x = images[0, :500, 0].double().numpy()
-    bright = Brightness()(images[:, :500], at(0.3))[0, :, 0].double().numpy()
-    assert np.abs(bright - np.clip(x + 0.3, 0, 1)).max() < 1e-6  # HSV value + c of a grey image
-    contrast = Contrast()(images[:, :500], at(0.8))[0, :, 0].double().numpy()
-    means = x.mean(axis=(1, 2), keepdims=True)
+    x, width = planes(images[:, :500]), images.shape[-1]
+    bright = Brightness()(images[:, :500], at(0.3))
+    if images.shape[2] == 1:
+        assert np.abs(planes(bright) - np.clip(x + 0.3, 0, 1)).max() < 1e-6  # HSV value + c of a grey image
+    else:  # MNIST-C's (and ImageNet-C's) brightness: to HSV, value + c clipped, back to RGB (matplotlib's)
+        rgb = images[0, :500].permute(0, 2, 3, 1).double().numpy()
+        hsv = colors.rgb_to_hsv(rgb)
+        hsv[..., 2] = np.clip(hsv[..., 2] + 0.3, 0, 1)
+        assert np.abs(bright[0].permute(0, 2, 3, 1).double().numpy() - colors.hsv_to_rgb(hsv)).max() < 1e-5
+    contrast = planes(Contrast()(images[:, :500], at(0.8)))
+    means = x.mean(axis=(1, 2), keepdims=True)  # each channel's, as ImageNet-C's contrast
     assert np.abs(contrast - np.clip((x - means) * 0.2 + means, 0, 1)).max() < 1e-6
-    stripe = Stripe()(images[:, :500], at(7))[0, :, 0].double().numpy()
+    stripe = planes(Stripe()(images[:, :500], at(7)))
     expected = x.copy()
-    expected[:, :, :7], expected[:, :, 21:] = 1 - x[:, :, :7], 1 - x[:, :, 21:]
+    expected[:, :, :7], expected[:, :, width - 7 :] = 1 - x[:, :, :7], 1 - x[:, :, width - 7 :]
     assert np.abs(stripe - expected).max() < 1e-6
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from noise_robustness.data import mnist
-from noise_robustness.data.datamodule import NoisyMNISTDataModule, shard_batches
+from noise_robustness.data.batches import shard_batches
+from noise_robustness.data.datamodule import NoisyMNISTDataModule
 from noise_robustness.data.noise import add_noise, standard_normal
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from noise_robustness.cli import cli_main
-from noise_robustness.data.datamodule import NoisyMNISTDataModule, blocks_of
+from noise_robustness.data.batches import blocks_of
+from noise_robustness.data.datamodule import NoisyMNISTDataModule
 from tests.conftest import exits_with_error, needs_native_bf16, rows, tiny
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

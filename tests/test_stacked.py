@@ -548,3 +548,51 @@ def test_the_cpu_step_keeps_no_subnormal_state_and_moves_no_parameter_above_1e_2
         assert not (ours < tiny).any()  # no state subnormal (nor zero), on either thread
         assert ((theirs < tiny) & (theirs > 0)).any()  # as torch's own step leaves them
         assert torch.equal(ours.where(theirs > 1e-29, 0), theirs.where(theirs > 1e-29, 0))
+
+
+def norm_network() -> nn.Sequential:
+    """Every layer the engine added for other datasets' networks: batch norm (2-D and 1-D), average and adaptive
+    pooling, GELU, layer norm, on 3-channel images."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GELU(), nn.AvgPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6, momentum=0.3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(54, 16), nn.LayerNorm(16), nn.GELU(approximate="tanh"),
+        nn.BatchNorm1d(16), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("group", [None, 2])  # all members at once; groups of two (a CPU's conv groups)
+def test_a_stacked_network_with_norms_and_pools_equals_its_looped_self(group, monkeypatch):
+    monkeypatch.setattr(StackedSequential, "cpu_conv_group", group)
+    seeds = [0, 1, 2, 3]
+    stacked = stack_members(norm_network, seeds)
+    looped = MemberLoop([build_member(norm_network, seed) for seed in seeds], seeds)
+    assert isinstance(stacked, StackedSequential) and len(stacked.norm_weights) == 4
+    steps = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (stacked, looped)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # batch statistics, running statistics and the gradients through every layer
+        images = torch.rand(4, 16, 3, 14, 14, generator=generator)
+        outputs = []
+        for net, step in zip((stacked, looped), steps):
+            step.zero_grad()
+            out = net.train()(images)
+            out.square().mean().backward()
+            step.step()
+            outputs.append(out.detach())
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for k in range(len(seeds)):  # each member's weights and running statistics, as its network alone has them
+        mine, alone = stacked.member(k).state_dict(), looped.members[k].state_dict()
+        assert mine.keys() == alone.keys()
+        for key in mine:
+            torch.testing.assert_close(mine[key], alone[key], rtol=1e-4, atol=1e-5, msg=key)
+    images = torch.rand(4, 5, 3, 14, 14, generator=generator)
+    torch.testing.assert_close(stacked.eval()(images), looped.eval()(images), rtol=1e-5, atol=1e-5)
+
+
+def test_a_network_with_a_layer_where_the_engine_cannot_run_it_is_looped():
+    for net in (
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm(26), nn.Flatten(), nn.Linear(2 * 26 * 26, 10)),  # conv layout
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 10)),
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 8, bias=False), nn.Linear(8, 10)),
+    ):
+        assert isinstance(stack_members(lambda net=net: net, [0, 1]), MemberLoop)

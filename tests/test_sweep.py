@@ -118,11 +118,10 @@ def test_rerunning_a_finished_study_trains_nothing_and_keeps_its_results(study, 
 @pytest.mark.parametrize(
     "change", ["--data.clip=true", "--data.val_holdout=5000", "--model.lr=0.01", "--trainer.limit_train_batches=7"]
 )
-def test_a_changed_option_is_refused_naming_the_keys(change, data_dir, tmp_path, capsys):
-    out = tmp_path / "study"
-    cli_main(tiny(data_dir, out))
+def test_a_changed_option_is_refused_naming_the_keys(change, study, data_dir, capsys):
+    out = study  # the module's finished study, whose command each change departs from
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    message = exits_with_error(tiny(data_dir, out, change), capsys)
+    message = exits_with_error(tiny(data_dir, out, "--data.noise_mode=resample", change, seeds="[0, 1]"), capsys)
     key = change[2:].split("=")[0]
     assert f"{out} holds a study made with other options ({key}: " in message and "use a new --out" in message
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing trained, nothing written

@@ -28,6 +28,7 @@ from pytorch_lightning.cli import instantiate_class
 from noise_robustness.certify import report
 from noise_robustness.certify.smoothing import Votes, certificate
 from noise_robustness.corruptions import GAUSSIAN
+from noise_robustness.data import datasets
 from noise_robustness.data.datamodule import N_TEST, NoisyMNISTDataModule
 from noise_robustness.data.noise import seeded
 from noise_robustness.engine.stacked import stack
@@ -146,9 +147,9 @@ def plan(folders: list[str], setting: Setting) -> list[Certification]:
             study.finished_runs()
         except ValueError as err:  # no study, or members without results (StudyIncomplete)
             raise ValueError(f"Expected `out` to name finished studies, but {err}") from None
-        holdout = study.resolved.get("data", {}).get("val_holdout", 0)
-        split = holdout or N_TEST
-        if setting.images > split:
+        data = study.resolved.get("data", {})
+        split = data.get("val_holdout", 0) or N_TEST
+        if data.get("dataset") is None and setting.images > split:  # another dataset's split is checked when read
             raise ValueError(
                 f"Expected `images` to be at most the {split} validation images of {folder}, but got {setting.images}"
             )
@@ -190,10 +191,21 @@ def network_factory(spec: dict):
 def certify_study(certification: Certification, data_dir: str, device: torch.device) -> None:
     """Certifies the study's members not finished yet, side by side, resuming from their saved rows."""
     setting, folder = certification.setting, certification.folder
-    data = certification.study.resolved.get("data", {})
-    datamodule = NoisyMNISTDataModule(data_dir=data_dir, val_holdout=data.get("val_holdout", 0))
+    data, study = certification.study.resolved.get("data", {}), certification.study
+    datamodule = NoisyMNISTDataModule(
+        data_dir=data_dir, val_holdout=data.get("val_holdout", 0), dataset=data.get("dataset"),
+        batch_size=data.get("batch_size", 128),
+    )  # fmt: skip
     datamodule.prepare_data()
     datamodule.setup()
+    if data.get("dataset") is not None:  # the files read now are the ones the study trained on
+        if datasets.sha256(datamodule.files()) != study.identity.get("data.sha256"):
+            raise StudyError(f"The data in {data_dir} is not the data {study.out} was trained on (its data.sha256)")
+        if setting.images > datamodule.split_size("val"):
+            raise StudyError(
+                f"Expected `images` to be at most the {datamodule.split_size('val')} validation images of "
+                f"{study.out}, but got {setting.images}"
+            )
     positions = subset(datamodule.split_size("val"), setting.images)
     saved = {m: certification.saved_rows(m, positions) for m in certification.members}
     todo = [k for k, m in enumerate(certification.members) if len(saved[m]) < setting.images]
@@ -227,7 +239,7 @@ def certify_members(
     sigmas = [certification.sigmas[k] for k in todo]
     nets = certification.networks(todo)
     votes = Votes(stack(nets, [m.seed for m in members]).to(device).eval(), [m.seed for m in members], sigmas,
-                  bool(data.get("clip", False)), device)  # fmt: skip
+                  bool(data.get("clip", False)), device, datamodule.classes)  # fmt: skip
     start = min(len(saved[m]) for m in members)
     rows = {m: saved[m][:start] for m in members}
     file, indices = datamodule.splits["val"]

@@ -24,7 +24,6 @@ from scipy import stats
 from noise_robustness.data.noise import add_noise, seeded
 
 BLOCK = 500  # noise samples per generator and per forward pass: part of the draws' definition
-CLASSES = 10
 ABSTAIN = -1  # the prediction of an abstention, as in Cohen et al.'s code
 
 
@@ -62,7 +61,7 @@ def certificate(selection: torch.Tensor, estimation: torch.Tensor, alpha: float,
     n = sum(counts)
     p_lower = lower_confidence_bound(counts[chosen], n, alpha)
     certified = p_lower > 0.5
-    ranked = sorted(range(CLASSES), key=lambda c: (-counts[c], c))
+    ranked = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
     top, runner_up = counts[ranked[0]], counts[ranked[1]]
     return Certificate(
         predict=ranked[0] if predict_p_value(top, runner_up) <= alpha else ABSTAIN,
@@ -74,36 +73,43 @@ def certificate(selection: torch.Tensor, estimation: torch.Tensor, alpha: float,
     )
 
 
-def noise_block(seed: int, file: str, index: int, phase: str, block: int, device: torch.device) -> torch.Tensor:
-    """Standard-normal samples ``block * BLOCK`` to ``(block + 1) * BLOCK - 1`` of image ``index`` of an MNIST
-    ``file``, for ``phase`` "selection" or "estimation": ``[BLOCK, 1, 28, 28]``."""
-    return seeded(torch.randn, (BLOCK, 1, 28, 28), "smoothing", seed, file, index, phase, block, device=device)
+def noise_block(
+    seed: int, file: str, index: int, phase: str, block: int, device: torch.device, shape: tuple = (1, 28, 28)
+) -> torch.Tensor:
+    """Standard-normal samples ``block * BLOCK`` to ``(block + 1) * BLOCK - 1`` of image ``index`` (of ``shape``,
+    ``[C, H, W]``) of a data ``file``, for ``phase`` "selection" or "estimation": ``[BLOCK, C, H, W]``."""
+    return seeded(torch.randn, (BLOCK, *shape), "smoothing", seed, file, index, phase, block, device=device)
 
 
 class Votes:
     """Counts each member's base-classifier votes on noisy copies of one image, every member in one pass.
 
     Args:
-        net: the stacked members (``[K, B, 1, 28, 28]`` -> ``[K, B, classes]``), in eval mode.
+        net: the stacked members (``[K, B, C, H, W]`` -> ``[K, B, classes]``), in eval mode.
         seeds: each member's seed (its noise pattern).
         sigmas: each member's smoothing σ.
         clip: clip noisy pixels to [0, 1], as the study's base classifiers were trained.
+        classes: the data's classes (10: MNIST's digits).
     """
 
-    def __init__(self, net: torch.nn.Module, seeds: list[int], sigmas: list[float], clip: bool, device: torch.device):
-        self.net, self.clip, self.device = net, clip, device
+    def __init__(
+        self, net: torch.nn.Module, seeds: list[int], sigmas: list[float], clip: bool, device: torch.device,
+        classes: int = 10,
+    ):  # fmt: skip
+        self.net, self.clip, self.device, self.classes = net, clip, device, classes
         self.seeds = list(dict.fromkeys(seeds))
         self.rows = torch.tensor([self.seeds.index(s) for s in seeds], device=device)
         self.sigmas = torch.tensor(sigmas, device=device).view(-1, 1, 1, 1, 1)
 
     @torch.no_grad()
     def count(self, image: torch.Tensor, file: str, index: int, phase: str, samples: int) -> torch.Tensor:
-        """``[K, classes]`` votes of ``samples`` noisy copies of ``image`` (``[1, 28, 28]`` in [0, 1])."""
-        votes = torch.zeros((len(self.rows), CLASSES), dtype=torch.int64, device=self.device)
+        """``[K, classes]`` votes of ``samples`` noisy copies of ``image`` (``[C, H, W]`` in [0, 1])."""
+        votes = torch.zeros((len(self.rows), self.classes), dtype=torch.int64, device=self.device)
         for block in range(math.ceil(samples / BLOCK)):
             size = min(BLOCK, samples - block * BLOCK)
-            z = torch.stack([noise_block(s, file, index, phase, block, self.device)[:size] for s in self.seeds])
+            shape = tuple(image.shape)
+            z = torch.stack([noise_block(s, file, index, phase, block, self.device, shape)[:size] for s in self.seeds])
             noisy = add_noise(image.expand(len(self.rows), size, -1, -1, -1), self.sigmas, z[self.rows], self.clip)
             predictions = self.net(noisy).argmax(dim=-1)
-            votes += torch.nn.functional.one_hot(predictions, CLASSES).sum(dim=1)
+            votes += torch.nn.functional.one_hot(predictions, self.classes).sum(dim=1)
         return votes

@@ -6,8 +6,6 @@ in ``resample`` mode); a batch for member k is composed when it is served, as
 """
 
 import functools
-import math
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,33 +13,29 @@ import pytorch_lightning as pl
 import torch
 
 from noise_robustness.corruptions import Corruption
-from noise_robustness.data import mnist
+from noise_robustness.data import datasets, mnist
+from noise_robustness.data.batches import MemberBatches, gather_rows
 from noise_robustness.data.noise import check_noise_mode, draw, seeded
 from noise_robustness.study.members import Member, study_members
 
-IMAGE_SHAPE = (1, 28, 28)
+IMAGE_SHAPE = (1, 28, 28)  # MNIST's; another dataset's are its own (``image_shape``)
 N_TRAIN, N_TEST = 60_000, 10_000  # images in the MNIST train and test files
 HOLDOUT_SEED = 0  # one validation hold-out for the whole study, so every member is scored on the same images
 
 
-def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[torch.Tensor]:
-    """Splits ``order`` into ``world_size`` disjoint shards and returns ``rank``'s shard in batches.
-
-    The shards cover ``order`` exactly once (no padding, no duplicates); their sizes differ by at
-    most one, and every rank gets the same number of batches, so DDP's collective calls stay in
-    step. With one process the batches are plain ``batch_size`` chunks, the last one partial.
-    """
-    shards = torch.tensor_split(order, world_size)
-    n_batches = math.ceil(len(shards[0]) / batch_size)  # shards[0] is a largest shard
-    mine = shards[rank]
-    if math.ceil(len(mine) / batch_size) == n_batches:
-        return list(mine.split(batch_size))
-    if len(mine) < n_batches:  # only with batch_size 1 (or shards of 0 and 1 images)
+def check_split_sizes(n_train: int, val_holdout: int, batch_size: int, has_test: bool) -> None:
+    """Raises ValueError naming ``val_holdout`` or ``batch_size`` where the training file cannot serve them."""
+    if not 0 <= val_holdout < n_train:
+        raise ValueError(f"Expected `val_holdout` to be in [0, {n_train}), but got {val_holdout}")
+    if not has_test and not val_holdout:
         raise ValueError(
-            f"Cannot split {len(order)} images over {world_size} processes in batches of {batch_size} "
-            "with the same number of batches on every process; use a batch_size of at least 2"
+            "Expected `val_holdout` to be above 0 for a dataset without a test file (an image folder without a test/ "
+            "or val/ subfolder), but got 0: hold out some training images to validate on"
         )
-    return list(torch.tensor_split(mine, n_batches))  # one image short: spread it, keep the batch count
+    if batch_size > n_train - val_holdout:
+        raise ValueError(
+            f"Expected `batch_size` to be at most the {n_train - val_holdout} training images, but got {batch_size}"
+        )
 
 
 class Group(NamedTuple):
@@ -56,96 +50,9 @@ class Group(NamedTuple):
     corrupts: bool
 
 
-def blocks_of(sizes: list[int], steps: int) -> list[tuple[int, int]]:
-    """Consecutive batches of these ``sizes`` grouped into blocks of at most ``steps`` batches of one size:
-    ``(batch size, batches)`` per block, in order."""
-    blocks: list[tuple[int, int]] = []
-    for size in sizes:
-        if blocks and blocks[-1][0] == size and blocks[-1][1] < steps:
-            blocks[-1] = (size, blocks[-1][1] + 1)
-        else:
-            blocks.append((size, 1))
-    return blocks
-
-
-def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``table[rows]`` for row indices ``rows`` of any shape, as one ``index_select`` of whole rows: the same
-    values, copied row by row (a CPU runs advanced indexing element by element, several times slower)."""
-    return table.index_select(0, rows.flatten()).view(*rows.shape, *table.shape[1:])
-
-
-class MemberBatches:
-    """Serves ``(images [K, B, 1, 28, 28], labels [K, B])`` batches of a split: no per-sample Python, no collate.
-
-    Each member's file rows for the whole epoch are looked up once when it starts (``rows``) and split into
-    the batches' blocks; a batch is then composed with one gather per tensor (``compose``).
-
-    Args:
-        rows: ``(positions by seed) -> [K, n]``, each member's MNIST file rows at its seed's positions.
-        compose: ``(rows [K, B], epoch=...) -> (images, labels)`` for every member.
-        size: images in the split.
-        seeds: the study's seeds; each shuffles with its own permutation per epoch.
-        batch_size: images per batch and process.
-        position: returns ``(epoch, rank, world_size)`` when an epoch starts.
-        shuffle: shuffle each epoch (seeded by (seed, epoch), the same on every rank) or keep the order.
-        device: where the position batches go (the device the data lives on).
-        steps: batches served together as one block ``(images [K, S, B, 1, 28, 28], labels [K, S, B])`` of S <=
-            ``steps`` consecutive batches of one size, composed at once (``blocks_of``); 1: batch by batch.
-    """
-
-    def __init__(
-        self,
-        rows: Callable[[dict[int, torch.Tensor]], torch.Tensor],
-        compose: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-        size: int,
-        seeds: list[int],
-        batch_size: int,
-        position: Callable[[], tuple[int, int, int]],
-        shuffle: bool,
-        device: torch.device,
-        steps: int = 1,
-    ):
-        self.rows, self.compose, self.size, self.seeds, self.batch_size = rows, compose, size, seeds, batch_size
-        self.position, self.shuffle, self.device, self.steps = position, shuffle, device, steps
-
-    def batches(self, epoch: int, rank: int, world_size: int) -> dict[int, list[torch.Tensor]]:
-        """This epoch's position batches for this process, per seed."""
-
-        def order(seed: int) -> torch.Tensor:
-            if not self.shuffle:
-                return torch.arange(self.size)
-            return seeded(torch.randperm, self.size, "shuffle", seed, epoch)
-
-        return {
-            seed: shard_batches(order(seed).to(self.device), rank, world_size, self.batch_size) for seed in self.seeds
-        }
-
-    def __len__(self) -> int:
-        _, rank, world_size = self.position()
-        if self.steps > 1:
-            sizes = [len(batch) for batch in shard_batches(torch.arange(self.size), rank, world_size, self.batch_size)]
-            return len(blocks_of(sizes, self.steps))
-        return math.ceil(math.ceil(self.size / world_size) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, rank, world_size = self.position()
-        by_seed = self.batches(epoch, rank, world_size)
-        rows = self.rows({seed: torch.cat(batches) for seed, batches in by_seed.items()})  # [K, this epoch's shard]
-        # every seed's batches have the same sizes; each batch's rows contiguous, made now rather than in a step
-        # (``gather_rows`` reads them as one flat index, which a slice of several members' rows is not)
-        sizes = [len(batch) for batch in by_seed[self.seeds[0]]]
-        if self.steps == 1:
-            for batch_rows in [chunk.contiguous() for chunk in rows.split(sizes, dim=1)]:
-                yield self.compose(batch_rows, epoch=epoch)
-            return
-        blocks = blocks_of(sizes, self.steps)
-        for (size, count), block_rows in zip(blocks, rows.split([size * count for size, count in blocks], dim=1)):
-            images, labels = self.compose(block_rows.contiguous(), epoch=epoch)
-            yield images.unflatten(1, (count, size)), labels.unflatten(1, (count, size))
-
-
 class NoisyMNISTDataModule(pl.LightningDataModule):
-    """MNIST in [0, 1] with additive Gaussian noise (or another corruption), for every member of a study.
+    """MNIST (or another dataset, ``dataset``) in [0, 1] with additive Gaussian noise (or another corruption), for every
+    member of a study.
 
     Args:
         scales: the study's noise levels σ, in units of the [0, 1] pixel range (1.0 = the whole
@@ -162,8 +69,13 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         batch_size: images per batch and process.
         val_holdout: 0 validates on the 10,000-image MNIST test split (as the original study and
             the Keras example do); N > 0 holds out N training images instead (one seeded split).
-        data_dir: where MNIST lives in torchvision's layout; the shipped copy is unpacked there.
-        download: let torchvision download MNIST into ``data_dir`` if it is missing.
+        data_dir: where MNIST lives in torchvision's layout (the shipped copy is unpacked there), or another
+            dataset's ``root``.
+        download: let torchvision download the dataset into ``data_dir`` if it is missing.
+        dataset: null: MNIST as shipped. A torchvision dataset class (``torchvision.datasets.CIFAR10``), or
+            ``{class_path, init_args}`` with arguments that change the data (EMNIST's ``split``), or an image folder
+            (``torchvision.datasets.ImageFolder``: ``train/`` and ``test/`` subfolders of ``data_dir``, or one folder
+            validated on ``val_holdout`` images); read from ``data_dir`` (``data/datasets.py``).
         steps_per_batch: training batches served as one block (``MemberBatches``), which the graphed step trains
             batch by batch; set from ``--model.graphed`` (``commands.GRAPHED_STEPS_PER_BATCH``). Lightning's
             per-batch work (its hooks, ``limit_train_batches``, the progress bar) then counts blocks.
@@ -182,20 +94,21 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         data_dir: str = "data",
         download: bool = False,
         steps_per_batch: int = 1,
+        dataset: str | dict | None = None,
     ):
         super().__init__()
         self.members = study_members(scales, seeds, corruptions, members)
         check_noise_mode(noise_mode)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")
-        if not 0 <= val_holdout < N_TRAIN:
-            raise ValueError(f"Expected `val_holdout` to be in [0, {N_TRAIN}), but got {val_holdout}")
         if isinstance(steps_per_batch, bool) or not isinstance(steps_per_batch, int) or steps_per_batch <= 0:
             raise ValueError(f"Expected `steps_per_batch` to be a positive integer, but got {steps_per_batch!r}")
-        if batch_size > N_TRAIN - val_holdout:
-            raise ValueError(
-                f"Expected `batch_size` to be at most the {N_TRAIN - val_holdout} training images, but got {batch_size}"
-            )
+        if dataset is None:
+            check_split_sizes(N_TRAIN, val_holdout, batch_size, has_test=True)
+        else:  # its sizes are checked when it is read
+            datasets.dataset_class(datasets.spec_of(dataset))
+            if val_holdout < 0:
+                raise ValueError(f"Expected `val_holdout` to be at least 0, but got {val_holdout}")
         self.save_hyperparameters(ignore=["corruptions"])  # its members hold them; a checkpoint keeps plain values
         self._patterns: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, file, noise epoch) -> every seed's
         self._member_groups: dict[tuple, tuple] = {}  # (members, file) -> their groups (member_groups)
@@ -203,32 +116,55 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
     # -- the data ---------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        mnist.prepare(self.hparams.data_dir, self.hparams.download)
+        if self.hparams.dataset is None:
+            mnist.prepare(self.hparams.data_dir, self.hparams.download)
+        else:
+            self.files()
+
+    def files(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The data's ``"train"`` and ``"test"`` files as ``(uint8 images [N, C, H, W], labels [N])``, read once per
+        process (an image folder without a test subfolder has no ``"test"``), their sizes checked.
+
+        Raises:
+            ValueError: naming the option whose value the data cannot serve.
+        """
+        hp = self.hparams
+        if hp.dataset is None:
+            data_dir = str(Path(hp.data_dir))
+            return {name: mnist.load(data_dir, train=name == "train") for name in ("train", "test")}
+        files = datasets.load(hp.dataset, hp.data_dir, hp.download)
+        check_split_sizes(len(files["train"][0]), hp.val_holdout, hp.batch_size, has_test=files["test"] is not None)
+        return {name: found for name, found in files.items() if found is not None}
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of the data's images."""
+        return IMAGE_SHAPE if self.hparams.dataset is None else tuple(self.files()["train"][0].shape[1:])
+
+    @property
+    def classes(self) -> int:
+        """How many classes the labels name: one more than the largest label."""
+        return 10 if self.hparams.dataset is None else max(int(y.max()) for _, y in self.files().values()) + 1
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "splits"):
             return
         self.device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        files = {
-            name: mnist.load(str(Path(self.hparams.data_dir)), train=name == "train") for name in ("train", "test")
-        }
+        files = self.files()
         self.images = {name: x.to(self.device) for name, (x, _) in files.items()}  # uint8, kept once
         self.file_labels = {name: y.to(self.device) for name, (_, y) in files.items()}
-        train_idx, val_idx = torch.arange(N_TRAIN), None
+        n_train = len(self.images["train"])
+        train_idx, val_idx = torch.arange(n_train), None
         if self.hparams.val_holdout:
-            perm = seeded(torch.randperm, N_TRAIN, "holdout", HOLDOUT_SEED)
+            perm = seeded(torch.randperm, n_train, "holdout", HOLDOUT_SEED)
             train_idx, val_idx = (
                 perm[self.hparams.val_holdout :].sort().values,
                 perm[: self.hparams.val_holdout].sort().values,
             )
         # split name -> (MNIST file, indices into it); the noise of an image depends on its file index
-        self.splits = {
-            "train": ("train", train_idx.to(self.device)),
-            "val": ("train", val_idx.to(self.device))
-            if val_idx is not None
-            else ("test", torch.arange(N_TEST, device=self.device)),
-            "test": ("test", torch.arange(N_TEST, device=self.device)),
-        }
+        val = ("train", val_idx.to(self.device)) if val_idx is not None else None
+        test = ("test", torch.arange(len(self.images["test"]), device=self.device)) if "test" in files else val
+        self.splits = {"train": ("train", train_idx.to(self.device)), "val": val or test, "test": test}
 
     def patterns(self, file: str, noise_epoch: int, kind: str = "normal") -> torch.Tensor:
         """The ``kind`` patterns (standard-normal or uniform, ``noise.draw``) of every image of an MNIST ``file``, one
@@ -238,9 +174,10 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
             # keep the fixed draws (epoch 0: validation and test) and this epoch's; free the rest first
             self._patterns = {k: z for k, z in self._patterns.items() if k[2] in (0, noise_epoch)}
             n, seeds = len(self.images[file]), self.hparams.seeds
-            patterns = torch.empty((len(seeds), n, *IMAGE_SHAPE), device=self.device)
+            shape = tuple(self.images[file].shape[1:])
+            patterns = torch.empty((len(seeds), n, *shape), device=self.device)
             for row, seed in enumerate(seeds):
-                draw(kind, n, IMAGE_SHAPE, seed, file, noise_epoch, self.device, out=patterns[row])
+                draw(kind, n, shape, seed, file, noise_epoch, self.device, out=patterns[row])
             self._patterns[key] = patterns
         return self._patterns[key]
 

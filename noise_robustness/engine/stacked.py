@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from noise_robustness.data.noise import derive_seed
 from noise_robustness.engine.bf16 import Bf16Copies
+from noise_robustness.engine.layers import SUPPORTED, plan_steps, stackable  # noqa: F401 (SUPPORTED: the engine's list)
 from noise_robustness.engine.masks import DEFAULT_MASKS, MASKS, CounterMasks, MemberGenerators, ReluDropout, keep_mask
 
 
@@ -42,65 +43,14 @@ def build_member(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
         return factory()
 
 
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.Flatten)
-
-
-def stackable(net: nn.Module) -> bool:
-    """Whether ``net`` is an ``nn.Sequential`` of layers that :class:`StackedSequential` stacks."""
-    if not isinstance(net, nn.Sequential) or not all(isinstance(layer, SUPPORTED) for layer in net):
-        return False
-    convs = [layer for layer in net if isinstance(layer, nn.Conv2d)]
-    return all(
-        c.groups == 1 and c.dilation == (1, 1) and c.padding_mode == "zeros" and isinstance(c.padding, tuple)
-        for c in convs
-    )
-
-
-def plan_steps(layers: list[nn.Module]) -> list[tuple[str, object]]:
-    """The steps of a stacked forward pass, decided once when the network is stacked.
-
-    Two rewrites give the same numbers and gradients with less work: a ReLU before a max-pool runs
-    after it (ReLU is monotone, so the two commute; a quarter of the values), and a ReLU followed by
-    dropout is one step (one multiplication by a saved mask when training). Dropout with p = 0 is
-    no step. Each step is ``(kind, argument)``: ``("conv", (param, stride, padding))``,
-    ``("linear", param)``, ``("flatten", None)``, ``("pool", (kernel, stride, padding))``,
-    ``("relu", None)``, ``("relu_dropout", p)``, ``("dropout", p)``; ``param`` indexes the stacked weights.
-    """
-    layers = list(layers)
-    for i in range(len(layers) - 1):
-        if isinstance(layers[i], nn.ReLU) and isinstance(layers[i + 1], nn.MaxPool2d):
-            layers[i], layers[i + 1] = layers[i + 1], layers[i]
-    steps, param, i = [], 0, 0
-    while i < len(layers):
-        layer = layers[i]
-        following = layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, nn.Conv2d):
-            steps.append(("conv", (param, layer.stride, layer.padding)))
-            param += 1
-        elif isinstance(layer, nn.Linear):
-            steps.append(("linear", param))
-            param += 1
-        elif isinstance(layer, nn.Flatten):
-            steps.append(("flatten", None))
-        elif isinstance(layer, nn.MaxPool2d):
-            steps.append(("pool", (layer.kernel_size, layer.stride, layer.padding)))
-        elif isinstance(layer, nn.ReLU) and isinstance(following, nn.Dropout) and following.p > 0:
-            steps.append(("relu_dropout", following.p))
-            i += 1  # the dropout is part of this step
-        elif isinstance(layer, nn.ReLU):
-            steps.append(("relu", None))
-        elif isinstance(layer, nn.Dropout) and layer.p > 0:
-            steps.append(("dropout", layer.p))
-        i += 1
-    return steps
-
-
 class StackedSequential(nn.Module):
-    """K copies of one ``nn.Sequential`` (Linear, Conv2d, ReLU, Dropout, MaxPool2d, Flatten), run as one.
+    """K copies of one ``nn.Sequential`` of the layers ``layers.SUPPORTED`` lists, run as one.
 
     Dense layers are batched matrix products over ``[K, B, features]``; convolutions are grouped
     convolutions over ``[B, K * channels, H, W]`` (group k = member k; on a CPU a few members at a time,
-    ``member_groups``). Input ``[K, B, ...]``, output ``[K, B, classes]``.
+    ``member_groups``); a batch norm is one batch norm over the K members' channels (each member's statistics its
+    own), a layer norm one over each member's features with the member's own scale and shift. Input ``[K, B, ...]``,
+    output ``[K, B, classes]``. With norms the weights stay fp32 under autocast (no bf16 copies).
     """
 
     cpu_conv_group: int | None = 3  # members a conv network runs at once on a CPU (None: all; see member_groups)
@@ -123,6 +73,8 @@ class StackedSequential(nn.Module):
         self.step = 0  # training steps this epoch (the counter masks' step)
         self._dropout_layers: dict[tuple[int, ...], tuple[tuple[int, float], ...]] = {}  # image shape -> (units, p)
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.norm_weights, self.norm_biases = nn.ParameterList(), nn.ParameterList()  # [K * C] batch, [K, 1, F] layer
+        self.norm_stats: list[str] = []  # the buffers' names: running_mean_<i>, running_var_<i>, batches_<i>
         for layers in zip(*members):
             if isinstance(layers[0], nn.Linear):  # [K, in, out]: x @ W, no transpose per step
                 self.weights.append(torch.stack([layer.weight.detach().t() for layer in layers]))
@@ -133,8 +85,19 @@ class StackedSequential(nn.Module):
                     torch.cat([layer.weight.detach() for layer in layers]).contiguous(memory_format=torch.channels_last)
                 )
                 self.biases.append(torch.cat([layer.bias.detach() for layer in layers]))
+            elif isinstance(layers[0], (nn.BatchNorm1d, nn.BatchNorm2d)):
+                i = len(self.norm_weights)
+                self.norm_weights.append(torch.cat([layer.weight.detach() for layer in layers]))
+                self.norm_biases.append(torch.cat([layer.bias.detach() for layer in layers]))
+                self.register_buffer(f"running_mean_{i}", torch.cat([layer.running_mean for layer in layers]))
+                self.register_buffer(f"running_var_{i}", torch.cat([layer.running_var for layer in layers]))
+                self.register_buffer(f"batches_{i}", layers[0].num_batches_tracked.clone())
+            elif isinstance(layers[0], nn.LayerNorm):
+                self.norm_weights.append(torch.stack([layer.weight.detach()[None] for layer in layers]))
+                self.norm_biases.append(torch.stack([layer.bias.detach()[None] for layer in layers]))
         # under bf16 autocast: weights as [*weights, *biases] in bf16, written by the optimizer
-        self.bf16_copies = Bf16Copies([*self.weights, *self.biases]) if bf16_copies else None
+        copies = bf16_copies and not len(self.norm_weights)
+        self.bf16_copies = Bf16Copies([*self.weights, *self.biases]) if copies else None
 
     def start_epoch(self, epoch: int, rank: int) -> None:
         self.step = 0
@@ -163,11 +126,13 @@ class StackedSequential(nn.Module):
             layers = []
 
             def record(x, index, p, relu, conv):
-                layers.append((x.numel() // self.k, p))
+                layers.append((x.numel() // (self.k * 2), p))  # two images: a batch norm trains on more than one
                 return x
 
             meta = [[w.to("meta") for w in params] for params in (self.weights, self.biases)]
-            self._run(torch.empty((self.k, 1, *image_shape), device="meta"), *meta, record)
+            norms = [[t.to("meta") for t in norm] for norm in self.norms()]
+            with torch.no_grad():  # the running statistics stay as they are
+                self._run(torch.empty((self.k, 2, *image_shape), device="meta"), *meta, record, norms)
             self._dropout_layers[image_shape] = tuple(layers)
         layers, batch, chunks = self._dropout_layers[image_shape], images.shape[1], []
 
@@ -190,15 +155,22 @@ class StackedSequential(nn.Module):
         dropout = None
         if self.training:
             dropout = self._counter_dropout(x) if self.masks == "counter" else self._member_dropout
-        sizes = self.member_groups(x.device)
+        sizes, norms = self.member_groups(x.device), self.norms()
         if len(sizes) == 1:
-            out = self._run(x, weights, biases, dropout)
+            out = self._run(x, weights, biases, dropout, norms)
         else:  # each group of members through the whole network in turn; split's backward is one concatenation
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
             weights, biases = (
                 [p.split([p.shape[0] // self.k * size for size in sizes]) for p in params]
                 for params in (weights, biases)
             )
+            norms = [
+                [
+                    t.split([t.shape[0] // self.k * size for size in sizes]) if t.dim() else [t] * len(sizes)
+                    for t in norm
+                ]
+                for norm in norms
+            ]
             out = torch.cat(
                 [
                     self._run(
@@ -206,11 +178,16 @@ class StackedSequential(nn.Module):
                         [p[i] for p in weights],
                         [p[i] for p in biases],
                         None if dropout is None else functools.partial(dropout, members=slice(start, start + size)),
+                        [[t[i] for t in norm] for norm in norms],
                     )
                     for i, (start, size) in enumerate(zip(starts, sizes))
                 ]
             )
         self.step += self.training
+        if self.training:  # what nn.BatchNorm counts (its momentum is set: the count decides nothing here)
+            for norm in self.norms():
+                if len(norm) > 2:  # a batch norm's [weight, bias, mean, var, batches]
+                    norm[4].add_(1)
         return out
 
     def member_groups(self, device: torch.device) -> list[int]:
@@ -227,24 +204,55 @@ class StackedSequential(nn.Module):
         count = math.ceil(self.k / max(self.cpu_conv_group, 2))
         return [self.k // count + (i < self.k % count) for i in range(count)]
 
-    def _run(self, x: torch.Tensor, weights, biases, dropout: Callable[..., torch.Tensor] | None) -> torch.Tensor:
+    def norms(self) -> list[list[torch.Tensor]]:
+        """Each norm layer's ``[weight, bias]``, and a batch norm's running mean, variance and batch count."""
+        stats = {name: buffer for name, buffer in self.named_buffers() if "_" in name}
+        return [
+            [
+                w,
+                b,
+                *[
+                    stats[f"{kind}_{i}"]
+                    for kind in ("running_mean", "running_var", "batches")
+                    if f"batches_{i}" in stats
+                ],
+            ]
+            for i, (w, b) in enumerate(zip(self.norm_weights, self.norm_biases))
+        ]
+
+    def _run(
+        self, x: torch.Tensor, weights, biases, dropout: Callable[..., torch.Tensor] | None, norms: list
+    ) -> torch.Tensor:
         """The plan's steps on ``x``; ``dropout(x, index, p, relu, conv)`` applies dropout layer ``index`` (None: no
-        dropout, as in evaluation)."""
+        dropout, as in evaluation); ``norms`` the norm layers' tensors (``norms()``, of these members)."""
         k, batch = x.shape[:2]
-        conv = False  # layout: [K, B, ...] (dense) or [B, K * C, H, W] (conv)
+        conv = False  # layout: [K, B, ...] (image or dense) or [B, K * C, H, W] (conv)
         dropped = 0
         for step, arg in self.plan:
+            spatial = step in ("conv", "pool", "avgpool", "adaptive_avgpool") or (step == "batchnorm" and x.dim() == 5)
+            if spatial and not conv:  # the image layout [K, B, C, H, W] to the conv layout
+                x = x.transpose(0, 1).reshape(batch, -1, *x.shape[-2:]).contiguous(memory_format=torch.channels_last)
+                conv = True
             match step:
                 case "conv":
-                    if not conv:
-                        x = (
-                            x.transpose(0, 1)
-                            .reshape(batch, -1, *x.shape[-2:])
-                            .contiguous(memory_format=torch.channels_last)
-                        )
-                        conv = True
                     param, stride, padding = arg
                     x = F.conv2d(x, weights[param], biases[param], stride, padding, groups=k)
+                case "batchnorm":
+                    index, momentum, eps = arg
+                    weight, bias, mean, var, _ = norms[index]
+                    dense = x.transpose(0, 1).reshape(batch, -1) if not conv else x  # [B, K * F]: one member's F
+                    out = F.batch_norm(dense, mean, var, weight, bias, self.training, momentum, eps)
+                    x = out if conv else out.view(batch, k, -1).transpose(0, 1)
+                case "layernorm":
+                    index, eps = arg
+                    weight, bias = norms[index]
+                    x = torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=eps), weight)
+                case "avgpool":
+                    x = F.avg_pool2d(x, *arg)
+                case "adaptive_avgpool":
+                    x = F.adaptive_avg_pool2d(x, arg)
+                case "gelu":
+                    x = F.gelu(x, approximate=arg)
                 case "linear":
                     x = torch.baddbmm(biases[arg], x, weights[arg])
                 case "flatten":
@@ -262,7 +270,7 @@ class StackedSequential(nn.Module):
     def member(self, k: int) -> nn.Module:
         """Member ``k`` as a plain network of its own class, with its current weights."""
         net = copy.deepcopy(self.template[0])
-        params = iter(zip(self.weights, self.biases))
+        params, norms = iter(zip(self.weights, self.biases)), iter(self.norms())
         with torch.no_grad():
             for layer in net:
                 if isinstance(layer, nn.Linear):
@@ -274,6 +282,16 @@ class StackedSequential(nn.Module):
                     out = layer.out_channels
                     layer.weight.copy_(w[k * out : (k + 1) * out])
                     layer.bias.copy_(b[k * out : (k + 1) * out])
+                elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+                    weight, bias, *stats = next(norms)
+                    size = weight.shape[0] // self.k
+                    mine = slice(k * size, (k + 1) * size) if stats else k  # batch norm: [K * C]; layer: [K, 1, F]
+                    layer.weight.copy_(weight[mine].reshape(layer.weight.shape))
+                    layer.bias.copy_(bias[mine].reshape(layer.bias.shape))
+                    if stats:
+                        layer.running_mean.copy_(stats[0][mine])
+                        layer.running_var.copy_(stats[1][mine])
+                        layer.num_batches_tracked.copy_(stats[2])
         return net.train(self.training)
 
 

@@ -109,8 +109,13 @@ def accuracy_figure(results: list[dict], majority: float) -> Figure:
     return fig
 
 
+def picture(image: torch.Tensor) -> torch.Tensor:
+    """An image ``[C, H, W]`` as imshow takes it: ``[H, W]`` grey (shown in a grey colour map), ``[H, W, 3]``."""
+    return image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+
+
 def preview_figure(images: torch.Tensor, rows: list[tuple[str, float]]) -> Figure:
-    """The same digits at every training level: ``images`` ``[row, digit, 1, H, W]``, a row per (corruption,
+    """The same digits at every training level: ``images`` ``[row, digit, C, H, W]``, a row per (corruption,
     severity) of ``rows``; pixels shown clipped to [0, 1]."""
     n = images.shape[1]
     gaussian = only_gaussian(rows)
@@ -118,7 +123,7 @@ def preview_figure(images: torch.Tensor, rows: list[tuple[str, float]]) -> Figur
     axes = fig.subplots(len(rows), n, squeeze=False)
     for axes_row, cell, digits in zip(axes, rows, images.cpu().clamp(0, 1)):
         for ax, image in zip(axes_row, digits):
-            ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(picture(image), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
         name = f"σ={sigma_text(cell[1])}" if gaussian else label(cell, False)
@@ -130,7 +135,7 @@ def preview_figure(images: torch.Tensor, rows: list[tuple[str, float]]) -> Figur
 
 def corruption_preview(images: dict[tuple[str, float], torch.Tensor], digits: int = 4) -> Figure:
     """Every evaluated corruption (a row) at each of its severities (columns, clean first), the same ``digits``
-    validation digits side by side in each; ``images``: (corruption, severity) -> ``[digit, 1, H, W]``."""
+    validation digits side by side in each; ``images``: (corruption, severity) -> ``[digit, C, H, W]``."""
     corruptions = list(dict.fromkeys(c for c, s in images if s > 0))
     levels = {c: [s for e, s in images if e == c and s > 0] for c in corruptions}
     columns = 1 + max(len(v) for v in levels.values())
@@ -138,8 +143,8 @@ def corruption_preview(images: dict[tuple[str, float], torch.Tensor], digits: in
     axes = fig.subplots(len(corruptions), columns, squeeze=False)
     for axes_row, corruption in zip(axes, corruptions):
         for ax, severity in zip(axes_row, [0.0, *levels[corruption]]):
-            strip = images[CLEAN if severity == 0 else (corruption, severity)][:digits, 0].cpu().clamp(0, 1)
-            ax.imshow(torch.cat(list(strip), dim=1), cmap="gray", vmin=0, vmax=1)
+            strip = images[CLEAN if severity == 0 else (corruption, severity)][:digits].cpu().clamp(0, 1)
+            ax.imshow(picture(torch.cat(list(strip), dim=-1)), cmap="gray", vmin=0, vmax=1)
             ax.set_title("clean" if severity == 0 else f"{corruption} {sigma_text(severity)}", fontsize=8, pad=2)
         for ax in axes_row:
             ax.axis("off")

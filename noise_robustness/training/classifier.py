@@ -11,7 +11,6 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from noise_robustness.corruptions import Corruption
-from noise_robustness.data.datamodule import IMAGE_SHAPE
 from noise_robustness.engine import switches
 from noise_robustness.engine.graphs import StepGraphs, graphed_step
 from noise_robustness.engine.masks import DEFAULT_MASKS
@@ -19,7 +18,6 @@ from noise_robustness.models import DropoutMLP
 from noise_robustness.study.members import study_members
 
 STAGES = ("train", "val", "test")
-CLASSES = 10  # MNIST's digits
 METRICS = ("acc", "loss")  # logged as "<stage>/<metric>", per member
 
 
@@ -73,24 +71,24 @@ class MemberMeans(Metric):
         return {name: row / self.count for name, row in zip(METRICS, self.sums, strict=True)}
 
 
-def check_network(network: nn.Module) -> None:
-    """Raises ValueError, before any data is read, unless ``network`` maps MNIST's images (``[B, 1, 28, 28]``, the
-    study's data) to 10 logits: a user's network that does not fails here, named, not in the middle of a step."""
+def check_network(network: nn.Module, image_shape: tuple[int, ...], classes: int, data: str) -> None:
+    """Raises ValueError, before any training, unless ``network`` maps the data's images (``[B, *image_shape]``) to
+    ``classes`` logits: a user's network that does not fails here, named beside the data, not in a step."""
     name = f"{type(network).__module__}.{type(network).__qualname__}"
+    shown = f"[B, {', '.join(map(str, image_shape))}]"
     copy = deepcopy(network).eval()  # the member itself stays as it is: its mode, its lazy layers
-    images = torch.zeros(2, *IMAGE_SHAPE, device=next(copy.parameters(), torch.zeros(())).device)
+    images = torch.zeros(2, *image_shape, device=next(copy.parameters(), torch.zeros(())).device)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the global generator left as it was
             shape = tuple(copy(images).shape)
     except Exception as err:  # whatever the network raises on input of the wrong shape
         raise ValueError(
-            f"Expected `model.net` ({name}) to take MNIST's images, [B, {', '.join(map(str, IMAGE_SHAPE))}], but it "
-            f"raised {type(err).__name__}: {err}"
+            f"Expected `model.net` ({name}) to take {data}'s images, {shown}, but it raised {type(err).__name__}: {err}"
         ) from None
-    if shape != (2, CLASSES):
+    if shape != (2, classes):
         raise ValueError(
-            f"Expected `model.net` ({name}) to map MNIST's images to {CLASSES} logits, [B, {CLASSES}], but it gave "
-            f"{list(shape)} for B = 2"
+            f"Expected `model.net` ({name}) to map {data}'s images, {shown}, to its {classes} classes' logits, "
+            f"[B, {classes}], but it gave {list(shape)} for B = 2"
         )
 
 
@@ -148,7 +146,6 @@ class NoiseClassifier(pl.LightningModule):
         self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
         self.members = study_members(scales, seeds, corruptions, members)
         self.net = switches.members_net(net, [m.seed for m in self.members], fast, dropout_masks, compiled, graphed)
-        check_network(self.net.member(0))
         self.automatic_optimization = not graphed  # graphed: the step's backward pass is inside its graph
         self.step_sums = StepSums()  # the graphed step's metrics
         self.step_graphs: StepGraphs | None = None  # made when fitting starts
@@ -180,7 +177,7 @@ class NoiseClassifier(pl.LightningModule):
         self.net.start_epoch(self.current_epoch, self.global_rank)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``[K, B, 1, 28, 28]`` images -> ``[K, B, 10]`` logits, member k on its own images."""
+        """``[K, B, C, H, W]`` images -> ``[K, B, classes]`` logits, member k on its own images."""
         return self.net(images)
 
     def member_losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple]:

@@ -12,10 +12,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from noise_robustness.data import datasets
 from noise_robustness.study.folder import Study, StudyError, compared_rows
 from noise_robustness.study.members import Member, network_name
 from noise_robustness.study.report import write_report
-from noise_robustness.study.spec import RECIPE, differences, recipe_note
+from noise_robustness.study.spec import RECIPE, differences, identity_of, recipe_note
 from noise_robustness.study.text import say
 from noise_robustness.training import checkpoints
 from noise_robustness.training.checkpoints import save_weights
@@ -37,7 +38,7 @@ def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: lis
         ValueError: bad study options, a folder that holds another study or no study, a compared folder that is
             not a finished study of another network, or a checkpoint to resume that is damaged or of another study.
     """
-    study = Study.of(out, resolved)
+    study = Study.of(out, resolved, study_identity(resolved))
     to_train = study.to_train(task, gather)
     if str(devices) not in ("auto", "1") or num_nodes != 1:
         raise ValueError(
@@ -55,6 +56,21 @@ def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: lis
         remedy = f"delete {checkpoint_dir} to train {len(to_train)} member(s) from their first epoch"
         checkpoints.verify(checkpoint_dir / "last.ckpt", study.identity, set(), remedy, [m.name for m in to_train])
     return Plan(study, to_train, checkpoint_dir)
+
+
+def study_identity(resolved: dict) -> dict:
+    """The options of a resolved config that decide its results (``spec.identity_of``), and for a dataset other than
+    the shipped MNIST (checked by its own SHA-256 sums) a SHA-256 of what was read (``data.sha256``): the same
+    options on other files are another study.
+
+    Raises:
+        ValueError: the dataset cannot be read as a study's data (``data/datasets.py``).
+    """
+    data = resolved.get("data") or {}
+    if data.get("dataset") is None:
+        return identity_of(resolved)
+    files = datasets.load(data["dataset"], data["data_dir"], data.get("download", False))
+    return identity_of(resolved) | {"data.sha256": datasets.sha256(files)}
 
 
 def run_study(
