@@ -23,7 +23,6 @@ from noise_robustness.certify import certification
 from noise_robustness.certify.certification import Setting
 from noise_robustness.commands import StudyTrainer
 from noise_robustness.corruptions import BUILT_IN, Corruption
-from noise_robustness.data import datasets
 from noise_robustness.data.datamodule import NoisyMNISTDataModule
 from noise_robustness.data.mnist import DataFileError
 from noise_robustness.engine import switches
@@ -34,7 +33,7 @@ from noise_robustness.study.members import members_of, run_names, scales_of, see
 from noise_robustness.study.spec import MEMBER_OPTIONS, RESUMABLE, identity_of
 from noise_robustness.training import checkpoints, runner
 from noise_robustness.training.callbacks import CheckpointRecord
-from noise_robustness.training.classifier import NoiseClassifier, check_network
+from noise_robustness.training.classifier import NoiseClassifier
 from noise_robustness.training.run_logger import last_checkpoint
 
 
@@ -179,11 +178,9 @@ class NoiseCLI(LightningCLI):
         if self.subcommand:
             # Check the data files before the Trainer starts: a bad file then stops one process cleanly, instead
             # of rank zero alone inside DDP while the other ranks wait for it. Then the network against the data.
-            data, dataset = self.datamodule, self.datamodule.hparams.dataset
-            name = "MNIST" if dataset is None else datasets.spec_of(dataset)["class_path"].rpartition(".")[2]
             try:
-                data.prepare_data()
-                check_network(self.model.net.member(0), data.image_shape, data.classes, name)
+                self.datamodule.prepare_data()
+                self.model.check_data(self.datamodule.image_shape, self.datamodule.classes, self.datamodule.name)
             except ValueError as err:
                 self.parser.error(str(err))
 

@@ -1,5 +1,6 @@
 """The networks under study, as plain ``nn.Module``s; chosen in a config by ``class_path``."""
 
+import torch
 from torch import nn
 
 
@@ -47,3 +48,18 @@ class KerasCNN(nn.Sequential):
             nn.Linear(128, 10),
         )
         keras_init(self)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, on images ``[..., C, H, W]`` in [0, 1]: ``--model.normalize`` puts it before
+    every member's network, after the noise (which is in [0, 1] pixel units, the unit of σ)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        if len(mean) != len(std) or not mean or any(s <= 0 for s in std):
+            raise ValueError(f"Expected `normalize` to give a mean and a std > 0 per channel, but got {mean} and {std}")
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std

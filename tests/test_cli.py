@@ -219,3 +219,11 @@ def test_a_users_network_that_does_not_fit_mnist_is_named_before_anything_runs(
     assert exit.value.code == 2
     assert f"Expected `model.net` (usernets.{network}) {message}" in capsys.readouterr().err
     assert not (tmp_path / "tb_logs").exists()
+
+
+def test_normalize_feeds_each_member_the_normalised_noisy_images():
+    model = NoiseClassifier(scales=[0.0, 0.5], seeds=[0], normalize={"mean": [0.1307], "std": [0.3081]}).eval()
+    images = torch.rand(2, 4, 1, 28, 28)
+    torch.testing.assert_close(model(images), model.net((images - 0.1307) / 0.3081))
+    with pytest.raises(ValueError, match="a mean and a std > 0 per channel"):
+        NoiseClassifier(normalize={"mean": [0.5], "std": [0.0]})

@@ -30,8 +30,8 @@ def pictures(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def user_networks(tmp_path_factory, monkeypatch) -> None:
-    folder = tmp_path_factory.mktemp("usernets")
-    (folder / "usernets.py").write_text(USER_NETWORKS)
+    folder = tmp_path_factory.mktemp("colournets")
+    (folder / "colournets.py").write_text(USER_NETWORKS)
     monkeypatch.syspath_prepend(str(folder))
 
 
@@ -82,10 +82,12 @@ def test_a_fashion_mnist_study_records_its_data_and_refuses_other_files(fashion,
 @pytest.mark.slow
 def test_a_colour_study_of_user_networks_trains_resumes_compares_and_certifies(pictures, user_networks, tmp_path):
     looped, stacked = tmp_path / "resnet", tmp_path / "lenet"
-    cli_main(study(pictures, looped, FOLDER, "--model.net=usernets.SmallResNet"))
-    cli_main(study(pictures, looped, FOLDER, "--model.net=usernets.SmallResNet", scales="[0, 0.5, 1.0]"))  # extends
+    normalize = "--model.normalize={mean: [0.3, 0.3, 0.4], std: [0.3, 0.3, 0.2]}"  # certify normalises as training did
+    cli_main(study(pictures, looped, FOLDER, "--model.net=colournets.SmallResNet", normalize))
+    extended = study(pictures, looped, FOLDER, "--model.net=colournets.SmallResNet", normalize, scales="[0, 0.5, 1.0]")
+    cli_main(extended)
     assert set(member_rows(looped)) == {(0.0, 0), (0.5, 0), (1.0, 0)}
-    cli_main(study(pictures, stacked, FOLDER, "--model.net=usernets.LeNet", f"--compare=[{looped}]"))
+    cli_main(study(pictures, stacked, FOLDER, "--model.net=colournets.LeNet", normalize, f"--compare=[{looped}]"))
     summary = (stacked / "summary.md").read_text()
     assert "SmallResNet" in summary and "LeNet" in summary
     with Image.open(stacked / "noise_preview.png") as preview:
@@ -116,6 +118,14 @@ def test_bad_data_is_one_message_and_nothing_is_made(make, dataset, message, dat
     out = tmp_path / "study"
     error = exits_with_error(study(root, out, dataset), capsys)
     assert message in error, error
+    assert not out.exists()
+
+
+def test_a_normalisation_of_other_channels_than_the_datas_is_named(pictures, user_networks, tmp_path, capsys):
+    out = tmp_path / "study"
+    normalize = "--model.normalize={mean: [0.5], std: [0.25]}"
+    error = exits_with_error(study(pictures, out, FOLDER, "--model.net=colournets.LeNet", normalize), capsys)
+    assert "Expected `model.normalize` to give a mean and std for each of the 3 channel(s) of ImageFolder's" in error
     assert not out.exists()
 
 

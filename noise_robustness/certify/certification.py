@@ -33,6 +33,7 @@ from noise_robustness.data.datamodule import N_TEST, NoisyMNISTDataModule
 from noise_robustness.data.noise import seeded
 from noise_robustness.engine.stacked import stack
 from noise_robustness.files import Lock, check_writable, csv_text, write_atomic
+from noise_robustness.models import Normalize
 from noise_robustness.study.folder import Study, StudyError
 from noise_robustness.study.members import Member, network_name, sigma_text
 from noise_robustness.study.text import say
@@ -238,7 +239,10 @@ def certify_members(
     members = [certification.members[k] for k in todo]
     sigmas = [certification.sigmas[k] for k in todo]
     nets = certification.networks(todo)
-    votes = Votes(stack(nets, [m.seed for m in members]).to(device).eval(), [m.seed for m in members], sigmas,
+    normalize = certification.study.resolved["model"].get("normalize")  # the members' input, as in training
+    net = stack(nets, [m.seed for m in members])
+    net = torch.nn.Sequential(Normalize(**normalize), net) if normalize else net
+    votes = Votes(net.to(device).eval(), [m.seed for m in members], sigmas,
                   bool(data.get("clip", False)), device, datamodule.classes)  # fmt: skip
     start = min(len(saved[m]) for m in members)
     rows = {m: saved[m][:start] for m in members}

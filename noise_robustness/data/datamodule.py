@@ -137,6 +137,15 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         return {name: found for name, found in files.items() if found is not None}
 
     @property
+    def name(self) -> str:
+        """The data's name in messages: MNIST, or its dataset class's (``ImageFolder``)."""
+        return (
+            "MNIST"
+            if self.hparams.dataset is None
+            else datasets.spec_of(self.hparams.dataset)["class_path"].split(".")[-1]
+        )
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         """``(C, H, W)`` of the data's images."""
         return IMAGE_SHAPE if self.hparams.dataset is None else tuple(self.files()["train"][0].shape[1:])

@@ -14,7 +14,7 @@ from noise_robustness.corruptions import Corruption
 from noise_robustness.engine import switches
 from noise_robustness.engine.graphs import StepGraphs, graphed_step
 from noise_robustness.engine.masks import DEFAULT_MASKS
-from noise_robustness.models import DropoutMLP
+from noise_robustness.models import DropoutMLP, Normalize
 from noise_robustness.study.members import study_members
 
 STAGES = ("train", "val", "test")
@@ -122,6 +122,8 @@ class NoiseClassifier(pl.LightningModule):
         corruptions: what the members train on; set by the study's ``--corruptions``.
         members: the names of the members to train (``sigma=0.5/seed=0``), among every (corruption, severity,
             seed) of the options above; null: all of them. ``sweep`` sets it to the members not finished yet.
+        normalize: ``{mean: [...], std: [...]}``, a value per channel: each member's network sees ``(x - mean) / std``
+            of its noisy images (the noise stays in [0, 1] pixel units); null: the images as they are.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class NoiseClassifier(pl.LightningModule):
         seeds: list[int] = [0],
         corruptions: list[Corruption] | None = None,
         members: list[str] | None = None,
+        normalize: dict[str, list[float]] | None = None,
     ):
         super().__init__()
         # No save_hyperparameters(): the run's config.yaml is its record, and a checkpoint without
@@ -145,6 +148,7 @@ class NoiseClassifier(pl.LightningModule):
         switches.check(fast, dropout_masks, compiled, graphed)
         self.lr, self.rho, self.eps, self.fast, self.compiled, self.graphed = lr, rho, eps, fast, compiled, graphed
         self.members = study_members(scales, seeds, corruptions, members)
+        self.normalize = Normalize(**normalize) if normalize else nn.Identity()
         self.net = switches.members_net(net, [m.seed for m in self.members], fast, dropout_masks, compiled, graphed)
         self.automatic_optimization = not graphed  # graphed: the step's backward pass is inside its graph
         self.step_sums = StepSums()  # the graphed step's metrics
@@ -153,6 +157,16 @@ class NoiseClassifier(pl.LightningModule):
         self.metrics = nn.ModuleDict({f"{stage}_metrics": MemberMeans(len(self.members)) for stage in STAGES})
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
         self.backward_seed: torch.Tensor | None = None  # d loss / d loss = 1, kept from step to step (backward)
+
+    def check_data(self, image_shape: tuple[int, ...], classes: int, data: str) -> None:
+        """Raises ValueError, before any training, unless the network takes the ``data``'s images and gives its
+        ``classes``' logits (``check_network``), and a normalisation has a value per channel."""
+        check_network(self.net.member(0), image_shape, classes, data)
+        if isinstance(self.normalize, Normalize) and len(self.normalize.mean) != image_shape[0]:
+            raise ValueError(
+                f"Expected `model.normalize` to give a mean and std for each of the {image_shape[0]} channel(s) of "
+                f"{data}'s images, but it gives {len(self.normalize.mean)}"
+            )
 
     def on_fit_start(self) -> None:
         if self.graphed:
@@ -178,7 +192,7 @@ class NoiseClassifier(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[K, B, C, H, W]`` images -> ``[K, B, classes]`` logits, member k on its own images."""
-        return self.net(images)
+        return self.net(self.normalize(images))
 
     def member_losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The summed loss of the members on one batch (each member's gradient is its own loss's), and its
