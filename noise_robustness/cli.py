@@ -17,13 +17,15 @@ import yaml
 from jsonargparse import Namespace, dict_to_namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from noise_robustness import commands, options
 from noise_robustness.certify import certification
 from noise_robustness.certify.certification import Setting
 from noise_robustness.commands import StudyTrainer
 from noise_robustness.corruptions import BUILT_IN, Corruption
-from noise_robustness.data.datamodule import NoisyMNISTDataModule
+from noise_robustness.data.batches import check_even_shares
+from noise_robustness.data.datamodule import NoisyMNISTDataModule, training_images
 from noise_robustness.data.mnist import DataFileError
 from noise_robustness.engine import switches
 from noise_robustness.engine.precision import resolve as resolve_precision
@@ -98,6 +100,10 @@ class NoiseCLI(LightningCLI):
             if self.subcommand in ("fit", "sweep") and (epochs is None or epochs <= 0):
                 raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {epochs}")
             switches.check_processes(config.model.graphed, commands.processes(config.trainer))
+            if self.subcommand in ("fit", "sweep") and commands.processes(config.trainer) > 1:
+                data = config.data
+                images = training_images(data.dataset, data.data_dir, data.download, data.val_holdout)
+                check_even_shares(images, data.batch_size, commands.processes(config.trainer))
             if self.subcommand == "sweep":
                 self.plan = self.plan_study(config)
             elif self.subcommand == "certify":
@@ -144,12 +150,10 @@ class NoiseCLI(LightningCLI):
         """Checks a sweep against its folder (``runner.plan``), then sets the classes to the members it trains, the
         study's logger and its checkpoints; creates nothing."""
         served = commands.study_loggers(config.trainer.logger)
-        plan = runner.plan(
-            Path(config.out), self.resolved(), config.task, config.gather, config.compare or [],
-            config.trainer.devices, config.trainer.num_nodes,
-        )  # fmt: skip
+        plan = runner.plan(Path(config.out), self.resolved(), config.task, config.gather, config.compare or [])
         train = plan.to_train or plan.study.members  # nothing to train: the classes are built, never fitted
-        if plan.to_train and not (plan.checkpoint_dir / "last.ckpt").is_file():  # a new fit: new runs
+        new_fit = plan.to_train and not (plan.checkpoint_dir / "last.ckpt").is_file()
+        if new_fit and rank_zero_only.rank == 0:  # DDP's other processes start once the first has begun the runs
             commands.check_new_runs(
                 served,
                 [name for m, name in zip(plan.study.members, run_names(plan.study.members)) if m in plan.to_train],
@@ -158,7 +162,8 @@ class NoiseCLI(LightningCLI):
         for target in (config.data, config.model):  # those members, in a product of severities and seeds covering them
             target.scales, target.seeds, target.corruptions = scales_of(train), seeds_of(train), covering
             target.members = [m.name for m in train]
-        config.trainer.devices = 1  # "auto" would start DDP on a node with several GPUs
+        if config.trainer.devices == "auto":  # one device unless asked: "auto" would start DDP on every GPU
+            config.trainer.devices = 1
         runs = {"save_dir": str(plan.study.out), "name": "tensorboard", "version": "", "default_hp_metric": False}
         config.trainer.logger = [{"class_path": commands.STUDY_LOGGER, "init_args": runs}, *served]
         self.trainer_defaults["callbacks"] = [

@@ -59,7 +59,10 @@ BAD_INPUT = [
     ),
     (["sweep", "--data.scales=[1]"], 'Linked "data.scales" must be given via "scales"'),
     (["fit", "--model.seeds=[1]"], 'Linked "model.seeds" must be given via "seeds"'),
-    (["sweep", "--trainer.devices=2"], "Expected `trainer.devices` and `trainer.num_nodes` to be 1 in a study"),
+    (
+        ["sweep", "--trainer.devices=3"],
+        "Expected the training batches (128 images, the last 96) to split evenly over 3",
+    ),
     (["sweep", "--task=3"], "Expected `task` to be in [0, 3), one task per seed of [0, 1, 2], but got 3"),
     (["sweep", "--ckpt_path=x.ckpt"], "`ckpt_path` is chosen by the study: rerun the same sweep command to resume it"),
     # files and folders

@@ -10,23 +10,33 @@ from noise_robustness.data.noise import seeded
 
 
 def shard_batches(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[torch.Tensor]:
-    """Splits ``order`` into ``world_size`` disjoint shards and returns ``rank``'s shard in batches.
+    """``rank``'s share of each batch of ``order``: the batches are the one-process batches (``batch_size`` images,
+    the last one partial), each split over the ``world_size`` processes in order (sizes differ by at most one), so
+    every process takes the same number of steps and together they see each batch as one process would.
 
-    The shards cover ``order`` exactly once (no padding, no duplicates); their sizes differ by at
-    most one, and every rank gets the same number of batches, so DDP's collective calls stay in
-    step. With one process the batches are plain ``batch_size`` chunks, the last one partial.
+    Raises:
+        ValueError: a batch of fewer images than processes (a process would get none).
     """
-    shards = torch.tensor_split(order, world_size)
-    n_batches = math.ceil(len(shards[0]) / batch_size)  # shards[0] is a largest shard
-    mine = shards[rank]
-    if math.ceil(len(mine) / batch_size) == n_batches:
-        return list(mine.split(batch_size))
-    if len(mine) < n_batches:  # only with batch_size 1 (or shards of 0 and 1 images)
+    batches = order.split(batch_size)
+    if len(batches[-1]) < world_size:
         raise ValueError(
-            f"Cannot split {len(order)} images over {world_size} processes in batches of {batch_size} "
-            "with the same number of batches on every process; use a batch_size of at least 2"
+            f"Expected every batch of {len(order)} images in batches of {batch_size} to give each of {world_size} "
+            f"processes an image, but the last holds {len(batches[-1])}: choose another batch_size or val_holdout"
         )
-    return list(torch.tensor_split(mine, n_batches))  # one image short: spread it, keep the batch count
+    return [torch.tensor_split(batch, world_size)[rank] for batch in batches] if world_size > 1 else list(batches)
+
+
+def check_even_shares(images: int, batch_size: int, world_size: int) -> None:
+    """Raises ValueError unless every training batch splits evenly over the processes: then each member's gradient,
+    the mean of the processes' means, is the mean over the whole batch, as on one process, and a process's images
+    start at ``rank x`` its share in every batch (its dropout masks' positions)."""
+    last = images % batch_size or batch_size
+    if world_size > 1 and (batch_size % world_size or last % world_size):
+        raise ValueError(
+            f"Expected the training batches ({batch_size} images, the last {last}) to split evenly over "
+            f"{world_size} processes, so that each member's gradient is its batch's mean, but they do not: choose a "
+            "batch_size (and val_holdout) that the number of processes divides"
+        )
 
 
 def blocks_of(sizes: list[int], steps: int) -> list[tuple[int, int]]:
@@ -58,7 +68,7 @@ class MemberBatches:
         compose: ``(rows [K, B], epoch=...) -> (images, labels)`` for every member.
         size: images in the split.
         seeds: the study's seeds; each shuffles with its own permutation per epoch.
-        batch_size: images per batch and process.
+        batch_size: images per batch, over all processes (``shard_batches``).
         position: returns ``(epoch, rank, world_size)`` when an epoch starts.
         shuffle: shuffle each epoch (seeded by (seed, epoch), the same on every rank) or keep the order.
         device: where the position batches go (the device the data lives on).
@@ -98,7 +108,7 @@ class MemberBatches:
         if self.steps > 1:
             sizes = [len(batch) for batch in shard_batches(torch.arange(self.size), rank, world_size, self.batch_size)]
             return len(blocks_of(sizes, self.steps))
-        return math.ceil(math.ceil(self.size / world_size) / self.batch_size)
+        return math.ceil(self.size / self.batch_size)  # every process takes a share of every batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, rank, world_size = self.position()

@@ -23,6 +23,13 @@ N_TRAIN, N_TEST = 60_000, 10_000  # images in the MNIST train and test files
 HOLDOUT_SEED = 0  # one validation hold-out for the whole study, so every member is scored on the same images
 
 
+def training_images(dataset: str | dict | None, data_dir: str, download: bool, val_holdout: int) -> int:
+    """How many images a study trains on: MNIST's 60,000 (not read), or another dataset's training file (read, once
+    per process), less the held-out ones."""
+    n_train = N_TRAIN if dataset is None else len(datasets.load(dataset, data_dir, download)["train"][0])
+    return n_train - val_holdout
+
+
 def check_split_sizes(n_train: int, val_holdout: int, batch_size: int, has_test: bool) -> None:
     """Raises ValueError naming ``val_holdout`` or ``batch_size`` where the training file cannot serve them."""
     if not 0 <= val_holdout < n_train:
@@ -66,7 +73,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         noise_mode: ``fixed`` draws each image's noise once; ``resample`` draws training noise
             afresh each epoch (validation and test noise stay fixed, so epochs compare).
         clip: clip noisy pixels to [0, 1].
-        batch_size: images per batch and process.
+        batch_size: images per batch; with DDP, split over the processes (each member's gradient is the batch's mean).
         val_holdout: 0 validates on the 10,000-image MNIST test split (as the original study and
             the Keras example do); N > 0 holds out N training images instead (one seeded split).
         data_dir: where MNIST lives in torchvision's layout (the shipped copy is unpacked there), or another

@@ -133,15 +133,24 @@ class CounterMasks:
         self.held_keys.copy_(keys)
 
     def scaled_masks(
-        self, step: int, images: int, layers: tuple[tuple[int, float], ...], dtype: torch.dtype, device: torch.device
+        self,
+        step: int,
+        images: int,
+        layers: tuple[tuple[int, float], ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        first: int = 0,
     ) -> torch.Tensor:
         """``[K, images, U]`` in ``dtype``: every member's dropout multipliers at ``step``, 1 / (1 - p) for a kept
-        unit and 0 for a dropped one; ``layers`` gives each dropout layer's units per image and p, in order."""
-        key = (images, layers, dtype, device)
+        unit and 0 for a dropped one; ``layers`` gives each dropout layer's units per image and p, in order. The
+        images are ``first`` to ``first + images - 1`` of the step's batch (a DDP process's share: its masks are the
+        ones one process draws for those images)."""
+        key = (images, layers, dtype, device, first)
         if key not in self.constants:
             units = [n for n, _ in layers]
+            counters = torch.arange(first * sum(units), (first + images) * sum(units), dtype=torch.int32, device=device)
             self.constants[key] = (
-                lowbias32(torch.arange(images * sum(units), dtype=torch.int32, device=device)).view(images, -1),
+                lowbias32(counters).view(images, -1),
                 torch.tensor([round((1 - p) * 2**32) - 2**31 for _, p in layers], device=device)
                 .to(torch.int32)
                 .repeat_interleave(torch.tensor(units, device=device)),

@@ -70,7 +70,7 @@ class StackedSequential(nn.Module):
         self.template = [copy.deepcopy(members[0])]  # in a list: a pattern for `member()`, not a submodule
         self.plan = plan_steps(list(members[0]))
         self.generators, self.counter = MemberGenerators(seeds), CounterMasks(seeds, compiled)
-        self.step = 0  # training steps this epoch (the counter masks' step)
+        self.step, self.rank = 0, 0  # training steps this epoch (the counter masks' step); this DDP process
         self._dropout_layers: dict[tuple[int, ...], tuple[tuple[int, float], ...]] = {}  # image shape -> (units, p)
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         self.norm_weights, self.norm_biases = nn.ParameterList(), nn.ParameterList()  # [K * C] batch, [K, 1, F] layer
@@ -100,9 +100,9 @@ class StackedSequential(nn.Module):
         self.bf16_copies = Bf16Copies([*self.weights, *self.biases]) if copies else None
 
     def start_epoch(self, epoch: int, rank: int) -> None:
-        self.step = 0
-        if self.masks == "counter":
-            self.counter.start_epoch(epoch, rank)
+        self.step, self.rank = 0, rank
+        if self.masks == "counter":  # by the image's place in the whole batch, not the process: rank 0's keys
+            self.counter.start_epoch(epoch, 0)
         else:
             self.generators.start_epoch(epoch, rank, self.weights[0].device)
 
@@ -138,7 +138,8 @@ class StackedSequential(nn.Module):
 
         def dropout(x, index, p, relu, conv, members=slice(None)):
             if not chunks:
-                masks = self.counter.scaled_masks(self.step, batch, layers, x.dtype, x.device)
+                first = self.rank * batch  # DDP: this process's share starts there in every batch (even shares)
+                masks = self.counter.scaled_masks(self.step, batch, layers, x.dtype, x.device, first)
                 chunks.extend(masks.split([units for units, _ in layers], dim=2))
             mask = chunks[index][members]  # [K, B, units]
             if conv:  # to the layout [B, K * C, H, W]

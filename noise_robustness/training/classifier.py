@@ -221,7 +221,11 @@ class NoiseClassifier(pl.LightningModule):
             values = means[name].reshape(len(self.members))  # torchmetrics squeezes a single member's
             self.epoch_metrics[f"{stage}/{name}"] = values
             # the mean over members, for the progress bar and callbacks; each member's goes to its own run
-            self.log(f"{stage}/{name}", values.float().mean(), logger=False, prog_bar=name == "acc" and stage != "test")
+            # sync_dist: the values are the same on every process already (the metric summed them); Lightning asks
+            self.log(
+                f"{stage}/{name}", values.float().mean(), logger=False, prog_bar=name == "acc" and stage != "test",
+                sync_dist=True,
+            )  # fmt: skip
 
     def on_train_epoch_end(self) -> None:
         self.step_sums.add_to(self.metrics["train_metrics"])

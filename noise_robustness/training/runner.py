@@ -31,7 +31,7 @@ class Plan:
     checkpoint_dir: Path  # where their fit checkpoints, and a rerun resumes it
 
 
-def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: list[str], devices, num_nodes) -> Plan:
+def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: list[str]) -> Plan:
     """Checks a sweep (its resolved options, nested) against its folder and the ``compare`` folders; creates nothing.
 
     Raises:
@@ -40,12 +40,6 @@ def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: lis
     """
     study = Study.of(out, resolved, study_identity(resolved))
     to_train = study.to_train(task, gather)
-    if str(devices) not in ("auto", "1") or num_nodes != 1:
-        raise ValueError(
-            "Expected `trainer.devices` and `trainer.num_nodes` to be 1 in a study, which trains its members side "
-            f"by side in one process, but got {devices} and {num_nodes}; spread a study over devices as tasks, one "
-            "seed each (--task, scripts/slurm_study.sh)"
-        )
     study.check()
     for folder in compare:
         compared_rows(Path(folder), study.identity)
@@ -90,6 +84,8 @@ def run_study(
     """
     if not gather:
         train(trainer, model, datamodule, study, study.to_train(task, gather=False))
+    if not trainer.is_global_zero:  # DDP: the other processes trained and evaluated; the first one writes
+        return
     if gather or task is None:
         report(study, datamodule, compare)
     else:
@@ -102,14 +98,18 @@ def train(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[M
         say("sweep", f"{study.out}: every member of this command finished earlier")
         return
     done = sum(study.finished(m) for m in study.members)
-    study.start(to_train)  # StudyError: another study's study.yaml, or a member locked by another command
-    finished = f"{done} of {len(study.members)} finished earlier"
-    say("sweep", f"{study.out}: training {len(to_train)} member(s) side by side ({finished})")
+    first = trainer.is_global_zero  # with DDP, the process that writes the study's files (the others compute)
+    if first:
+        study.start(to_train)  # StudyError: another study's study.yaml, or a member locked by another command
+        finished = f"{done} of {len(study.members)} finished earlier"
+        processes = f" in {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        say("sweep", f"{study.out}: training {len(to_train)} member(s) side by side{processes} ({finished})")
     try:
         fit(trainer, model, datamodule, study.checkpoint_dir(to_train))
         record(trainer, model, datamodule, study, to_train)
     finally:
-        study.release()
+        if first:
+            study.release()
 
 
 def fit(trainer: pl.Trainer, model, datamodule, checkpoint_dir: Path) -> None:
@@ -126,7 +126,9 @@ def fit(trainer: pl.Trainer, model, datamodule, checkpoint_dir: Path) -> None:
 def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[Member]) -> None:
     """Writes each trained member's final weights, metrics and accuracy at every σ of the study, a file each."""
     final = dict(model.epoch_metrics)  # the last epoch's (or its checkpoint's), before the robustness pass
-    accuracy = robustness(trainer, model, datamodule, study.cells)
+    accuracy = robustness(trainer, model, datamodule, study.cells)  # every process: the test passes are collective
+    if not trainer.is_global_zero:
+        return
     network = network_name(type(model.net.member(0)))
     data = datamodule.hparams
     for k, member in enumerate(model.members):
