@@ -145,3 +145,22 @@ def test_an_argument_that_chooses_the_data_is_taken_and_one_the_study_sets_is_re
     svhn = {"class_path": "torchvision.datasets.SVHN", "init_args": {"split": "extra"}}  # its files are its splits
     with pytest.raises(ValueError, match=r"the study sets those.*but got \['split'\]"):
         datasets.dataset_class(datasets.spec_of(svhn))
+
+
+@pytest.mark.parametrize(
+    "cls, layout",
+    [("CIFAR10", "NHWC"), ("CIFAR100", "NHWC"), ("SVHN", "NCHW")],  # as torchvision keeps each in memory
+)
+def test_the_arrays_torchvision_keeps_become_nchw_uint8_tensors(cls, layout):
+    """CIFAR's and SVHN's files carry checksums that synthetic files cannot match, so their datasets are made here
+    without their constructor, holding the arrays their constructors leave (``data`` and ``targets`` or ``labels``)."""
+    import numpy as np
+    import torchvision
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    dataset = object.__new__(getattr(torchvision.datasets, cls))
+    dataset.data = images.transpose(0, 2, 3, 1).copy() if layout == "NHWC" else images
+    setattr(dataset, "labels" if cls == "SVHN" else "targets", [1, 2, 3, 4, 0])
+    tensors, labels = datasets.tensors(dataset, cls)
+    assert tensors.dtype == torch.uint8 and torch.equal(tensors, torch.from_numpy(images))
+    assert labels.tolist() == [1, 2, 3, 4, 0]

@@ -596,3 +596,38 @@ def test_a_network_with_a_layer_where_the_engine_cannot_run_it_is_looped():
         nn.Sequential(nn.Flatten(), nn.Linear(784, 8, bias=False), nn.Linear(8, 10)),
     ):
         assert isinstance(stack_members(lambda net=net: net, [0, 1]), MemberLoop)
+
+
+class Residual(nn.Module):
+    """A network the engine does not stack (a residual block, batch norm, dropout): members are looped over."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(16, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(F.relu(x + self.block(x)))
+
+
+def test_a_looped_member_trains_as_its_network_alone(batches):
+    """A network that does not stack: member k of a study, trained beside others, is bit for bit the member of a
+    study of it alone (its weights, batch statistics and dropout from its seed; its updates its own)."""
+    together = NoiseClassifier(net=Residual, scales=[0.0, 1.0], seeds=[0, 3])
+    alone = NoiseClassifier(net=Residual, scales=[1.0], seeds=[3])
+    assert isinstance(together.net, MemberLoop)
+    optimizers = [model.configure_optimizers() for model in (together, alone)]
+    for model in (together, alone):
+        model.net.start_epoch(0, 0)
+    for batch in batches[:3]:
+        for model, optimizer, (images, labels) in zip((together, alone), optimizers, (batch, member_batch(batch, 3))):
+            loss, _ = model.member_losses(images, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    mine, lone = together.net.member(3).state_dict(), alone.net.member(0).state_dict()
+    assert all(torch.equal(mine[key], lone[key]) for key in mine), [
+        k for k in mine if not torch.equal(mine[k], lone[k])
+    ]
