@@ -100,10 +100,6 @@ class NoiseCLI(LightningCLI):
             if self.subcommand in ("fit", "sweep") and (epochs is None or epochs <= 0):
                 raise ValueError(f"Expected `trainer.max_epochs` to be a positive integer, but got {epochs}")
             switches.check_processes(config.model.graphed, commands.processes(config.trainer))
-            if self.subcommand in ("fit", "sweep") and commands.processes(config.trainer) > 1:
-                data = config.data
-                images = training_images(data.dataset, data.data_dir, data.download, data.val_holdout)
-                check_even_shares(images, data.batch_size, commands.processes(config.trainer))
             if self.subcommand == "sweep":
                 self.plan = self.plan_study(config)
             elif self.subcommand == "certify":
@@ -112,6 +108,11 @@ class NoiseCLI(LightningCLI):
                 self.certifications = certification.plan(folders, setting)
             else:
                 self.name_run(config)
+            # after the plan, which runs a study on one device unless asked (devices auto: 1)
+            if self.subcommand in ("fit", "sweep") and commands.processes(config.trainer) > 1:
+                data = config.data
+                images = training_images(data.dataset, data.data_dir, data.download, data.val_holdout)
+                check_even_shares(images, data.batch_size, commands.processes(config.trainer))
         except ValueError as err:
             self.parser.error(str(err))
 
@@ -180,7 +181,7 @@ class NoiseCLI(LightningCLI):
         # cuDNN's fastest convolution gradients add with atomics, in a new order on every run; its deterministic
         # algorithms make a rerun on one machine type give the same numbers bit for bit (docs/reproducibility.md).
         torch.backends.cudnn.deterministic = True
-        if self.subcommand:
+        if self.subcommand and self.subcommand != "certify":  # certify reads each study's own data
             # Check the data files before the Trainer starts: a bad file then stops one process cleanly, instead
             # of rank zero alone inside DDP while the other ranks wait for it. Then the network against the data.
             try:

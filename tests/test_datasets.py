@@ -105,6 +105,11 @@ def test_a_colour_study_of_user_networks_trains_resumes_compares_and_certifies(p
         ("empty", FOLDER, "Expected `data.dataset` to find images in"),
         ("mixed", FOLDER, "to be of one size (C x H x W), but found 3x30x30, 3x32x32"),
         ("no test", FOLDER, "Expected `val_holdout` to be above 0 for a dataset without a test file"),
+        (
+            None,
+            "torchvision.datasets.FashionMNIST",
+            "but Dataset not found. You can use download=True to download it; --data.download true lets",
+        ),
     ],
 )
 def test_bad_data_is_one_message_and_nothing_is_made(make, dataset, message, data_dir, tmp_path, capsys):
@@ -164,3 +169,21 @@ def test_the_arrays_torchvision_keeps_become_nchw_uint8_tensors(cls, layout):
     tensors, labels = datasets.tensors(dataset, cls)
     assert tensors.dtype == torch.uint8 and torch.equal(tensors, torch.from_numpy(images))
     assert labels.tolist() == [1, 2, 3, 4, 0]
+
+
+@pytest.mark.slow
+def test_a_folder_of_three_classes_without_a_test_folder_is_studied_on_a_held_out_share(
+    data_dir, user_networks, tmp_path
+):
+    root = tmp_path / "three"
+    for label in range(3):  # three classes, one folder: validated on held-out images
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        digits, labels = mnist.load(data_dir, train=True)
+        for i, image in enumerate(colour(digits[labels == label][:60])):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    out = tmp_path / "study"
+    cli_main(study(root, out, FOLDER, "--model.net=colournets.LeNet", "--model.net.classes=3", "--data.val_holdout=30"))
+    assert len(member_rows(out)) == 2 and (out / "noise_preview.png").is_file()
+    cli_main(["certify", f"--out={out}", "--n0=20", "--n=100", "--images=5", f"--data.data_dir={root}"])
+    assert not (root / "MNIST").exists()  # certify reads the study's data, nothing else, from data_dir

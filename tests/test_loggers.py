@@ -84,6 +84,7 @@ def test_a_new_study_does_not_write_into_another_studys_runs(logged, data_dir, c
     [
         ("--trainer.logger=false", "a study always writes each member's TensorBoard run"),
         ("--trainer.logger=lognames.Nameless", "lognames.Nameless to name a run"),
+        ("--trainer.logger=WandbLogger", "WandbLogger to hold a run per member, but it logs every logger"),
     ],
 )
 def test_a_logger_the_study_cannot_serve_is_refused_before_anything_is_made(

@@ -197,7 +197,10 @@ def certify_study(certification: Certification, data_dir: str, device: torch.dev
         data_dir=data_dir, val_holdout=data.get("val_holdout", 0), dataset=data.get("dataset"),
         batch_size=data.get("batch_size", 128),
     )  # fmt: skip
-    datamodule.prepare_data()
+    try:
+        datamodule.prepare_data()
+    except ValueError as err:  # the study's dataset is not in this --data.data_dir (any more)
+        raise StudyError(f"Cannot read the data of {study.out}: {err}") from None
     datamodule.setup()
     if data.get("dataset") is not None:  # the files read now are the ones the study trained on
         if datasets.sha256(datamodule.files()) != study.identity.get("data.sha256"):

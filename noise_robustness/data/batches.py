@@ -58,7 +58,7 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class MemberBatches:
-    """Serves ``(images [K, B, 1, 28, 28], labels [K, B])`` batches of a split: no per-sample Python, no collate.
+    """Serves ``(images [K, B, C, H, W], labels [K, B])`` batches of a split: no per-sample Python, no collate.
 
     Each member's file rows for the whole epoch are looked up once when it starts (``rows``) and split into
     the batches' blocks; a batch is then composed with one gather per tensor (``compose``).
@@ -72,7 +72,7 @@ class MemberBatches:
         position: returns ``(epoch, rank, world_size)`` when an epoch starts.
         shuffle: shuffle each epoch (seeded by (seed, epoch), the same on every rank) or keep the order.
         device: where the position batches go (the device the data lives on).
-        steps: batches served together as one block ``(images [K, S, B, 1, 28, 28], labels [K, S, B])`` of S <=
+        steps: batches served together as one block ``(images [K, S, B, C, H, W], labels [K, S, B])`` of S <=
             ``steps`` consecutive batches of one size, composed at once (``blocks_of``); 1: batch by batch.
     """
 

@@ -184,7 +184,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
 
     def patterns(self, file: str, noise_epoch: int, kind: str = "normal") -> torch.Tensor:
         """The ``kind`` patterns (standard-normal or uniform, ``noise.draw``) of every image of an MNIST ``file``, one
-        per study seed, drawn once and kept: ``[seeds, images, 1, 28, 28]``, row ``i`` for ``hparams.seeds[i]``."""
+        per study seed, drawn once and kept: ``[seeds, images, C, H, W]``, row ``i`` for ``hparams.seeds[i]``."""
         key = (kind, file, noise_epoch)
         if key not in self._patterns:
             # keep the fixed draws (epoch 0: validation and test) and this epoch's; free the rest first
@@ -211,7 +211,7 @@ class NoisyMNISTDataModule(pl.LightningDataModule):
         """Images at split ``positions[seed]`` for each member (default: the study's), corrupted now.
 
         Returns:
-            ``(images [K, n, 1, 28, 28], labels [K, n])``. Member (corruption, severity, s) gets the clean images
+            ``(images [K, n, C, H, W], labels [K, n])``. Member (corruption, severity, s) gets the clean images
             at ``positions[s]`` corrupted at its severity from seed s's patterns (this epoch's for training in
             ``resample`` mode): for Gaussian noise, the clean images plus σ times seed s's pattern.
         """

@@ -82,10 +82,16 @@ def file_datasets(spec: dict, root: str, download: bool) -> dict[str, Dataset | 
     cls, args = dataset_class(spec), spec["init_args"]
     takes = inspect.signature(cls.__init__).parameters
     extra = {"download": download} if "download" in takes else {}
-    if names_files_by_train(cls):
-        return {file: cls(root, train=file == "train", **extra, **args) for file in FILES}
-    if "split" in takes:
-        return {file: cls(root, split=file, **extra, **args) for file in FILES}
+    try:
+        if names_files_by_train(cls):
+            return {file: cls(root, train=file == "train", **extra, **args) for file in FILES}
+        if "split" in takes:
+            return {file: cls(root, split=file, **extra, **args) for file in FILES}
+    except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found or corrupted", a failed download
+        remedy = "" if download else "; --data.download true lets torchvision download it"
+        raise ValueError(
+            f"Expected `data.dataset` ({spec['class_path']}) in --data.data_dir {root}, but {err}{remedy}"
+        ) from None
     folders = {file: [Path(root, name) for name in FOLDERS[file] if Path(root, name).is_dir()] for file in FILES}
     if not folders["train"]:  # one folder: trained on, validated on a held-out share
         return {"train": image_folder(cls, Path(root), args), "test": None}
@@ -143,10 +149,14 @@ def load(dataset: str | dict, root: str, download: bool = False) -> dict[str, tu
     a test subfolder), read once per process.
 
     Raises:
-        ValueError: a class that is not a dataset, a folder without images, images of two sizes, labels outside
-            ``[0, classes)``, train and test images of different sizes.
+        ValueError: a class that is not a dataset, files that are missing (not downloaded), a folder without images,
+            images of two sizes, negative labels, train and test images of different sizes.
     """
     files = _load(json.dumps(spec_of(dataset), sort_keys=True), str(root), bool(download))
+    if any(int(y.min()) < 0 for _, y in filter(None, files.values())):
+        raise ValueError(
+            f"Expected the labels of `data.dataset` to be class indices >= 0, but {root} has negative ones"
+        )
     shapes = {tuple(x.shape[1:]) for x, _ in filter(None, files.values())}
     if len(shapes) > 1:
         raise ValueError(f"Expected the train and test images of `data.dataset` to be of one size, but got {shapes}")
@@ -157,7 +167,7 @@ def sha256(files: dict[str, tuple[torch.Tensor, torch.Tensor] | None]) -> str:
     """A SHA-256 of the images and labels read, file by file: what the study trained on, whatever its source."""
     digest = hashlib.sha256()
     for file in FILES:
-        for tensor in files[file] or ():
+        for tensor in files.get(file) or ():
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()

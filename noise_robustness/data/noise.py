@@ -92,7 +92,7 @@ def add_noise(
     """Returns ``images + noise_scale * z``, clipped to [0, 1] if ``clip``; σ = 0 returns ``images``.
 
     ``noise_scale`` is one σ, or a tensor of σ that broadcasts against ``images`` (one per member:
-    ``[K, 1, 1, 1, 1]`` for ``[K, B, 1, 28, 28]``), so that a batch of every member is one operation.
+    ``[K, 1, 1, 1, 1]`` for ``[K, B, C, H, W]``), so that a batch of every member is one operation.
     ``z`` (standard-normal, shaped like ``images``) may be None when every σ is 0.
     """
     if isinstance(noise_scale, torch.Tensor):

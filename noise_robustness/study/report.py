@@ -130,7 +130,9 @@ def write_report(
     labels = datamodule.labels("val")
     majority = torch.bincount(labels).max().item() / len(labels)
     seed = int(results[0]["seed"])
-    picks = torch.stack([torch.nonzero(labels == d)[0, 0] for d in range(PREVIEW_DIGITS)])
+    # the first image of each of the first classes (MNIST: the digits 0 to 9), whatever classes the data has
+    classes = labels.unique()[:PREVIEW_DIGITS]
+    picks = torch.stack([torch.nonzero(labels == c)[0, 0] for c in classes])
     levels = cell_order((m.corruption.name, m.noise_scale) for m in members)
     by_name = {m.corruption.name: m.corruption for m in members}
     preview, _ = datamodule.noisy_images("val", {seed: picks}, [Member(s, seed, by_name[c]) for c, s in levels])

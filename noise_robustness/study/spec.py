@@ -53,10 +53,8 @@ OPTIONS: dict[str, Role] = {
     "ckpt_path": RUNTIME,
     **{f"{prefix}{key}": MEMBERS for prefix in ("", "data.", "model.") for key in MEMBER_OPTIONS},
     "eval_corruptions": Role(before=None),
-    "data.dataset": Role(before=None),
-    "model.normalize": Role(
-        before=None
-    ),  # null: the images as they are  # null: MNIST as shipped; another dataset adds `data.sha256`, what was read
+    "data.dataset": Role(before=None),  # null: MNIST as shipped; another dataset adds `data.sha256`, what was read
+    "model.normalize": Role(before=None),  # null: the images as they are
     # where the data is and what runs it: tasks may run on GPUs and the gather on a CPU
     "data.data_dir": Role(identity=False, certify=True),
     "data.download": RUNTIME,

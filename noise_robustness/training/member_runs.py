@@ -5,7 +5,8 @@
 its hyperparameters and its metrics per epoch; the study's own TensorBoard runs in ``<out>/tensorboard`` are written
 beside it. Any ``pytorch_lightning.loggers.Logger`` serves, if a run of it can be named: a folder logger
 (TensorBoard, CSV) takes the member's name as its ``version``, others as their ``run_name`` (MLflow) or ``name``
-(W&B, Neptune). A logger without a way to take images (CSV) gets no sample images.
+(Neptune). W&B is refused: every WandbLogger of a process logs into one run (``wandb.run``). A logger without a
+way to take images (CSV) gets no sample images.
 """
 
 import importlib
@@ -22,6 +23,7 @@ from noise_robustness.study.members import Member, run_names
 
 FOLDER_LOGGERS = (CSVLogger, TensorBoardLogger)  # a run is a folder: <save_dir>/<name>/<version>
 NAMING = ("run_name", "name")  # how other loggers name a run, in the order tried
+ONE_RUN_PER_PROCESS = ("WandbLogger",)  # its runs are wandb.run: a second one in a process logs into the first
 
 
 def logger_class(class_path: str) -> type:
@@ -42,8 +44,14 @@ def naming_argument(cls: type) -> str:
     """The argument of ``cls`` that names one run of it: ``version`` (folder loggers), ``run_name`` or ``name``.
 
     Raises:
-        ValueError: naming the logger, when it takes none of them (a run per member could not be told apart).
+        ValueError: naming the logger, when it takes none of them (a run per member could not be told apart), or
+            when it keeps one run per process (W&B: ``wandb.run``, which every WandbLogger of a process reuses).
     """
+    if any(base.__name__ in ONE_RUN_PER_PROCESS for base in cls.__mro__):
+        raise ValueError(
+            f"Expected `trainer.logger` {cls.__module__}.{cls.__qualname__} to hold a run per member, but it logs "
+            "every logger of a process into one run (wandb.run): use CSVLogger, TensorBoardLogger or MLFlowLogger"
+        )
     if issubclass(cls, FOLDER_LOGGERS):
         return "version"
     parameters = inspect.signature(cls.__init__).parameters
