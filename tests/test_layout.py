@@ -25,7 +25,7 @@ LAYERS = [
     ("data.datamodule",),
     ("engine.",),
     ("training.",),
-    ("certify.",),
+    ("certify.", "attacks."),
     ("commands", "options", "stops", "cli", "api", "__main__"),
 ]
 

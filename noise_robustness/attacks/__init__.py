@@ -1,0 +1,1 @@
+"""Adversarial attacks of every member of a study at once."""
