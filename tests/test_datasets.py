@@ -101,7 +101,11 @@ def test_a_colour_study_of_user_networks_trains_resumes_compares_and_certifies(p
     "make, dataset, message",
     [
         (None, "torchvision.datasets.NoSuchSet", "Expected `data.dataset` to be a dataset class, but"),
-        (None, "torch.nn.Linear", "Expected `data.dataset` to be a torch Dataset class, but got torch.nn.Linear"),
+        (
+            None,
+            "torch.nn.Linear",
+            "to be a dataset class (a torch.utils.data.dataset.Dataset), but got torch.nn.Linear",
+        ),
         ("empty", FOLDER, "Expected `data.dataset` to find images in"),
         ("mixed", FOLDER, "to be of one size (C x H x W), but found 3x30x30, 3x32x32"),
         ("no test", FOLDER, "Expected `val_holdout` to be above 0 for a dataset without a test file"),

@@ -13,7 +13,6 @@ MNIST files are; the study then runs on them as on MNIST. A SHA-256 of what was 
 
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import MNIST
 from torchvision.transforms import PILToTensor
+
+from noise_robustness.classpaths import class_at
 
 FILES = ("train", "test")
 FOLDERS = {"train": ("train",), "test": ("test", "val")}  # an image folder's subfolders of each file
@@ -47,15 +48,7 @@ def dataset_class(spec: dict) -> type:
         ValueError: naming ``data.dataset``, the value and what is allowed.
     """
     path = spec["class_path"]
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module or "torchvision.datasets"), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(
-            f"Expected `data.dataset` to be a dataset class, but {path} cannot be imported: {err}"
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
-        raise ValueError(f"Expected `data.dataset` to be a torch Dataset class, but got {path}")
+    cls = class_at(path, Dataset, "data.dataset", "a dataset class", "torchvision.datasets")
     parameters = inspect.signature(cls.__init__).parameters
     takes = set(parameters) - {"self"}
     files = {"train"} if names_files_by_train(cls) else {"split"}  # (EMNIST's split chooses its data)

@@ -9,7 +9,6 @@ beside it. Any ``pytorch_lightning.loggers.Logger`` serves, if a run of it can b
 way to take images (CSV) gets no sample images.
 """
 
-import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from pytorch_lightning.cli import instantiate_class
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from noise_robustness.classpaths import class_at
 from noise_robustness.study.members import Member, run_names
 
 FOLDER_LOGGERS = (CSVLogger, TensorBoardLogger)  # a run is a folder: <save_dir>/<name>/<version>
@@ -28,16 +28,7 @@ ONE_RUN_PER_PROCESS = ("WandbLogger",)  # its runs are wandb.run: a second one i
 
 def logger_class(class_path: str) -> type:
     """The class at ``class_path`` (``pytorch_lightning.loggers.CSVLogger``), or ValueError naming it."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(
-            f"Expected `trainer.logger` to be a logger class, but {class_path} cannot be imported: {err}"
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Logger)):
-        raise ValueError(f"Expected `trainer.logger` to be a pytorch_lightning Logger, but got {class_path}")
-    return cls
+    return class_at(class_path, Logger, "trainer.logger", "a logger class")
 
 
 def naming_argument(cls: type) -> str:
