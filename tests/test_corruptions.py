@@ -47,7 +47,7 @@ def colour(grey: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.flip(-1) * 0.7 + 0.1, (1 - x) * 0.6], dim=1)
 
 
-@pytest.fixture(scope="module", params=["mnist", "colour"])
+@pytest.fixture(scope="module", params=["mnist", pytest.param("colour", marks=pytest.mark.slow)])  # colour: CI
 def images(data_dir, request) -> torch.Tensor:
     """The first 2,000 test images as float32 in [0, 1], as one member's batch ``[1, n, C, H, W]``: MNIST's, and
     colour 3 x 32 x 32 images made from them."""

@@ -72,6 +72,12 @@ def test_with_two_loggers_both_are_written_and_the_study_keeps_its_own_runs(logg
             assert "val/samples_clean_above_noisy" in tags["images"]
 
 
+def test_a_logger_that_takes_images_gets_the_studys_figures_in_a_run_of_their_own(logged):
+    images = set(events(logged / "tb" / "mine" / "study").Tags()["images"])
+    assert {"study/accuracy_vs_noise", "study/noise_preview", "study/robustness"} <= images, images
+    assert not (logged / "csv" / "lightning_logs" / "study").exists()  # CSV takes numbers only
+
+
 def test_a_new_study_does_not_write_into_another_studys_runs(logged, data_dir, capsys):
     out = logged / "another"
     message = exits_with_error(tiny(data_dir, out, f"--config={logged / 'loggers.yaml'}"), capsys)

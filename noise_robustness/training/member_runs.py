@@ -5,15 +5,18 @@
 its hyperparameters and its metrics per epoch; the study's own TensorBoard runs in ``<out>/tensorboard`` are written
 beside it. Any ``pytorch_lightning.loggers.Logger`` serves, if a run of it can be named: a folder logger
 (TensorBoard, CSV) takes the member's name as its ``version``, others as their ``run_name`` (MLflow) or ``name``
-(Neptune). W&B is refused: every WandbLogger of a process logs into one run (``wandb.run``). A logger without a
-way to take images (CSV) gets no sample images.
+(Neptune). W&B is refused: every WandbLogger of a process logs into one run (``wandb.run``). A logger that takes
+images (TensorBoard, a ``log_image`` method) gets each member's sample images, and the study's figures in a run
+named ``study``; a CSV logger, numbers only.
 """
 
 import inspect
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from pytorch_lightning.cli import instantiate_class
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -136,6 +139,24 @@ class MemberRuns(Logger):
             run.experiment.add_image(tag, image, global_step=0)
         elif callable(getattr(run, "log_image", None)):
             run.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=0)
+
+    @rank_zero_only
+    def log_study_figures(self, figures: list[Path]) -> None:
+        """The study's figures (PNG files) into a run of the logger named ``study``, where it takes images."""
+        cls = logger_class(self.spec["class_path"])
+        if not (issubclass(cls, TensorBoardLogger) or callable(getattr(cls, "log_image", None))):
+            return  # CSV: numbers only
+        init = {"class_path": self.spec["class_path"], "init_args": {**self.spec["init_args"], self.naming: "study"}}
+        run = instantiate_class((), init)
+        for figure in figures:
+            with Image.open(figure) as png:
+                image = torch.from_numpy(np.asarray(png.convert("RGB"))).permute(2, 0, 1)
+            tag = f"study/{figure.stem}"
+            if isinstance(run, TensorBoardLogger):
+                run.experiment.add_image(tag, image, global_step=0)
+            else:
+                run.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=0)
+        run.finalize("success")
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -87,7 +87,7 @@ def run_study(
     if not trainer.is_global_zero:  # DDP: the other processes trained and evaluated; the first one writes
         return
     if gather or task is None:
-        report(study, datamodule, compare)
+        report(study, datamodule, compare, trainer.loggers)
     else:
         say("sweep", f"task {task} done; gather the study with the same command and --gather true")
 
@@ -171,8 +171,9 @@ def robustness(trainer: pl.Trainer, model, datamodule, cells: list[tuple]) -> di
     return accuracy
 
 
-def report(study: Study, datamodule, compare: list[Path]) -> None:
-    """Gathers the members' results into the tables and figures (and TensorBoard), beside the compared studies'."""
+def report(study: Study, datamodule, compare: list[Path], loggers: list = ()) -> None:
+    """Gathers the members' results into the tables and figures (and TensorBoard), beside the compared studies';
+    the figures also go to the user's ``loggers`` that take them (``MemberRuns.log_study_figures``)."""
     try:
         results, robustness_rows = study.gather()  # this study's own rows: its csv files
         notes = [recipe_note(study.identity)]
@@ -186,6 +187,10 @@ def report(study: Study, datamodule, compare: list[Path]) -> None:
     datamodule.setup("validate")
     recipe = "\n\n".join(note for note in notes if note) or None
     written = write_report(study.out, results, robustness_rows, datamodule, study.members, study.cells, recipe)
+    figures = [study.out / name for name in written if name.endswith(".png")]
+    for logger in loggers:
+        if callable(getattr(logger, "log_study_figures", None)):
+            logger.log_study_figures(figures)
     say("sweep", f"done: {study.out}/results.csv, {', '.join(written)}")
 
 
