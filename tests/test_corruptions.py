@@ -83,6 +83,13 @@ def test_the_uniform_pattern_is_uniform_and_blockwise_like_the_normal_one():
     assert abs(np.corrcoef(u.flatten().numpy(), z.flatten().numpy())[0, 1]) < 0.01  # streams of their own
 
 
+@pytest.mark.parametrize("sigma", [0.1, 1.0])
+def test_gaussian_noise_is_normal_with_sigma_as_its_std_in_every_channel(images, normal, sigma):
+    noise = GAUSSIAN(images, at(sigma), normal=normal) - images  # σ in [0, 1] pixel units, a draw per channel
+    for channel in noise[0].transpose(0, 1):
+        assert stats.kstest(channel.flatten()[:200_000].double().numpy(), stats.norm(0, sigma).cdf).pvalue > 1e-3
+
+
 @pytest.mark.parametrize("severity", [0.1, 0.5, 2.0])
 def test_uniform_noise_is_uniform_with_the_severity_as_its_std(images, uniform, severity):
     noise = (UniformNoise()(images, at(severity), uniform=uniform) - images).flatten().double()

@@ -47,6 +47,7 @@ def metrics(out: Path) -> dict:
 # 1. A study stopped after its last epoch's checkpoint and before its results is finished by a rerun.
 
 
+@pytest.mark.slow  # a whole study: seconds; CI runs the slow tier
 def test_a_study_whose_member_results_are_gone_is_finished_by_rerunning_it(data_dir, tmp_path):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out, *B))
@@ -56,6 +57,7 @@ def test_a_study_whose_member_results_are_gone_is_finished_by_rerunning_it(data_
     assert metrics(out) == before
 
 
+@pytest.mark.slow  # a whole study: seconds; CI runs the slow tier
 def test_a_study_whose_tables_figures_and_tensorboard_are_gone_gets_them_back_by_rerunning_it(data_dir, tmp_path):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out, *B))
@@ -220,6 +222,7 @@ def test_a_damaged_study_yaml_is_named(text, what, data_dir, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # a whole study: seconds; CI runs the slow tier
 def test_a_truncated_member_result_is_named_at_gather(data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out, *B))
@@ -229,6 +232,7 @@ def test_a_truncated_member_result_is_named_at_gather(data_dir, tmp_path, capsys
     assert "have no results: sigma=0/seed=0" in message and f"damaged result files: {path}" in message
 
 
+@pytest.mark.slow  # a whole study: seconds; CI runs the slow tier
 def test_a_folder_that_cannot_be_written_mid_run_is_named_and_nothing_finished_is_lost(data_dir, tmp_path, capsys):
     out = tmp_path / "study"
     cli_main(tiny(data_dir, out, *B, scales="[0]"))
