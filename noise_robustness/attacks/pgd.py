@@ -123,10 +123,9 @@ def robust_accuracy(
     the images attacked ``batch_size`` at a time; ``net`` holds the K members (``[K, B, ...]`` -> ``[K, B, classes]``).
     """
     net.eval()
-    counts = None
+    members, counts = member_count(net), None
     for start in range(0, len(images), batch_size):
         chunk, chunk_labels = images[start : start + batch_size], labels[start : start + batch_size]
-        members = members_of(net, chunk)
         clean = chunk.expand(members, *chunk.shape).contiguous()
         targets = chunk_labels.expand(members, len(chunk_labels))
         row = torch.stack(
@@ -136,7 +135,7 @@ def robust_accuracy(
     return counts.double() / len(images)
 
 
-def members_of(net: nn.Module, images: torch.Tensor) -> int:
+def member_count(net: nn.Module) -> int:
     """How many members ``net`` holds (its ``k``, or its members' count)."""
     for module in net.modules():
         if hasattr(module, "k"):

@@ -35,6 +35,8 @@ from noise_robustness.engine.bf16 import Bf16Copies
 from noise_robustness.engine.layers import SUPPORTED, plan_steps, stackable  # noqa: F401 (SUPPORTED: the engine's list)
 from noise_robustness.engine.masks import DEFAULT_MASKS, MASKS, CounterMasks, MemberGenerators, ReluDropout, keep_mask
 
+BATCH_STATS = ("running_mean", "running_var", "batches")  # a stacked batch norm's buffers, ``<kind>_<i>``
+
 
 def build_member(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     """``factory()`` with its initial weights drawn from ``seed`` (the global RNG is left as it was)."""
@@ -74,7 +76,6 @@ class StackedSequential(nn.Module):
         self._dropout_layers: dict[tuple[int, ...], tuple[tuple[int, float], ...]] = {}  # image shape -> (units, p)
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         self.norm_weights, self.norm_biases = nn.ParameterList(), nn.ParameterList()  # [K * C] batch, [K, 1, F] layer
-        self.norm_stats: list[str] = []  # the buffers' names: running_mean_<i>, running_var_<i>, batches_<i>
         for layers in zip(*members):
             if isinstance(layers[0], nn.Linear):  # [K, in, out]: x @ W, no transpose per step
                 self.weights.append(torch.stack([layer.weight.detach().t() for layer in layers]))
@@ -89,9 +90,9 @@ class StackedSequential(nn.Module):
                 i = len(self.norm_weights)
                 self.norm_weights.append(torch.cat([layer.weight.detach() for layer in layers]))
                 self.norm_biases.append(torch.cat([layer.bias.detach() for layer in layers]))
-                self.register_buffer(f"running_mean_{i}", torch.cat([layer.running_mean for layer in layers]))
-                self.register_buffer(f"running_var_{i}", torch.cat([layer.running_var for layer in layers]))
-                self.register_buffer(f"batches_{i}", layers[0].num_batches_tracked.clone())
+                means, variances = (torch.cat([getattr(layer, name) for layer in layers]) for name in BATCH_STATS[:2])
+                for kind, stat in zip(BATCH_STATS, (means, variances, layers[0].num_batches_tracked.clone())):
+                    self.register_buffer(f"{kind}_{i}", stat)
             elif isinstance(layers[0], nn.LayerNorm):
                 self.norm_weights.append(torch.stack([layer.weight.detach()[None] for layer in layers]))
                 self.norm_biases.append(torch.stack([layer.bias.detach()[None] for layer in layers]))
@@ -165,7 +166,7 @@ class StackedSequential(nn.Module):
                 [p.split([p.shape[0] // self.k * size for size in sizes]) for p in params]
                 for params in (weights, biases)
             )
-            norms = [
+            shares = [
                 [
                     t.split([t.shape[0] // self.k * size for size in sizes]) if t.dim() else [t] * len(sizes)
                     for t in norm
@@ -179,14 +180,14 @@ class StackedSequential(nn.Module):
                         [p[i] for p in weights],
                         [p[i] for p in biases],
                         None if dropout is None else functools.partial(dropout, members=slice(start, start + size)),
-                        [[t[i] for t in norm] for norm in norms],
+                        [[t[i] for t in norm] for norm in shares],
                     )
                     for i, (start, size) in enumerate(zip(starts, sizes))
                 ]
             )
         self.step += self.training
         if self.training:  # what nn.BatchNorm counts (its momentum is set: the count decides nothing here)
-            for norm in self.norms():
+            for norm in norms:
                 if len(norm) > 2:  # a batch norm's [weight, bias, mean, var, batches]
                     norm[4].add_(1)
         return out
@@ -206,18 +207,10 @@ class StackedSequential(nn.Module):
         return [self.k // count + (i < self.k % count) for i in range(count)]
 
     def norms(self) -> list[list[torch.Tensor]]:
-        """Each norm layer's ``[weight, bias]``, and a batch norm's running mean, variance and batch count."""
-        stats = {name: buffer for name, buffer in self.named_buffers() if "_" in name}
+        """Each norm layer's ``[weight, bias]``, and a batch norm's running mean, variance and batch count (its
+        buffers, read each time: moving the module to a device replaces them)."""
         return [
-            [
-                w,
-                b,
-                *[
-                    stats[f"{kind}_{i}"]
-                    for kind in ("running_mean", "running_var", "batches")
-                    if f"batches_{i}" in stats
-                ],
-            ]
+            [w, b, *[getattr(self, f"{kind}_{i}") for kind in BATCH_STATS if hasattr(self, f"batches_{i}")]]
             for i, (w, b) in enumerate(zip(self.norm_weights, self.norm_biases))
         ]
 

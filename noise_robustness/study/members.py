@@ -54,6 +54,14 @@ def seeds_of(members: list[Member]) -> list[int]:
     return list(dict.fromkeys(m.seed for m in members))
 
 
+def hparams_of(members: list[Member]) -> dict[Member, dict[str, object]]:
+    """What tells each member apart, as a run's hyperparameters: σ and seed in a study of Gaussian noise; else what
+    each trained on, at which severity (in its unit), and its seed."""
+    if all(m.key == "sigma" for m in members):
+        return {m: {"sigma": m.noise_scale, "seed": m.seed} for m in members}
+    return {m: {"corruption": m.corruption.name, "severity": m.noise_scale, "seed": m.seed} for m in members}
+
+
 def run_names(members: list[Member]) -> list[str]:
     """Each member's TensorBoard run, ``sigma=0.5/seed=0``, written so that they sort numerically as text.
 

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from noise_robustness.classpaths import class_at
-from noise_robustness.study.members import Member, run_names
+from noise_robustness.study.members import Member, hparams_of, run_names
 
 FOLDER_LOGGERS = (CSVLogger, TensorBoardLogger)  # a run is a folder: <save_dir>/<name>/<version>
 NAMING = ("run_name", "name")  # how other loggers name a run, in the order tried
@@ -58,13 +58,6 @@ def naming_argument(cls: type) -> str:
     )
 
 
-def member_values(member: Member) -> dict[str, object]:
-    """What tells a member apart, as hyperparameters: σ and seed, or corruption, severity and seed."""
-    if member.key == "sigma":
-        return {"sigma": member.noise_scale, "seed": member.seed}
-    return {"corruption": member.corruption.name, "severity": member.noise_scale, "seed": member.seed}
-
-
 def taken_runs(logger: dict, names: list[str]) -> list[Path]:
     """The runs among ``names`` that a folder ``logger`` (``{"class_path", "init_args"}``) already holds: a new
     member's run must not add to another study's (a resumed one continues its own)."""
@@ -74,6 +67,19 @@ def taken_runs(logger: dict, names: list[str]) -> list[Path]:
     defaults = inspect.signature(cls.__init__).parameters
     root = Path(args.get("save_dir", defaults["save_dir"].default), args.get("name", defaults["name"].default) or "")
     return [root / name for name in names if (root / name).is_dir() and any((root / name).iterdir())]
+
+
+def takes_images(cls: type) -> bool:
+    """Whether runs of the logger class ``cls`` take images: TensorBoard's, or one with a ``log_image`` method."""
+    return issubclass(cls, TensorBoardLogger) or callable(getattr(cls, "log_image", None))
+
+
+def add_image(run: Logger, tag: str, image: torch.Tensor) -> None:
+    """``image`` (``[C, H, W]``) into ``run`` under ``tag``, as its logger takes images."""
+    if isinstance(run, TensorBoardLogger):
+        run.experiment.add_image(tag, image, global_step=0)
+    else:
+        run.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=0)
 
 
 class MemberRuns(Logger):
@@ -102,12 +108,15 @@ class MemberRuns(Logger):
     def save_dir(self) -> str | None:
         return self.spec["init_args"].get("save_dir")
 
+    def named_run(self, name: str) -> Logger:
+        """A new run of the logger, named ``name``."""
+        init = {"class_path": self.spec["class_path"], "init_args": {**self.spec["init_args"], self.naming: name}}
+        return instantiate_class((), init)
+
     def run(self, member: Member, members: list[Member]) -> Logger:
         """``member``'s run of the logger, named after it (``sigma=0.5/seed=0``)."""
         if member.name not in self.runs:
-            name = run_names(members)[members.index(member)]
-            init = {"class_path": self.spec["class_path"], "init_args": {**self.spec["init_args"], self.naming: name}}
-            self.runs[member.name] = instantiate_class((), init)
+            self.runs[member.name] = self.named_run(run_names(members)[members.index(member)])
         return self.runs[member.name]
 
     @rank_zero_only
@@ -128,34 +137,26 @@ class MemberRuns(Logger):
 
     @rank_zero_only
     def log_member_hparams(self, members: list[Member], constants: dict[str, object]) -> None:
-        for member in members:
-            self.run(member, members).log_hyperparams({**member_values(member), **constants})
+        for member, apart in hparams_of(members).items():
+            self.run(member, members).log_hyperparams({**apart, **constants})
 
     @rank_zero_only
     def log_member_image(self, member: Member, members: list[Member], tag: str, image: torch.Tensor) -> None:
-        """``image`` ``[C, H, W]`` in ``member``'s run, where its logger takes images (TensorBoard, W&B)."""
-        run = self.run(member, members)
-        if isinstance(run, TensorBoardLogger):
-            run.experiment.add_image(tag, image, global_step=0)
-        elif callable(getattr(run, "log_image", None)):
-            run.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=0)
+        """``image`` ``[C, H, W]`` in ``member``'s run, where its logger takes images."""
+        if takes_images(logger_class(self.spec["class_path"])):
+            add_image(self.run(member, members), tag, image)
 
     @rank_zero_only
     def log_study_figures(self, figures: list[Path]) -> None:
         """The study's figures (PNG files) into a run of the logger named ``study``, where it takes images."""
-        cls = logger_class(self.spec["class_path"])
-        if not (issubclass(cls, TensorBoardLogger) or callable(getattr(cls, "log_image", None))):
+        if not takes_images(logger_class(self.spec["class_path"])):
             return  # CSV: numbers only
-        init = {"class_path": self.spec["class_path"], "init_args": {**self.spec["init_args"], self.naming: "study"}}
-        run = instantiate_class((), init)
+        run = self.named_run("study")
         for figure in figures:
             with Image.open(figure) as png:
-                image = torch.from_numpy(np.asarray(png.convert("RGB"))).permute(2, 0, 1)
-            tag = f"study/{figure.stem}"
-            if isinstance(run, TensorBoardLogger):
-                run.experiment.add_image(tag, image, global_step=0)
-            else:
-                run.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=0)
+                add_image(
+                    run, f"study/{figure.stem}", torch.from_numpy(np.asarray(png.convert("RGB"))).permute(2, 0, 1)
+                )
         run.finalize("success")
 
     @rank_zero_only

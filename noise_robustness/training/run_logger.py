@@ -11,7 +11,7 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
 from noise_robustness.files import check_writable
-from noise_robustness.study.members import Member, run_names
+from noise_robustness.study.members import Member, hparams_of, run_names
 
 FINAL_METRICS = ("val/acc", "train/acc", "val/loss", "train/loss")  # the HParams table's metric columns
 
@@ -97,13 +97,7 @@ class RunLogger(TensorBoardLogger):
         """
         # TensorBoard shows numbers with five digits ("128.00"): integers go as text, to read as such.
         shown = {name: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for name, v in constants.items()}
-        if all(m.key == "sigma" for m in members):
-            values = {m: {"sigma": m.noise_scale, "seed": str(m.seed), **shown} for m in members}
-        else:  # other corruptions: what each member trained on, and at which severity (in its unit)
-            values = {
-                m: {"corruption": m.corruption.name, "severity": m.noise_scale, "seed": str(m.seed), **shown}
-                for m in members
-            }
+        values = {m: {**apart, "seed": str(m.seed), **shown} for m, apart in hparams_of(members).items()}
         columns = {name: sorted({v[name] for v in values.values()}) for name in values[members[0]]}
         # `differs`: TensorBoard lists the columns that differ first (and shows only the first few by default).
         infos = [hparam_info(name, column) for name, column in columns.items()]
