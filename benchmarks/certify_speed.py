@@ -24,10 +24,11 @@ from scipy.stats import beta, norm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from noise_robustness.certify.certification import Setting, plan, subset  # noqa: E402
+from noise_robustness.certify.certification import Setting, plan  # noqa: E402
 from noise_robustness.certify.smoothing import Votes, certificate  # noqa: E402
 from noise_robustness.data.datamodule import NoisyMNISTDataModule  # noqa: E402
 from noise_robustness.engine.stacked import stack  # noqa: E402
+from noise_robustness.evaluation import member_networks, subset  # noqa: E402
 
 
 class ReferenceSmooth:
@@ -84,7 +85,7 @@ def main() -> None:
     file, indices = datamodule.splits["val"]
     picks = [int(indices[p]) for p in subset(datamodule.split_size("val"), args.images)]
     images = [datamodule.images[file][i].float().div(255) for i in picks]
-    nets = certification.networks(list(range(len(certification.members))))
+    nets = member_networks(certification.study, certification.weights)
     members, sigmas = certification.members, certification.sigmas
     k = len(members)
     print(f"{certification.network}: {k} members, {args.images} images, n0 = {args.n0}, n = {args.n}, "

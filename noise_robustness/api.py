@@ -1,4 +1,5 @@
-"""The study from Python: ``sweep``, ``certify`` and ``load`` take plain arguments and return what a study wrote.
+"""The study from Python: ``sweep``, ``certify``, ``attack`` and ``load`` take plain arguments and return what a study
+wrote.
 
 Each call runs the same command as ``python -m noise_robustness ...`` in this process (the same parser, checks,
 folder and numbers), so a study started in a notebook can be resumed, extended or gathered from a shell and back::
@@ -99,7 +100,16 @@ def certify(out: str | Path | list, options: list[str] = ()) -> str:
     noise_robustness certify``; returns the certification's ``summary.md`` (of the first study)."""
     folders = [str(f) for f in out] if isinstance(out, list) else [str(out)]
     cli = run(["certify", f"--out=[{', '.join(folders)}]", *options])
-    return (cli.certifications[0].folder / "summary.md").read_text()
+    return (cli.evaluations[0].folder / "summary.md").read_text()
+
+
+def attack(out: str | Path | list, options: list[str] = ()) -> str:
+    """Attacks every member of the finished studies in ``out`` (a folder or a list of them) with PGD, and their
+    certified members with SmoothAdv: ``python -m noise_robustness attack``; returns the attack's ``summary.md`` (of the
+    first study)."""
+    folders = [str(f) for f in out] if isinstance(out, list) else [str(out)]
+    cli = run(["attack", f"--out=[{', '.join(folders)}]", *options])
+    return (cli.evaluations[0].folder / "summary.md").read_text()
 
 
 def run(args: list[str]):

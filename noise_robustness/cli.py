@@ -1,10 +1,10 @@
-"""The command line: LightningCLI over ``NoiseClassifier`` and ``NoisyMNISTDataModule``, with ``sweep`` and ``certify``.
+"""The command line: LightningCLI over ``NoiseClassifier`` and ``NoisyMNISTDataModule``, with the study's subcommands.
 
 ``python -m noise_robustness fit --config configs/scale_1.0.yaml`` trains one member;
 ``python -m noise_robustness sweep`` trains the whole study (every σ and seed) as one model and writes its tables and
-figures (``training.runner``); ``certify`` certifies a finished study (``certify.certification``). ``validate``,
-``test``, ``predict`` and ``--print_config`` are LightningCLI's own. This module parses and calls; the process exits
-here only (``cli_main``).
+figures (``training.runner``); ``certify`` and ``attack`` evaluate finished studies (``commands.EVALUATIONS``).
+``validate``, ``test``, ``predict`` and ``--print_config`` are LightningCLI's own. This module parses and calls; the
+process exits here only (``cli_main``).
 """
 
 import os
@@ -20,9 +20,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from noise_robustness import commands, options
-from noise_robustness.certify import certification
-from noise_robustness.certify.certification import Setting
-from noise_robustness.commands import StudyTrainer
+from noise_robustness.commands import EVALUATIONS, StudyTrainer
 from noise_robustness.corruptions import BUILT_IN, Corruption
 from noise_robustness.data.batches import check_even_shares
 from noise_robustness.data.datamodule import NoisyMNISTDataModule, training_images
@@ -40,15 +38,12 @@ from noise_robustness.training.run_logger import last_checkpoint
 
 
 class NoiseCLI(LightningCLI):
-    """LightningCLI whose options name the study's members, with ``sweep`` and ``certify``.
-
-    Bad values found here or in the constructors end as one parser error (exit 2), before any data is read or any
-    folder is made.
-    """
+    """LightningCLI whose options name the study's members, with ``sweep``, ``certify`` and ``attack``. Bad values
+    found here or in the constructors end as one parser error (exit 2), before any data is read or a folder made."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "sweep": {"model", "datamodule"}, "certify": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in ("sweep", *EVALUATIONS)}}
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -79,7 +74,7 @@ class NoiseCLI(LightningCLI):
         tokens = list(sys.argv[1:] if args is None else args)
         try:
             configs = options.config_files(tokens)
-            options.check_given(tokens, configs, commands.CERTIFY_ARGUMENTS)
+            options.check_given(tokens, configs, commands.EVALUATION_ARGUMENTS)
             options.check_corruptions(tokens, configs)
         except (ValueError, yaml.YAMLError) as err:
             parser.error(str(err))
@@ -102,10 +97,8 @@ class NoiseCLI(LightningCLI):
             switches.check_processes(config.model.graphed, commands.processes(config.trainer))
             if self.subcommand == "sweep":
                 self.plan = self.plan_study(config)
-            elif self.subcommand == "certify":
-                setting = Setting(config.n0, config.n, config.alpha, config.images, config.sigma)
-                folders = [config.out] if isinstance(config.out, str) else config.out
-                self.certifications = certification.plan(folders, setting)
+            elif self.subcommand in EVALUATIONS:
+                self.evaluations = commands.plan_evaluation(self.subcommand, config)
             else:
                 self.name_run(config)
             # after the plan, which runs a study on one device unless asked (devices auto: 1)
@@ -151,7 +144,9 @@ class NoiseCLI(LightningCLI):
         """Checks a sweep against its folder (``runner.plan``), then sets the classes to the members it trains, the
         study's logger and its checkpoints; creates nothing."""
         served = commands.study_loggers(config.trainer.logger)
-        plan = runner.plan(Path(config.out), self.resolved(), config.task, config.gather, config.compare or [])
+        plan = runner.plan(
+            Path(config.out), self.resolved(), config.task, config.gather, config.compare or [], config.reliability
+        )
         train = plan.to_train or plan.study.members  # nothing to train: the classes are built, never fitted
         new_fit = plan.to_train and not (plan.checkpoint_dir / "last.ckpt").is_file()
         if new_fit and rank_zero_only.rank == 0:  # DDP's other processes start once the first has begun the runs
@@ -181,7 +176,7 @@ class NoiseCLI(LightningCLI):
         # cuDNN's fastest convolution gradients add with atomics, in a new order on every run; its deterministic
         # algorithms make a rerun on one machine type give the same numbers bit for bit (docs/reproducibility.md).
         torch.backends.cudnn.deterministic = True
-        if self.subcommand and self.subcommand != "certify":  # certify reads each study's own data
+        if self.subcommand and self.subcommand not in EVALUATIONS:  # they read each study's own data
             # Check the data files before the Trainer starts: a bad file then stops one process cleanly, instead
             # of rank zero alone inside DDP while the other ranks wait for it. Then the network against the data.
             try:
@@ -190,15 +185,18 @@ class NoiseCLI(LightningCLI):
             except ValueError as err:
                 self.parser.error(str(err))
 
-    def sweep(self, model, datamodule, out: str, task=None, gather=False, compare=None, eval_corruptions=None) -> None:
+    def sweep(self, model, datamodule, out: str, task=None, gather=False, compare=None, **planned) -> None:
         """Runs the study planned (and checked against its folder) before the classes were built."""
-        runner.run_study(
-            self.trainer, model, datamodule, self.plan.study, task, gather, [Path(f) for f in compare or []]
-        )
+        compared = [Path(f) for f in compare or []]
+        runner.run_study(self.trainer, model, datamodule, self.plan, task, gather, compared)
 
-    def certify(self, model, datamodule, **setting) -> None:
-        """Certifies the studies planned (and checked) before the classes were built, on the trainer's device."""
-        certification.run(self.certifications, datamodule.hparams.data_dir, self.trainer.strategy.root_device)
+    def evaluate(self, model, datamodule, **setting) -> None:
+        """``certify``, ``attack``: runs the evaluation planned (and checked) before the classes were built, on the
+        trainer's device."""
+        module, _ = EVALUATIONS[self.subcommand]
+        module.run(self.evaluations, datamodule.hparams.data_dir, self.trainer.strategy.root_device)
+
+    certify = attack = evaluate
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:

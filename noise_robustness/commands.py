@@ -1,11 +1,13 @@
-"""The study's subcommands as LightningCLI reads them, and the Trainer's defaults: the Trainer, with ``sweep`` and
-``certify`` methods whose typed arguments are the subcommands' options and whose docstrings are their help.
+"""The study's subcommands as LightningCLI reads them, and the Trainer's defaults: the Trainer, with ``sweep``,
+``certify`` and ``attack`` methods whose typed arguments are the subcommands' options and whose docstrings are their
+help.
 
 LightningCLI builds a subcommand's parser from the signature of the Trainer's method of that name, and runs the
-CLI's method of that name when the CLI has one (``NoiseCLI.sweep``, ``NoiseCLI.certify``): these methods are the
-schema, never run (``tests/test_cli.py`` fails if Lightning stops doing either).
+CLI's method of that name when the CLI has one (``NoiseCLI.sweep``, ``NoiseCLI.certify``, ``NoiseCLI.attack``): these
+methods are the schema, never run (``tests/test_cli.py`` fails if Lightning stops doing either).
 """
 
+import dataclasses
 import inspect
 import os
 import sys
@@ -18,6 +20,8 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import SaveConfigCallback
 
+from noise_robustness.attacks import attack
+from noise_robustness.certify import certification
 from noise_robustness.corruptions import Corruption
 from noise_robustness.engine.precision import resolve as resolve_precision
 from noise_robustness.engine.precision import uses_cuda
@@ -87,6 +91,7 @@ class StudyTrainer(pl.Trainer):
         gather: bool = False,
         compare: list[str] | None = None,
         eval_corruptions: list[Corruption] | None = None,
+        reliability: str | None = None,
     ) -> None:
         """Trains the whole study (every σ and seed) as one model, then writes its tables and figures.
 
@@ -102,6 +107,8 @@ class StudyTrainer(pl.Trainer):
                 side; its csv files keep its own members.
             eval_corruptions: what every member is evaluated on after training, each at its severities (null:
                 what the members trained on); clean images always come first (docs/corruptions.md).
+            reliability: the member whose reliability diagram ``calibration.png`` shows, by name
+                (``sigma=0.5/seed=0``); null: the study's first member.
         """
         raise NotImplementedError("a study runs through NoiseCLI.sweep, which checks it against its folder first")
 
@@ -130,8 +137,58 @@ class StudyTrainer(pl.Trainer):
         """
         raise NotImplementedError("a certification runs through NoiseCLI.certify, which checks its studies first")
 
+    def attack(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        out: list[str] | str,
+        linf: list[float] = [0.05, 0.1, 0.2, 0.3],
+        l2: list[float] = [0.5, 1.0, 1.5, 2.0],
+        steps: int = 40,
+        linf_step: float = 0.01,
+        l2_step: float | None = None,
+        random_start: bool = False,
+        images: int = 1000,
+        smoothadv_steps: int = 10,
+        smoothadv_samples: int = 8,
+    ) -> None:
+        """Attacks every member of finished studies with PGD (Madry et al. 2018) under L∞ and L2, all members at once,
+        and the smoothed members of their certifications with SmoothAdv (Salman et al. 2019) (docs/attacks.md).
 
-CERTIFY_ARGUMENTS = set(inspect.signature(StudyTrainer.certify).parameters) - {"self", "model", "datamodule"}
+        Args:
+            out: a finished study's folder, or a list of them; the attack goes to ``<out>/attack/<setting>/``, and
+                the same command resumes it (more ε add rows to it).
+            linf: the L∞ radii ε, in units of the [0, 1] pixel range (Madry et al.'s MNIST: up to 0.3).
+            l2: the L2 radii ε.
+            steps: PGD's steps (Madry et al.'s MNIST: 40).
+            linf_step: the L∞ step size (Madry et al.'s MNIST: 0.01).
+            l2_step: the L2 step size; null: 2.5 ε / steps (the rule of Madry et al.'s robustness library).
+            random_start: start from a random point of the ε-ball instead of the clean image.
+            images: validation images to attack, the first of certify's seeded order.
+            smoothadv_steps: SmoothAdv's PGD steps against a certified member's smoothed classifier.
+            smoothadv_samples: SmoothAdv's noise samples per step (Salman et al.'s m).
+        """
+        raise NotImplementedError("an attack runs through NoiseCLI.attack, which checks its studies first")
+
+
+# The evaluations of finished studies: subcommand -> (its module, with plan and run; its setting's class)
+EVALUATIONS = {"certify": (certification, certification.Setting), "attack": (attack, attack.Setting)}
+EVALUATION_ARGUMENTS = {
+    name: set(inspect.signature(getattr(StudyTrainer, name)).parameters) - {"self", "model", "datamodule"}
+    for name in EVALUATIONS
+}
+
+
+def plan_evaluation(subcommand: str, config: Namespace) -> list:
+    """Checks an evaluation command (``certify``, ``attack``) and its studies (its module's ``plan``); creates nothing.
+
+    Raises:
+        ValueError: naming the option or folder and what is wrong.
+    """
+    module, setting_class = EVALUATIONS[subcommand]
+    values = {f.name: config[f.name] for f in dataclasses.fields(setting_class)}
+    setting = setting_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return module.plan([config.out] if isinstance(config.out, str) else config.out, setting)
 
 
 class SaveRunConfig(SaveConfigCallback):

@@ -112,8 +112,9 @@ RESTORE = "restore it from a copy, or use a new --out"
 
 
 def csv_text(columns: list[str], rows: list[dict]) -> str:
+    """``rows`` as csv, ``columns`` in order (other keys left out, missing ones empty)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

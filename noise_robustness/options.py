@@ -48,9 +48,10 @@ def config_files(tokens: list[str]) -> list[dict | None]:
     return configs
 
 
-def check_given(tokens: list[str], configs: list[dict | None], certify_arguments: set[str]) -> None:
-    """Raises ValueError for an option the study sets per member, a sweep's ``ckpt_path``, or an option ``certify``
-    does not take (it takes ``certify_arguments`` and ``spec.CERTIFY``), given in ``tokens`` or a config file."""
+def check_given(tokens: list[str], configs: list[dict | None], evaluations: dict[str, set[str]]) -> None:
+    """Raises ValueError for an option the study sets per member, a sweep's ``ckpt_path``, or an option an evaluation
+    of finished studies does not take (``evaluations``: subcommand -> its arguments; each takes ``spec.CERTIFY`` too),
+    given in ``tokens`` or a config file."""
     given = {token[2:].split("=", 1)[0] for token in tokens if token.startswith("--")}
     for config in configs:
         given |= set(flatten(config or {}))
@@ -62,13 +63,14 @@ def check_given(tokens: list[str], configs: list[dict | None], certify_arguments
             "`members` is chosen by the study (the members of `--scales` and `--seeds` not finished yet): name the "
             "levels and seeds instead, or `--task` for one seed"
         )
-    if tokens and tokens[0] == "certify":
-        allowed = certify_arguments | CERTIFY
+    if tokens and tokens[0] in evaluations:
+        allowed = evaluations[tokens[0]] | CERTIFY
         unknown = sorted(given - allowed - {"help"})
         if unknown:
+            takes = ", ".join(f"--{k}" for k in sorted(allowed - {"config", "print_config"}))
             raise ValueError(
-                f"`{unknown[0]}` is not an option of `certify`: the network, data and noise are the study's (`--out`); "
-                f"certify takes {', '.join(f'--{k}' for k in sorted(allowed - {'config', 'print_config'}))}"
+                f"`{unknown[0]}` is not an option of `{tokens[0]}`: the network, data and noise are the study's "
+                f"(`--out`); {tokens[0]} takes {takes}"
             )
 
 

@@ -11,6 +11,7 @@ RESUME = {
     "sweep": "rerun the same command to resume the study from its last finished epoch",
     "fit": "rerun it with --ckpt_path last to resume from its last finished epoch",
     "certify": "rerun the same command to resume the certification from its last saved image",
+    "attack": "rerun the same command to resume the attack after its last written attack",
 }
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from noise_robustness.certify.certification import COLUMNS, subset
+from noise_robustness.certify.certification import COLUMNS
 from noise_robustness.certify.smoothing import ABSTAIN
 from noise_robustness.cli import cli_main
+from noise_robustness.evaluation import subset
 from tests.conftest import events, exits_with_error, rows, tiny
 
 N = ["--n0=20", "--n=60", "--images=6"]  # a certification of seconds

@@ -20,12 +20,22 @@ def test_every_module_fits_a_few_screens_and_the_cli_is_a_thin_layer():
 # The layers, lowest first (docs/architecture.md): a module imports from its own layer or those before it, never
 # from a later one. `study/` is plain values: it imports neither Lightning nor jsonargparse.
 LAYERS = [
-    ("models", "corruptions", "files", "classpaths", "data.noise", "data.mnist", "data.datasets", "data.batches"),
+    (
+        "models",
+        "corruptions",
+        "calibration",
+        "files",
+        "classpaths",
+        "data.noise",
+        "data.mnist",
+        "data.datasets",
+        "data.batches",
+    ),  # fmt: skip
     ("study.",),
     ("data.datamodule",),
     ("engine.",),
     ("training.",),
-    ("certify.", "attacks."),
+    ("evaluation", "certify.", "attacks."),
     ("commands", "options", "stops", "cli", "api", "__main__"),
 ]
 

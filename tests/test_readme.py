@@ -103,6 +103,7 @@ COMMITTED_STUDIES = {
 }
 
 
+@pytest.mark.slow  # 16 studies planned, 9 s: the default tier's time (CI runs it)
 def test_every_committed_study_is_what_its_command_makes_today(tmp_path, monkeypatch):
     """A default or a config that moved under a committed study (its command would now make another) fails here."""
     assert sorted(COMMITTED_STUDIES) == sorted(p.parent.name for p in (REPO / "docs" / "results").glob("*/study.yaml"))

@@ -95,7 +95,10 @@ def largest_differences(rows: list[dict], reference: list[dict]) -> dict[str, fl
     }
 
 
-@pytest.mark.parametrize("name", list(STUDIES))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=[pytest.mark.slow] if name == "short_cnn_study" else []) for name in STUDIES],
+)  # the CNN's in the slow tier: the default tier's time
 def test_a_short_fixed_study_reproduces_its_committed_numbers(name, data_dir, tmp_path):
     reference_file = REFERENCES / f"{name}.json"
     rows = run_short_study(name, data_dir, tmp_path / "study")

@@ -89,6 +89,7 @@ def certify_linear(seed: int, n: int, alpha: float, sigma: float = 0.5):
     return certificate(selection, estimation, alpha, sigma), exact
 
 
+@pytest.mark.slow  # 3.5 s: the default tier's time
 def test_certified_radii_of_a_linear_classifier_stay_below_its_exact_radius_and_approach_it_as_n_grows():
     """g's class is 1 (every margin here is > 0) and its exact robust radius |w·x + b| / ‖w‖. A certificate is
     false if it names class 0 or a larger radius: at most an α fraction of them, and here none."""

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torchmetrics.classification import MulticlassCalibrationError
 
+from noise_robustness.calibration import SUMS, expected_calibration_error
 from noise_robustness.cli import cli_main
 from noise_robustness.study.folder import RESULT_COLUMNS, ROBUSTNESS_COLUMNS
 from noise_robustness.study.members import Member
@@ -62,23 +65,45 @@ def test_the_robustness_pass_counts_what_an_independent_loop_counts(data_dir, tm
     model, dm = cli.model, cli.datamodule
     cells = rows(out / "robustness.csv")
     recorded = {(float(r["train_noise_scale"]), int(r["seed"]), float(r["eval_noise_scale"])): r["acc"] for r in cells}
+    ece = {(float(r["train_noise_scale"]), int(r["seed"]), float(r["eval_noise_scale"])): r["ece"] for r in cells}
     for scale in (0.0, 1.0):
         members = [Member(scale, m.seed) for m in model.members]
-        accuracy = independent_accuracy(
-            model.to(dm.device), list(dm.loader("val", members)), cli.trainer.precision_plugin
-        )
+        batches = list(dm.loader("val", members))
+        accuracy = independent_accuracy(model.to(dm.device), batches, cli.trainer.precision_plugin)
+        with torch.inference_mode(), cli.trainer.precision_plugin.forward_context():
+            logits = torch.cat([model(images) for images, _ in batches], dim=1).float()
+        labels = torch.cat([labels for _, labels in batches], dim=1)
         for k, member in enumerate(model.members):
             # exactly: both count the correct images
             assert float(recorded[member.noise_scale, member.seed, scale]) == accuracy[k].item()
+            # the calibration error of the same logits, as torchmetrics computes it
+            reference = MulticlassCalibrationError(num_classes=10, n_bins=15, norm="l1")(logits[k], labels[k])
+            assert float(ece[member.noise_scale, member.seed, scale]) == pytest.approx(reference.item(), abs=1e-5)
 
 
 def test_a_study_reports_a_summary_and_its_figures(study):
-    for name in ("accuracy_vs_noise", "noise_preview", "robustness"):
+    for name in ("accuracy_vs_noise", "noise_preview", "robustness", "calibration"):
         with Image.open(study / f"{name}.png") as image:
             assert image.format == "PNG" and image.size[0] > 300
     summary = (study / "summary.md").read_text()
     assert "seeds [0, 1] (mean ± std over 2 seeds)" in summary
     assert summary.index("| 0 (clean) |") < summary.index("| 1 |")
+    assert "### DropoutMLP: calibration error, ECE (%), mean ± std over seeds [0, 1]" in summary
+
+
+def test_each_members_calibration_bins_hold_its_accuracy_and_ece(study):
+    """The bins a member's file keeps (for the reliability diagram) count every validation image once, their
+    correct predictions are its accuracy and their gaps its ECE."""
+    for path in study.glob("members/*/*.json"):
+        for cell in json.loads(path.read_text())["robustness"]:
+            images, confidence, correct = (
+                torch.tensor(cell["calibration"][name], dtype=torch.float64) for name in SUMS
+            )
+            assert images.sum() == 10_000 and correct.sum() / images.sum() == pytest.approx(cell["acc"], abs=1e-12)
+            assert expected_calibration_error(torch.stack([images, confidence, correct])[:, None]).item() == (
+                pytest.approx(cell["ece"], abs=1e-12)
+            )
+            assert (confidence <= images).all() and (correct <= images).all()
 
 
 def test_each_member_is_a_tensorboard_run_of_its_metrics_against_the_epoch(study):
@@ -90,7 +115,12 @@ def test_each_member_is_a_tensorboard_run_of_its_metrics_against_the_epoch(study
     assert [s.step for s in member.Scalars("val/acc")] == [1]  # against the epoch
     assert member.Scalars("val/acc")[0].value == pytest.approx(float(member_rows(study)[(1.0, 1)]["val_acc"]))
     root = events(study / "tensorboard")
-    assert set(root.Tags()["images"]) == {"study/accuracy_vs_noise", "study/noise_preview", "study/robustness"}
+    assert set(root.Tags()["images"]) == {
+        "study/accuracy_vs_noise",
+        "study/noise_preview",
+        "study/robustness",
+        "study/calibration",
+    }
 
 
 def test_the_hparams_table_names_its_rows_after_the_members_and_shows_sigma_and_seed_first(study):

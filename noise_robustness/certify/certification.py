@@ -14,7 +14,6 @@ never mix or overwrite each other:
 """
 
 import csv
-import functools
 import io
 import math
 import time
@@ -23,23 +22,18 @@ from pathlib import Path
 
 import torch
 import yaml
-from pytorch_lightning.cli import instantiate_class
 
+from noise_robustness import evaluation
 from noise_robustness.certify import report
 from noise_robustness.certify.smoothing import Votes, certificate
 from noise_robustness.corruptions import GAUSSIAN
-from noise_robustness.data import datasets
-from noise_robustness.data.datamodule import N_TEST, NoisyMNISTDataModule
-from noise_robustness.data.noise import seeded
-from noise_robustness.engine.stacked import stack
-from noise_robustness.files import Lock, check_writable, csv_text, write_atomic
-from noise_robustness.models import Normalize
-from noise_robustness.study.folder import Study, StudyError
+from noise_robustness.data.datamodule import NoisyMNISTDataModule
+from noise_robustness.evaluation import SUBSET_SEED, subset  # subset: the images certified
+from noise_robustness.files import csv_text, write_atomic
+from noise_robustness.study.folder import Study
 from noise_robustness.study.members import Member, network_name, sigma_text
 from noise_robustness.study.text import say
-from noise_robustness.training.checkpoints import load_weights
 
-SUBSET_SEED = 0  # the certified images: the first `images` of one seeded order of the validation split
 SAVE_EVERY = 20  # images between saves of the members' rows
 COLUMNS = ["image", "label", "predict", "prediction", "correct", "count", "counts", "p_lower", "radius"]
 
@@ -101,16 +95,6 @@ class Certification:
     def rows_file(self, member: Member) -> Path:
         return self.folder / "members" / f"{member.name}.csv"
 
-    def networks(self, indices: list[int]) -> list[torch.nn.Module]:
-        """The networks of the members at ``indices``, each with its final weights, in eval mode."""
-        factory = network_factory(self.study.resolved["model"]["net"])
-        nets = []
-        for k in indices:
-            net = factory()
-            net.load_state_dict(self.weights[k])
-            nets.append(net.eval())
-        return nets
-
     def read_rows(self, member: Member) -> list[dict]:
         return list(csv.DictReader(io.StringIO(self.rows_file(member).read_text())))
 
@@ -143,17 +127,7 @@ def plan(folders: list[str], setting: Setting) -> list[Certification]:
         raise ValueError(f"Expected `out` to name each study once, but got {folders}")
     certifications = []
     for folder in folders:
-        try:
-            study = Study.open(Path(folder))
-            study.finished_runs()
-        except ValueError as err:  # no study, or members without results (StudyIncomplete)
-            raise ValueError(f"Expected `out` to name finished studies, but {err}") from None
-        data = study.resolved.get("data", {})
-        split = data.get("val_holdout", 0) or N_TEST
-        if data.get("dataset") is None and setting.images > split:  # another dataset's split is checked when read
-            raise ValueError(
-                f"Expected `images` to be at most the {split} validation images of {folder}, but got {setting.images}"
-            )
+        study = evaluation.finished_study(folder, setting.images)
         # members trained on Gaussian noise (or clean, smoothed at a named σ); other corruptions' are not certified
         members = [
             m for m in study.members if m.corruption == GAUSSIAN and (setting.sigma is not None or m.noise_scale > 0)
@@ -164,52 +138,18 @@ def plan(folders: list[str], setting: Setting) -> list[Certification]:
                 "none is: name the smoothing σ with --sigma to certify its clean members"
             )
         sigmas = [setting.sigma if setting.sigma is not None else m.noise_scale for m in members]
-        weights = [load_weights(study.weights_file(m), study.study_id) for m in members]
-        certification = Certification(study, setting, members, sigmas, weights)
-        check_writable(certification.folder, "out")
-        recorded = certification.folder / "certify.yaml"
-        if recorded.is_file() and yaml.safe_load(recorded.read_text()) != setting.record(study.study_id):
-            raise ValueError(f"{recorded} records another certification; move {certification.folder} away to certify")
+        certification = Certification(study, setting, members, sigmas, evaluation.member_weights(study, members))
+        evaluation.check_folder(certification.folder, "certify.yaml", setting.record(study.study_id))
         certifications.append(certification)
     if len({c.network for c in certifications}) != len(certifications):
         raise ValueError(f"Expected `out` to name studies of different networks, but got {folders}")
     return certifications
 
 
-def subset(split_size: int, images: int) -> list[int]:
-    """The certified validation positions: the first ``images`` of a fixed seeded order (more images extend it)."""
-    order = seeded(torch.randperm, split_size, "certify", SUBSET_SEED)
-    return order[:images].tolist()
-
-
-def network_factory(spec: dict):
-    """The network a study recorded (``model.net``: ``class_path`` and ``init_args``), as a factory."""
-    return functools.partial(
-        instantiate_class, (), {"class_path": spec["class_path"], "init_args": spec.get("init_args") or {}}
-    )
-
-
 def certify_study(certification: Certification, data_dir: str, device: torch.device) -> None:
     """Certifies the study's members not finished yet, side by side, resuming from their saved rows."""
     setting, folder = certification.setting, certification.folder
-    data, study = certification.study.resolved.get("data", {}), certification.study
-    datamodule = NoisyMNISTDataModule(
-        data_dir=data_dir, val_holdout=data.get("val_holdout", 0), dataset=data.get("dataset"),
-        batch_size=data.get("batch_size", 128),
-    )  # fmt: skip
-    try:
-        datamodule.prepare_data()
-    except ValueError as err:  # the study's dataset is not in this --data.data_dir (any more)
-        raise StudyError(f"Cannot read the data of {study.out}: {err}") from None
-    datamodule.setup()
-    if data.get("dataset") is not None:  # the files read now are the ones the study trained on
-        if datasets.sha256(datamodule.files()) != study.identity.get("data.sha256"):
-            raise StudyError(f"The data in {data_dir} is not the data {study.out} was trained on (its data.sha256)")
-        if setting.images > datamodule.split_size("val"):
-            raise StudyError(
-                f"Expected `images` to be at most the {datamodule.split_size('val')} validation images of "
-                f"{study.out}, but got {setting.images}"
-            )
+    datamodule = evaluation.study_data(certification.study, data_dir, setting.images)
     positions = subset(datamodule.split_size("val"), setting.images)
     saved = {m: certification.saved_rows(m, positions) for m in certification.members}
     todo = [k for k, m in enumerate(certification.members) if len(saved[m]) < setting.images]
@@ -217,13 +157,8 @@ def certify_study(certification: Certification, data_dir: str, device: torch.dev
         say("certify", f"{folder}: every member certified earlier")
         return
     (folder / "members").mkdir(parents=True, exist_ok=True)
-    lock = Lock(folder / "lock")  # held while this process certifies
-    if not lock.held:
-        raise StudyError(f"Another command is certifying {folder}; let it finish (rerun this one afterwards)")
-    try:
+    with evaluation.locked(folder, "certifying"):
         certify_members(certification, todo, saved, datamodule, positions, device)
-    finally:
-        lock.release()
 
 
 def certify_members(
@@ -241,12 +176,8 @@ def certify_members(
     write_atomic(folder / "certify.yaml", yaml.safe_dump(setting.record(certification.study.study_id)))
     members = [certification.members[k] for k in todo]
     sigmas = [certification.sigmas[k] for k in todo]
-    nets = certification.networks(todo)
-    normalize = certification.study.resolved["model"].get("normalize")  # the members' input, as in training
-    net = stack(nets, [m.seed for m in members])
-    net = torch.nn.Sequential(Normalize(**normalize), net) if normalize else net
-    votes = Votes(net.to(device).eval(), [m.seed for m in members], sigmas,
-                  bool(data.get("clip", False)), device, datamodule.classes)  # fmt: skip
+    net = evaluation.members_net(certification.study, members, [certification.weights[k] for k in todo], device)
+    votes = Votes(net, [m.seed for m in members], sigmas, bool(data.get("clip", False)), device, datamodule.classes)
     start = min(len(saved[m]) for m in members)
     rows = {m: saved[m][:start] for m in members}
     file, indices = datamodule.splits["val"]

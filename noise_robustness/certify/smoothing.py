@@ -103,13 +103,15 @@ class Votes:
 
     @torch.no_grad()
     def count(self, image: torch.Tensor, file: str, index: int, phase: str, samples: int) -> torch.Tensor:
-        """``[K, classes]`` votes of ``samples`` noisy copies of ``image`` (``[C, H, W]`` in [0, 1])."""
+        """``[K, classes]`` votes of ``samples`` noisy copies of ``image`` (``[C, H, W]`` in [0, 1]; or
+        ``[K, C, H, W]``, each member's own copy of validation image ``index``, e.g. attacked)."""
         votes = torch.zeros((len(self.rows), self.classes), dtype=torch.int64, device=self.device)
+        images = image.expand(len(self.rows), *image.shape) if image.dim() == 3 else image
         for block in range(math.ceil(samples / BLOCK)):
             size = min(BLOCK, samples - block * BLOCK)
-            shape = tuple(image.shape)
+            shape = tuple(images.shape[1:])
             z = torch.stack([noise_block(s, file, index, phase, block, self.device, shape)[:size] for s in self.seeds])
-            noisy = add_noise(image.expand(len(self.rows), size, -1, -1, -1), self.sigmas, z[self.rows], self.clip)
+            noisy = add_noise(images[:, None].expand(-1, size, -1, -1, -1), self.sigmas, z[self.rows], self.clip)
             predictions = self.net(noisy).argmax(dim=-1)
             votes += torch.nn.functional.one_hot(predictions, self.classes).sum(dim=1)
         return votes

@@ -2,9 +2,11 @@
 
 import statistics
 
+import matplotlib
 import torch
 from matplotlib.figure import Figure  # a Figure of its own needs no pyplot and no display backend
 
+from noise_robustness.calibration import BINS, SUMS
 from noise_robustness.corruptions import GAUSSIAN
 from noise_robustness.study.measures import (
     CLEAN,
@@ -153,9 +155,10 @@ def corruption_preview(images: dict[tuple[str, float], torch.Tensor], digits: in
     return fig
 
 
-def robustness_figure(robustness: list[dict]) -> Figure:
+def robustness_figure(robustness: list[dict], value: str = "acc") -> Figure:
     """Heatmap per network: rows = training (corruption, severity), columns = evaluation (corruption, severity),
-    cells = val accuracy (%), mean over seeds. For Gaussian noise alone, rows and columns are σ."""
+    cells = val accuracy (%; ``value`` ``ece``: the expected calibration error, %), mean over seeds. For Gaussian
+    noise alone, rows and columns are σ."""
     networks = list(dict.fromkeys(r["network"] for r in robustness))
     train_cells = cell_order(trained_on(r, "train_") for r in robustness)
     eval_cells = cell_order(trained_on(r, "eval_") for r in robustness)
@@ -166,24 +169,67 @@ def robustness_figure(robustness: list[dict]) -> Figure:
     fig = Figure(figsize=(width * len(networks), height))
     axes = fig.subplots(1, len(networks), squeeze=False)
     for ax, network in zip(axes[0], networks):
-        matrix = robustness_matrix(robustness, network, scale=100)  # percent
-        rows = [t for t in train_cells if t in matrix]
-        grid = [[matrix[t].get(e, float("nan")) for e in eval_cells] for t in rows]
+        matrix_axes(ax, robustness, network, value, train_cells, eval_cells)
+    fig.tight_layout()
+    return fig
+
+
+def matrix_axes(ax, robustness: list[dict], network: str, value: str, train_cells: list, eval_cells: list) -> None:
+    """One network's train × evaluation heatmap of ``value`` (``acc`` or ``ece``, in %) on ``ax``."""
+    gaussian = only_gaussian(train_cells + eval_cells)
+    matrix = robustness_matrix(robustness, network, scale=100, value=value)  # percent
+    rows = [t for t in train_cells if t in matrix]
+    grid = [[matrix[t].get(e, float("nan")) for e in eval_cells] for t in rows]
+    if value == "acc":  # bright: accurate
         ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto" if not gaussian else None)
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                ax.text(
-                    j, i, f"{value:.1f}" if gaussian else f"{value:.0f}", ha="center", va="center",
-                    fontsize=8 if gaussian else 7, color="white" if value < 60 else "black",
-                )  # fmt: skip
-        if gaussian:
-            ax.set_xticks(range(len(eval_cells)), [sigma_text(s) for _, s in eval_cells])
-            ax.set_yticks(range(len(rows)), [sigma_text(s) for _, s in rows])
-            ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: validation accuracy (%)")
-        else:
-            ax.set_xticks(range(len(eval_cells)), [label(e, False) for e in eval_cells], rotation=60, ha="right")
-            ax.set_yticks(range(len(rows)), [label(t, False) for t in rows])
-            ax.tick_params(labelsize=8)
-            ax.set(xlabel="evaluated on", ylabel="trained on", title=f"{network}: val. accuracy (%), mean over seeds")
+        dark, what = [[v < 60 for v in row] for row in grid], "validation accuracy (%)"
+    else:  # bright: calibrated
+        top = max(max(row) for row in grid)
+        ax.imshow(grid, cmap="viridis_r", vmin=0, vmax=top, aspect="auto" if not gaussian else None)
+        dark, what = [[v > 0.4 * top for v in row] for row in grid], "calibration error, ECE (%)"
+    for i, row in enumerate(grid):
+        for j, cell in enumerate(row):
+            ax.text(
+                j, i, f"{cell:.1f}" if gaussian else f"{cell:.0f}", ha="center", va="center",
+                fontsize=8 if gaussian else 7, color="white" if dark[i][j] else "black",
+            )  # fmt: skip
+    if gaussian:
+        ax.set_xticks(range(len(eval_cells)), [sigma_text(s) for _, s in eval_cells])
+        ax.set_yticks(range(len(rows)), [sigma_text(s) for _, s in rows])
+        ax.set(xlabel="evaluated at σ", ylabel="trained at σ", title=f"{network}: {what}")
+    else:
+        ax.set_xticks(range(len(eval_cells)), [label(e, False) for e in eval_cells], rotation=60, ha="right")
+        ax.set_yticks(range(len(rows)), [label(t, False) for t in rows])
+        ax.tick_params(labelsize=8)
+        ax.set(xlabel="evaluated on", ylabel="trained on", title=f"{network}: {what}, mean over seeds")
+
+
+def calibration_figure(robustness: list[dict], member: str, rows: list[dict]) -> Figure:
+    """The ECE matrix of every network (``robustness_figure``'s layout), and the reliability diagram of one
+    ``member`` (named): for each evaluation its bins' accuracy against their mean confidence (a calibrated member
+    lies on the diagonal; below it: overconfident). ``rows``: the member's robustness rows, with their bins."""
+    networks = list(dict.fromkeys(r["network"] for r in robustness))
+    train_cells = cell_order(trained_on(r, "train_") for r in robustness)
+    eval_cells = cell_order(trained_on(r, "eval_") for r in robustness)
+    fig = Figure(figsize=(5.5 * (len(networks) + 1), 4.5))
+    axes = fig.subplots(1, len(networks) + 1, squeeze=False)[0]
+    for ax, network in zip(axes, networks):
+        matrix_axes(ax, robustness, network, "ece", train_cells, eval_cells)
+    ax = axes[-1]
+    ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="calibrated")
+    gaussian = only_gaussian(eval_cells)
+    colours = matplotlib.colormaps["plasma"]
+    for i, row in enumerate(sorted(rows, key=lambda r: eval_cells.index(trained_on(r, "eval_")))):
+        images, confidence, correct = (torch.tensor(row["calibration"][name], dtype=torch.float64) for name in SUMS)
+        seen = images > 0
+        ax.plot(
+            (confidence[seen] / images[seen]).tolist(), (correct[seen] / images[seen]).tolist(), marker="o", ms=3,
+            color=colours(i / max(1, len(rows) - 1) * 0.85),
+            label=f"{label(trained_on(row, 'eval_'), gaussian)}: ECE {100 * float(row['ece']):.1f} %",
+        )  # fmt: skip
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (mean of the bin)", ylabel="accuracy of the bin")
+    ax.set_title(f"{rows[0]['network']} {member}: reliability ({BINS} bins)")
+    ax.legend(title="evaluated at σ" if gaussian else "evaluated on", fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -31,8 +31,9 @@ RESULT_COLUMNS = [
     "network", "corruption", "noise_scale", "seed", "noise_mode", "clip", "epochs",
     "train_acc", "val_acc", "train_loss", "val_loss", "study_id",
 ]  # fmt: skip
+# ``ece``: empty for members written before calibration was measured; the members' files keep its bins as well
 ROBUSTNESS_COLUMNS = [
-    "network", "seed", "train_corruption", "train_noise_scale", "eval_corruption", "eval_noise_scale", "acc",
+    "network", "seed", "train_corruption", "train_noise_scale", "eval_corruption", "eval_noise_scale", "acc", "ece",
 ]  # fmt: skip
 
 # -- the study -----------------------------------------------------------------------------------

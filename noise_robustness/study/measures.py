@@ -44,17 +44,23 @@ def aggregate(results: list[dict]) -> dict[str, dict[tuple[str, float], dict[str
     return table
 
 
-def robustness_matrix(robustness: list[dict], network: str | None = None, scale: float = 1.0) -> dict:
+def robustness_matrix(robustness: list[dict], network: str | None = None, scale: float = 1.0, value="acc") -> dict:
     """The robustness rows (of ``network``; default: all) as a train × evaluation matrix: (training corruption,
-    severity) -> (evaluation corruption, severity) -> accuracy × ``scale``, the mean over the members' seeds."""
+    severity) -> (evaluation corruption, severity) -> ``value`` (accuracy, or ``ece``) × ``scale``, the mean over the
+    members' seeds."""
     cells: dict = defaultdict(list)
     for r in robustness:
         if network is None or r["network"] == network:
-            cells[trained_on(r, "train_"), trained_on(r, "eval_")].append(scale * float(r["acc"]))
+            cells[trained_on(r, "train_"), trained_on(r, "eval_")].append(scale * float(r[value]))
     matrix: dict = defaultdict(dict)
     for (train, evaluated), values in cells.items():
         matrix[train][evaluated] = statistics.fmean(values)
     return dict(matrix)
+
+
+def calibrated(robustness: list[dict]) -> bool:
+    """Whether every robustness row has its member's ECE (rows written before calibration was measured have none)."""
+    return bool(robustness) and all(r.get("ece") not in (None, "") for r in robustness)
 
 
 def only_gaussian(cells) -> bool:

@@ -1,4 +1,5 @@
-"""A study's report: ``summary.md``, ``accuracy_vs_noise.png``, ``noise_preview.png``, ``robustness.png``."""
+"""A study's report: ``summary.md``, ``accuracy_vs_noise.png``, ``noise_preview.png``, ``robustness.png``,
+``calibration.png``."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 from noise_robustness.files import write_atomic
 from noise_robustness.study.figures import (
     accuracy_figure,
+    calibration_figure,
     corruption_error_figure,
     corruption_preview,
     preview_figure,
@@ -15,6 +17,7 @@ from noise_robustness.study.figures import (
 )  # fmt: skip
 from noise_robustness.study.measures import (
     aggregate,
+    calibrated,
     cell_order,
     corrupted,
     corruption_measures,
@@ -86,9 +89,42 @@ def summary_markdown(results: list[dict], robustness: list[dict] | None = None, 
                 f"{percent(values['gap'])} |"
             )
         lines.append("")
+    if robustness and calibrated(robustness):
+        lines += calibration_summary(robustness)
     if robustness and corrupted(results, robustness):
         lines += corruption_summary(robustness)
     return "\n".join(lines)
+
+
+ECE_NOTE = (
+    "Expected calibration error (torchmetrics' `MulticlassCalibrationError`, 15 bins, L1) on the validation "
+    "images: the confidence-weighted gap between a member's top softmax probability and its accuracy, 0 when "
+    "calibrated. Rows: what the member trained on; columns: what it was evaluated on."
+)
+
+
+def calibration_summary(robustness: list[dict]) -> list[str]:
+    """Per network, the train × evaluation matrix of the members' ECE (%), mean ± std over seeds."""
+    lines = []
+    for network in dict.fromkeys(r["network"] for r in robustness):
+        rows = [r for r in robustness if r["network"] == network]
+        seeds = sorted({int(r["seed"]) for r in rows})
+        trained = cell_order(trained_on(r, "train_") for r in rows)
+        evaluated = cell_order(trained_on(r, "eval_") for r in rows)
+        gaussian = only_gaussian(trained + evaluated)
+        values: dict = {}
+        for r in rows:
+            values.setdefault((trained_on(r, "train_"), trained_on(r, "eval_")), []).append(float(r["ece"]))
+        spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+        lines += [f"### {network}: calibration error, ECE (%), {spread}", "", ECE_NOTE, ""]
+        corner = "trained at σ \\ evaluated at σ" if gaussian else "trained on \\ evaluated on"
+        lines.append(f"| {corner} | {' | '.join(label(e, gaussian) for e in evaluated)} |")
+        lines.append(f"| ---: |{' ---: |' * len(evaluated)}")
+        for train in trained:
+            cells = [percent(values[train, e]) if (train, e) in values else "" for e in evaluated]
+            lines.append(f"| {label(train, gaussian)} | {' | '.join(cells)} |")
+        lines.append("")
+    return lines
 
 
 def corruption_summary(robustness: list[dict]) -> list[str]:
@@ -122,10 +158,12 @@ def write_report(
     members: list[Member],
     cells: list[tuple],
     recipe: str | None = None,
+    reliability: Member | None = None,
 ) -> list[str]:
     """Writes the study's table and figures into ``out``, and the figures into its TensorBoard root run; returns
     the files' names. ``members`` and ``cells``: the study's members and the (corruption, severity) each is
-    evaluated at, whose previews it shows; ``recipe``: how they were trained, when not the default."""
+    evaluated at, whose previews it shows; ``recipe``: how they were trained, when not the default; ``reliability``:
+    the member whose reliability diagram ``calibration.png`` shows (default: the first)."""
     write_atomic(out / "summary.md", summary_markdown(results, robustness, recipe))
     labels = datamodule.labels("val")
     majority = torch.bincount(labels).max().item() / len(labels)
@@ -141,6 +179,12 @@ def write_report(
         "noise_preview": preview_figure(preview, levels),
         "robustness": robustness_figure(robustness),
     }
+    own = [r for r in robustness if r["network"] == results[0]["network"]]  # this study's rows come first
+    if calibrated(own):
+        shown = reliability or members[0]
+        cell = (shown.corruption.name, shown.noise_scale)
+        rows = [r for r in own if int(r["seed"]) == shown.seed and trained_on(r, "train_") == cell]
+        figures["calibration"] = calibration_figure([r for r in robustness if calibrated([r])], shown.name, rows)
     measures = corruption_measures(robustness)
     if measures and not only_gaussian([trained_on(r, "eval_") for r in robustness] + levels):
         figures["corruption_errors"] = corruption_error_figure(measures)

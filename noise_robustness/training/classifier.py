@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Metric
 
+from noise_robustness.calibration import MemberCalibration
 from noise_robustness.corruptions import Corruption
 from noise_robustness.engine import switches
 from noise_robustness.engine.graphs import StepGraphs, graphed_step
@@ -156,6 +157,9 @@ class NoiseClassifier(pl.LightningModule):
         # One metric per stage, so their states never mix; updated every step, logged per epoch.
         self.metrics = nn.ModuleDict({f"{stage}_metrics": MemberMeans(len(self.members)) for stage in STAGES})
         self.epoch_metrics: dict[str, torch.Tensor] = {}  # "<stage>/<metric>" -> [K] (float64), the last epoch's
+        # the test passes' (the robustness pass's) calibration, per member: ``calibration.calibration_sums``
+        self.calibration = MemberCalibration(len(self.members))
+        self.test_calibration: torch.Tensor | None = None  # the last test pass's sums, [3, K, bins + 1]
         self.backward_seed: torch.Tensor | None = None  # d loss / d loss = 1, kept from step to step (backward)
 
     def check_data(self, image_shape: tuple[int, ...], classes: int, data: str) -> None:
@@ -197,7 +201,10 @@ class NoiseClassifier(pl.LightningModule):
     def member_losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The summed loss of the members on one batch (each member's gradient is its own loss's), and its
         ``member_sums``."""
-        logits = self(images)
+        return self.logit_losses(self(images), labels)
+
+    def logit_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """``member_losses`` of the members' ``logits``."""
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
         return losses.mean(dim=1).sum(), member_sums(logits.detach().argmax(-1) == labels, losses.detach())
 
@@ -249,6 +256,8 @@ class NoiseClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.end_epoch("test")
+        self.test_calibration = self.calibration.compute().reshape(-1, len(self.members), self.calibration.bins + 1)
+        self.calibration.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if not self.graphed:
@@ -276,7 +285,11 @@ class NoiseClassifier(pl.LightningModule):
         self.model_step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "test")
+        """``model_step``'s metrics, and each member's calibration (the robustness pass's ECE)."""
+        images, labels = batch
+        logits = self(images)
+        self.metrics["test_metrics"].update(*self.logit_losses(logits, labels)[1])
+        self.calibration.update(logits, labels)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """``[K, B]`` predicted digits."""

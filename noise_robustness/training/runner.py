@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from noise_robustness.calibration import SUMS, expected_calibration_error
 from noise_robustness.data import datasets
 from noise_robustness.study.folder import Study, StudyError, compared_rows
 from noise_robustness.study.members import Member, network_name
@@ -29,16 +29,24 @@ class Plan:
     study: Study
     to_train: list[Member]  # this command's members not finished yet
     checkpoint_dir: Path  # where their fit checkpoints, and a rerun resumes it
+    reliability: Member  # the member whose reliability diagram the report shows
 
 
-def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: list[str]) -> Plan:
+def plan(
+    out: Path, resolved: dict, task: int | None, gather: bool, compare: list[str], reliability: str | None = None
+) -> Plan:
     """Checks a sweep (its resolved options, nested) against its folder and the ``compare`` folders; creates nothing.
 
     Raises:
         ValueError: bad study options, a folder that holds another study or no study, a compared folder that is
-            not a finished study of another network, or a checkpoint to resume that is damaged or of another study.
+            not a finished study of another network, a ``reliability`` member the study lacks, or a checkpoint to
+            resume that is damaged or of another study.
     """
     study = Study.of(out, resolved, study_identity(resolved))
+    named = {m.name: m for m in study.members}
+    if reliability is not None and reliability not in named:
+        raise ValueError(f"Expected `reliability` to name a member of the study ({', '.join(named)}), but got "
+                         f"{reliability!r}")  # fmt: skip
     to_train = study.to_train(task, gather)
     study.check()
     for folder in compare:
@@ -49,7 +57,7 @@ def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: lis
     if (checkpoint_dir / "last.ckpt").is_file():  # what a rerun resumes: whole, and of this study
         remedy = f"delete {checkpoint_dir} to train {len(to_train)} member(s) from their first epoch"
         checkpoints.verify(checkpoint_dir / "last.ckpt", study.identity, set(), remedy, [m.name for m in to_train])
-    return Plan(study, to_train, checkpoint_dir)
+    return Plan(study, to_train, checkpoint_dir, named.get(reliability, study.members[0]))
 
 
 def study_identity(resolved: dict) -> dict:
@@ -71,23 +79,24 @@ def run_study(
     trainer: pl.Trainer,
     model: pl.LightningModule,
     datamodule: pl.LightningDataModule,
-    study: Study,
+    plan: Plan,
     task: int | None,
     gather: bool,
     compare: list[Path],
 ) -> None:
-    """Trains the members of ``study`` this command owns and has not finished, in one fit (resuming an
+    """Trains the members of the ``plan``'s study this command owns and has not finished, in one fit (resuming an
     interrupted one), writes their results, and reports the study beside the ``compare`` studies.
 
     ``model`` and ``datamodule`` hold the members to train;
     ``trainer`` checkpoints into ``study.checkpoint_dir`` of them.
     """
+    study = plan.study
     if not gather:
         train(trainer, model, datamodule, study, study.to_train(task, gather=False))
     if not trainer.is_global_zero:  # DDP: the other processes trained and evaluated; the first one writes
         return
     if gather or task is None:
-        report(study, datamodule, compare, trainer.loggers)
+        report(study, datamodule, compare, trainer.loggers, plan.reliability)
     else:
         say("sweep", f"task {task} done; gather the study with the same command and --gather true")
 
@@ -126,7 +135,7 @@ def fit(trainer: pl.Trainer, model, datamodule, checkpoint_dir: Path) -> None:
 def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[Member]) -> None:
     """Writes each trained member's final weights, metrics and accuracy at every σ of the study, a file each."""
     final = dict(model.epoch_metrics)  # the last epoch's (or its checkpoint's), before the robustness pass
-    accuracy = robustness(trainer, model, datamodule, study.cells)  # every process: the test passes are collective
+    evaluated = robustness(trainer, model, datamodule, study.cells)  # every process: the test passes are collective
     if not trainer.is_global_zero:
         return
     network = network_name(type(model.net.member(0)))
@@ -149,29 +158,34 @@ def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[
         cells = [
             {"network": network, "seed": member.seed,
              "train_corruption": member.corruption.name, "train_noise_scale": member.noise_scale,
-             "eval_corruption": corruption.name, "eval_noise_scale": severity, "acc": float(acc[k])}
-            for (corruption, severity), acc in accuracy.items()
+             "eval_corruption": corruption.name, "eval_noise_scale": severity, "acc": float(acc[k]),
+             "ece": float(expected_calibration_error(sums[:, k])),
+             "calibration": {name: sums[i, k].tolist() for i, name in enumerate(SUMS)}}
+            for (corruption, severity), (acc, sums) in evaluated.items()
         ]  # fmt: skip
         # the weights first: a member's result file marks it finished, with everything `certify` needs
         save_weights(study.weights_file(member), model.net.member(k).state_dict(), study.study_id)
         study.write_member(member, result, cells)
 
 
-def robustness(trainer: pl.Trainer, model, datamodule, cells: list[tuple]) -> dict[tuple, torch.Tensor]:
-    """Each member's validation accuracy under every (corruption, severity) of ``cells`` (its own seed's patterns).
+def robustness(trainer: pl.Trainer, model, datamodule, cells: list[tuple]) -> dict[tuple, tuple]:
+    """Each member's validation accuracy ``[K]`` and calibration sums ``[3, K, bins + 1]``
+    (``calibration.calibration_sums``) under every (corruption, severity) of ``cells`` (its own seed's patterns).
 
     One test pass of the trainer per cell over the validation split, every member given that
-    corruption: the same ``model_step`` and metrics as validation, with the trainer's device placement.
+    corruption: the same metrics as validation, with the trainer's device placement.
     """
-    accuracy = {}
+    evaluated = {}
     for corruption, severity in cells:
         loader = datamodule.loader("val", [Member(severity, m.seed, corruption) for m in model.members])
         trainer.test(model, dataloaders=loader, verbose=False)
-        accuracy[corruption, severity] = model.epoch_metrics["test/acc"]
-    return accuracy
+        evaluated[corruption, severity] = model.epoch_metrics["test/acc"], model.test_calibration.cpu()
+    return evaluated
 
 
-def report(study: Study, datamodule, compare: list[Path], loggers: list = ()) -> None:
+def report(
+    study: Study, datamodule, compare: list[Path], loggers: list = (), reliability: Member | None = None
+) -> None:
     """Gathers the members' results into the tables and figures (and TensorBoard), beside the compared studies';
     the figures also go to the user's ``loggers`` that take them (``MemberRuns.log_study_figures``)."""
     try:
@@ -186,7 +200,9 @@ def report(study: Study, datamodule, compare: list[Path], loggers: list = ()) ->
         raise StudyError(str(err)) from None
     datamodule.setup("validate")
     recipe = "\n\n".join(note for note in notes if note) or None
-    written = write_report(study.out, results, robustness_rows, datamodule, study.members, study.cells, recipe)
+    written = write_report(
+        study.out, results, robustness_rows, datamodule, study.members, study.cells, recipe, reliability
+    )
     figures = [study.out / name for name in written if name.endswith(".png")]
     for logger in loggers:
         if callable(getattr(logger, "log_study_figures", None)):

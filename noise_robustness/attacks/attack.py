@@ -1,0 +1,260 @@
+"""Attacking finished studies: PGD under L∞ and L2 of every member at once (``attacks/pgd.py``) and, for members that
+``certify`` certified, SmoothAdv against their smoothed classifiers (``attacks/smoothadv.py``); resumable, reported.
+
+``python -m noise_robustness attack --out <study> [--out ...]``: ``cli.py`` parses the command and calls ``plan``
+(every check, nothing created), then ``run``. A study's attack lives in ``<study>/attack/<setting>/``, named after
+what decides each attack's numbers (images, steps, step sizes, random start, SmoothAdv's steps and samples); the ε
+values are rows in it, so a command with more ε adds rows and never overwrites:
+
+- ``attack.yaml``: the setting and the ``study_id`` of the weights attacked;
+- ``accuracy.csv``: every member's accuracy on the images, clean (``norm`` none) and under each (norm, ε), rewritten
+  atomically after each attack: a rerun of the same command resumes after the last attack written;
+- ``smoothadv.csv``: per certification of the study, each certified member's certified accuracy at each radius r of
+  its summary and its smoothed classifier's accuracy under SmoothAdv at ε = r, on the certified images;
+- ``summary.md`` and ``robust_accuracy.png`` (``attacks/report.py``).
+
+The images are the first ``images`` of the seeded validation order ``certify`` takes its images from, so the certified
+images are attacked too. Every attack runs in fp32 on the trainer's device, all members side by side.
+"""
+
+import csv
+import io
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from noise_robustness import evaluation
+from noise_robustness.attacks import report
+from noise_robustness.attacks.pgd import PGD, robust_accuracy
+from noise_robustness.attacks.smoothadv import smoothadv
+from noise_robustness.certify.report import RADIUS_STEP, certified_accuracy, radii_of
+from noise_robustness.certify.smoothing import Votes
+from noise_robustness.data.noise import seeded
+from noise_robustness.files import csv_text, write_atomic
+from noise_robustness.study.folder import Study
+from noise_robustness.study.text import say
+
+ACCURACY_COLUMNS = ["network", "corruption", "noise_scale", "seed", "norm", "eps", "images", "correct", "acc"]
+SMOOTHADV_COLUMNS = [
+    "certification", "network", "noise_scale", "seed", "sigma", "radius", "images", "certified_acc", "smoothadv_acc",
+]  # fmt: skip
+L2_STEP_FACTOR = 2.5  # an L2 step of 2.5 ε / steps: Madry et al.'s `robustness` library's rule
+ATTACK_SEED = 0  # the random starts' generator
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An attack command's options (the defaults are ``StudyTrainer.attack``'s): the ε of each norm, PGD's steps and
+    step sizes (``l2_step`` None: 2.5 ε / steps), its random start, how many validation images, and SmoothAdv's steps
+    and noise samples per step."""
+
+    linf: tuple[float, ...]
+    l2: tuple[float, ...]
+    steps: int
+    linf_step: float
+    l2_step: float | None
+    random_start: bool
+    images: int
+    smoothadv_steps: int
+    smoothadv_samples: int
+
+    def attacks(self) -> list[PGD]:
+        """Every PGD attack of the command, L∞ first, each ε in the order given."""
+        linf = [PGD("linf", eps, self.steps, self.linf_step, self.random_start) for eps in self.linf]
+        l2 = [PGD("l2", eps, self.steps, self.l2_step_of(eps), self.random_start) for eps in self.l2]
+        return linf + l2
+
+    def l2_step_of(self, eps: float) -> float:
+        return L2_STEP_FACTOR * eps / self.steps if self.l2_step is None else self.l2_step
+
+    def check(self) -> None:
+        """Raises ValueError naming the first option out of its range."""
+        for name in ("steps", "images", "smoothadv_steps", "smoothadv_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}")
+        for name in ("linf", "l2"):
+            for eps in getattr(self, name):
+                if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+                    raise ValueError(f"Expected every ε of `{name}` to be a finite number >= 0, but got {eps!r}")
+        for name in ("linf_step", "l2_step"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value!r}")
+
+    @property
+    def name(self) -> str:
+        """The attack's folder name, e.g. ``images=1000,steps=40,linf_step=0.01,l2_step=2.5eps|steps,random_start=false,
+        smoothadv=10x8``."""
+        l2_step = f"{L2_STEP_FACTOR:g}eps|steps" if self.l2_step is None else f"{self.l2_step:g}"
+        return (
+            f"images={self.images},steps={self.steps},linf_step={self.linf_step:g},l2_step={l2_step},"
+            f"random_start={str(self.random_start).lower()},smoothadv={self.smoothadv_steps}x{self.smoothadv_samples}"
+        )
+
+    def record(self, study_id: str) -> dict:
+        """What ``attack.yaml`` records: what decides every number in the folder (not the ε, each a row)."""
+        kept = {k: v for k, v in asdict(self).items() if k not in ("linf", "l2")}
+        return {**kept, "subset_seed": evaluation.SUBSET_SEED, "attack_seed": ATTACK_SEED, "study_id": study_id}
+
+
+@dataclass
+class Attack:
+    """One study's attack: its members and their final weights, and the certifications to check against."""
+
+    study: Study
+    setting: Setting
+    weights: list[dict[str, torch.Tensor]]
+    certifications: list[Path]
+
+    @property
+    def folder(self) -> Path:
+        return self.study.out / "attack" / self.setting.name
+
+    def read(self, name: str) -> list[dict]:
+        """The rows of a csv file of the folder (none if it is missing)."""
+        try:
+            return list(csv.DictReader(io.StringIO((self.folder / name).read_text())))
+        except FileNotFoundError:
+            return []
+
+
+def plan(folders: list[str], setting: Setting) -> list[Attack]:
+    """Checks the command: its setting, and that each folder is a finished study with its members' final weights and
+    no other attack of this name. Creates nothing.
+
+    Raises:
+        ValueError: naming the option or folder and what is wrong.
+    """
+    setting.check()
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"Expected `out` to name each study once, but got {folders}")
+    attacks = []
+    for folder in folders:
+        study = evaluation.finished_study(folder, setting.images)
+        attack = Attack(study, setting, evaluation.member_weights(study, study.members), certifications(study))
+        evaluation.check_folder(attack.folder, "attack.yaml", setting.record(study.study_id))
+        attacks.append(attack)
+    return attacks
+
+
+def certifications(study: Study) -> list[Path]:
+    """The study's finished certifications of its own weights (every member's rows whole), by folder name."""
+    found = []
+    for record in sorted((study.out / "certify").glob("*/certify.yaml")):
+        recorded = yaml.safe_load(record.read_text()) or {}
+        rows = list(record.parent.glob("members/*/*.csv"))
+        whole = rows and all(len(r.read_text().splitlines()) == recorded.get("images", 0) + 1 for r in rows)
+        if recorded.get("study_id") == study.study_id and whole:
+            found.append(record.parent)
+    return found
+
+
+def run(attacks: list[Attack], data_dir: str, device: torch.device) -> None:
+    """Attacks every study of the command, then writes each one's report."""
+    for attack in attacks:
+        datamodule = evaluation.study_data(attack.study, data_dir, attack.setting.images)
+        attack.folder.mkdir(parents=True, exist_ok=True)
+        with evaluation.locked(attack.folder, "attacking"):
+            write_atomic(attack.folder / "attack.yaml", yaml.safe_dump(attack.setting.record(attack.study.study_id)))
+            attack_members(attack, datamodule, device)
+            for certification in attack.certifications:
+                attack_smoothed(attack, certification, datamodule, device)
+        report.write(attack)
+
+
+def member_rows(study: Study, norm: str, eps: float, correct: torch.Tensor, images: int) -> list[dict]:
+    network = study.identity["model.net"]["class_path"].rpartition(".")[2]
+    return [
+        {"network": network, "corruption": m.corruption.name, "noise_scale": m.noise_scale, "seed": m.seed,
+         "norm": norm, "eps": eps, "images": images, "correct": int(c), "acc": repr(int(c) / images)}
+        for m, c in zip(study.members, correct.tolist())
+    ]  # fmt: skip
+
+
+def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
+    """Every member's accuracy on the clean images and under each PGD attack not written yet, all members at once."""
+    study, setting = attack.study, attack.setting
+    rows = attack.read("accuracy.csv")
+    done = {(r["norm"], float(r["eps"])) for r in rows}
+    todo = [a for a in setting.attacks() if (a.norm, float(a.eps)) not in done]
+    if ("none", 0.0) in done and not todo:
+        say("attack", f"{attack.folder}: every attack of this command written earlier")
+        return
+    images, labels = evaluation.subset_images(
+        datamodule, evaluation.subset(datamodule.split_size("val"), setting.images)
+    )
+    images, labels = images.to(device), labels.to(device)
+    net = evaluation.members_net(study, study.members, attack.weights, device)
+    members = len(study.members)
+    if ("none", 0.0) not in done:
+        with torch.no_grad():
+            correct = sum(
+                (net(images[i : i + 500].expand(members, -1, -1, -1, -1)).argmax(-1) == labels[i : i + 500]).sum(1)
+                for i in range(0, len(images), 500)
+            )
+        rows += member_rows(study, "none", 0.0, correct, len(images))
+        write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
+    generator = torch.Generator(device).manual_seed(ATTACK_SEED)
+    for pgd in todo:
+        say("attack", f"{attack.folder}: PGD {pgd.norm} ε = {pgd.eps:g}, {pgd.steps} steps, {members} members")
+        accuracy = robust_accuracy(net, images, labels, [pgd], generator=generator)[0]
+        correct = (accuracy * len(images)).round().long()
+        rows += member_rows(study, pgd.norm, float(pgd.eps), correct, len(images))
+        write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
+
+
+def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.device) -> None:
+    """SmoothAdv against each member a certification certified, at every radius of its summary, on its images."""
+    rows = attack.read("smoothadv.csv")
+    if any(r["certification"] == folder.name for r in rows):
+        return  # written whole, once
+    study, setting = attack.study, attack.setting
+    recorded = yaml.safe_load((folder / "certify.yaml").read_text())
+    members = [m for m in study.members if (folder / "members" / f"{m.name}.csv").is_file()]
+    certified = {
+        m: list(csv.DictReader(io.StringIO((folder / "members" / f"{m.name}.csv").read_text()))) for m in members
+    }
+    sigmas = [recorded["sigma"] if recorded["sigma"] is not None else m.noise_scale for m in members]
+    largest = max(float(r["radius"]) for member in certified.values() for r in member)
+    radii = [RADIUS_STEP * i for i in range(int(largest / RADIUS_STEP) + 1)]
+    positions = [int(r["image"]) for r in certified[members[0]]]
+    images, labels = evaluation.subset_images(datamodule, positions)
+    file, indices = datamodule.splits["val"]
+    index = [int(indices[p]) for p in positions]
+    weights = [attack.weights[study.members.index(m)] for m in members]
+    net = evaluation.members_net(study, members, weights, device)
+    clip = bool(study.resolved.get("data", {}).get("clip", False))
+    votes = Votes(net, [m.seed for m in members], sigmas, clip, device, datamodule.classes)
+    seeds = list(dict.fromkeys(m.seed for m in members))
+    z = torch.stack([
+        torch.stack([seeded(torch.randn, (setting.smoothadv_samples, *images.shape[1:]), "smoothadv", s, file, i,
+                            device=device) for i in index], dim=1)
+        for s in seeds
+    ])[[seeds.index(m.seed) for m in members]]  # fmt: skip
+    clean = images.to(device).expand(len(members), *images.shape)
+    targets = labels.to(device).expand(len(members), len(labels))
+    say(
+        "attack", f"{attack.folder}: SmoothAdv against {folder.name}, {len(members)} members, radii up to {radii[-1]:g}"
+    )
+    for radius in radii:
+        adversarial = smoothadv(net, clean, targets, radius, setting.smoothadv_steps, torch.tensor(sigmas), z, clip)
+        right = torch.zeros(len(members), dtype=torch.long)
+        for b, i in enumerate(index):
+            counts = votes.count(adversarial[:, b], file, i, "smoothadv", recorded["n"]).cpu()
+            right += counts.argmax(dim=1) == int(labels[b])
+        for k, m in enumerate(members):
+            rows.append({
+                "certification": folder.name, "network": network_of(study), "noise_scale": m.noise_scale,
+                "seed": m.seed, "sigma": sigmas[k], "radius": radius, "images": len(index),
+                "certified_acc": repr(certified_accuracy(radii_of(certified[m]), radius)),
+                "smoothadv_acc": repr(int(right[k]) / len(index)),
+            })  # fmt: skip
+    write_atomic(attack.folder / "smoothadv.csv", csv_text(SMOOTHADV_COLUMNS, rows))
+
+
+def network_of(study: Study) -> str:
+    return study.identity["model.net"]["class_path"].rpartition(".")[2]
