@@ -89,8 +89,9 @@ def summary_markdown(results: list[dict], robustness: list[dict] | None = None, 
                 f"{percent(values['gap'])} |"
             )
         lines.append("")
-    if robustness and calibrated(robustness):
-        lines += calibration_summary(robustness)
+    measured = [r for r in robustness or [] if calibrated([r])]  # a compared study may predate the ECE
+    if measured:
+        lines += calibration_summary(measured)
     if robustness and corrupted(results, robustness):
         lines += corruption_summary(robustness)
     return "\n".join(lines)
