@@ -38,8 +38,13 @@ class StudyResults:
         corruption, severity) -> validation accuracy, the mean over the members' seeds."""
         return robustness_matrix(self.robustness)
 
+    def calibration(self) -> dict[tuple[str, float], dict[tuple[str, float], float]]:
+        """The same matrix of each member's expected calibration error (ECE), the mean over the members' seeds."""
+        return robustness_matrix([r for r in self.robustness if r.get("ece") is not None], value="ece")
+
     def figure(self, name: str = "accuracy_vs_noise.png") -> Path:
-        """A figure of the study's report (``accuracy_vs_noise.png``, ``robustness.png``, ``noise_preview.png``)."""
+        """A figure of the study's report (``accuracy_vs_noise.png``, ``robustness.png``, ``noise_preview.png``,
+        ``calibration.png``)."""
         return self.out / name
 
     def _repr_markdown_(self) -> str:  # a notebook shows the summary's tables
@@ -61,9 +66,12 @@ TEXT = {"network", "corruption", "train_corruption", "eval_corruption", "noise_m
 
 
 def value_of(column: str, text: str):
-    """A csv cell as the value it was written from: text, a bool (``clip``), an int (``seed``, ``epochs``), a float."""
+    """A csv cell as the value it was written from: text, a bool (``clip``), an int (``seed``, ``epochs``), a float;
+    None for an empty cell (the ``ece`` of a member trained before it was measured)."""
     if column in TEXT:
         return text
+    if text == "":
+        return None
     if column == "clip":
         return text == "True"
     return int(text) if column in ("seed", "epochs") else float(text)

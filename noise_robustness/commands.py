@@ -148,6 +148,7 @@ class StudyTrainer(pl.Trainer):
         linf_step: float = 0.01,
         l2_step: float | None = None,
         random_start: bool = False,
+        losses: list[str] = ["ce", "margin"],
         images: int = 1000,
         smoothadv_steps: int = 10,
         smoothadv_samples: int = 8,
@@ -164,6 +165,8 @@ class StudyTrainer(pl.Trainer):
             linf_step: the L∞ step size (Madry et al.'s MNIST: 0.01).
             l2_step: the L2 step size; null: 2.5 ε / steps (the rule of Madry et al.'s robustness library).
             random_start: start from a random point of the ε-ball instead of the clean image.
+            losses: what PGD climbs, one attack each: ``ce`` (cross-entropy: Madry et al.'s, torchattacks'),
+                ``margin`` (Carlini & Wagner's: does not saturate); an image counts as robust if none flips it.
             images: validation images to attack, the first of certify's seeded order.
             smoothadv_steps: SmoothAdv's PGD steps against a certified member's smoothed classifier.
             smoothadv_samples: SmoothAdv's noise samples per step (Salman et al.'s m).

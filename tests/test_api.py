@@ -22,11 +22,16 @@ def test_a_sweep_from_python_returns_the_rows_its_folder_holds_and_resumes_it(da
     assert study.figure().is_file()
     matrix = study.matrix()  # trained on σ -> evaluated at σ -> accuracy (one seed: its own)
     assert set(matrix) == {("gaussian", 0.0), ("gaussian", 1.0)} and all(len(row) == 2 for row in matrix.values())
-    expected = {(r["train_noise_scale"], r["eval_noise_scale"]): float(r["acc"]) for r in rows(out / "robustness.csv")}
+    written_cells = rows(out / "robustness.csv")
+    expected = {(r["train_noise_scale"], r["eval_noise_scale"]): float(r["acc"]) for r in written_cells}
     assert {(t[1], e[1]): acc for t, row in matrix.items() for e, acc in row.items()} == {
         (float(t), float(e)): acc for (t, e), acc in expected.items()
     }
     assert api.load(out) == study
+    ece = {(t[1], e[1]): value for t, row in study.calibration().items() for e, value in row.items()}
+    assert ece == {
+        (float(r["train_noise_scale"]), float(r["eval_noise_scale"])): float(r["ece"]) for r in written_cells
+    }
     capsys.readouterr()
     again = api.sweep(out, scales=[0, 1.0], seeds=[0], epochs=1, data_dir=data_dir, options=options)
     assert (
@@ -46,3 +51,14 @@ def test_noisy_images_are_the_clean_ones_plus_each_sigma_times_one_pattern(data_
     clean = images[0]
     assert clean.min() >= 0 and clean.max() <= 1
     torch.testing.assert_close(images[2] - clean, 2 * (images[1] - clean), rtol=0, atol=1e-5)  # σ z, one z per seed
+
+
+def test_a_member_recorded_before_its_ece_was_measured_loads_as_none(tmp_path):
+    """A study trained before calibration was measured, gathered since: its ``ece`` cells are empty."""
+    (tmp_path / "results.csv").write_text("network,noise_scale,seed,val_acc\nDropoutMLP,0.0,0,0.9\n")
+    (tmp_path / "robustness.csv").write_text(
+        "network,seed,train_noise_scale,eval_noise_scale,acc,ece\nDropoutMLP,0,0.0,0.0,0.9,\n"
+    )
+    (tmp_path / "summary.md").write_text("")
+    study = api.load(tmp_path)
+    assert study.robustness[0]["ece"] is None and study.calibration() == {}

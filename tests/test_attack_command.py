@@ -15,7 +15,7 @@ from tests.conftest import exits_with_error, rows, tiny
 
 SMALL = ["--images=24", "--steps=5", "--linf=[0.1, 0.3]", "--l2=[1.0, 3.0]", "--smoothadv_steps=2",
          "--smoothadv_samples=4"]  # fmt: skip
-NAME = "images=24,steps=5,linf_step=0.01,l2_step=2.5eps|steps,random_start=false,smoothadv=2x4"
+NAME = "images=24,steps=5,linf_step=0.01,l2_step=2.5eps_over_steps,random_start=false,losses=ce+margin,smoothadv=2x4"
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +32,25 @@ def attack(data_dir, out: Path, *args: str) -> list[str]:
     return ["attack", f"--out={out}", f"--data.data_dir={data_dir}", *SMALL, *args]
 
 
-def accuracy(study: Path) -> dict[tuple, dict[tuple, float]]:
-    """(σ, seed) -> (norm, ε) -> accuracy, from ``accuracy.csv``."""
+def accuracy(study: Path, loss: str = "worst") -> dict[tuple, dict[tuple, float]]:
+    """(σ, seed) -> (norm, ε) -> accuracy under ``loss``'s attack (and clean), from ``accuracy.csv``."""
     table: dict = {}
     for r in rows(study / "attack" / NAME / "accuracy.csv"):
+        if r["loss"] not in (loss, "none"):
+            continue
         table.setdefault((float(r["noise_scale"]), int(r["seed"])), {})[r["norm"], float(r["eps"])] = float(r["acc"])
     return table
 
 
 def test_every_member_is_attacked_at_every_eps_and_never_gains_accuracy(study):
     written = rows(study / "attack" / NAME / "accuracy.csv")
-    assert written[0]["_columns"] == ACCURACY_COLUMNS and len(written) == 4 * 5  # clean, two L∞, two L2
+    # clean, then two L∞ and two L2 attacks, each with either loss and the worst of them
+    assert written[0]["_columns"] == ACCURACY_COLUMNS and len(written) == 4 * (1 + 4 * 3)
     assert all(int(r["images"]) == 24 and float(r["acc"]) == int(r["correct"]) / 24 for r in written)
+    ce, margin = accuracy(study, "ce"), accuracy(study, "margin")
     for member, acc in accuracy(study).items():
+        for attack, value in acc.items():  # an image counts if neither attack flipped it
+            assert value <= min(ce[member][attack], margin[member][attack])
         clean = acc["none", 0.0]
         assert clean > 0.3, member  # trained: far above chance, so the attack has something to take
         for norm in ("linf", "l2"):
@@ -73,6 +79,7 @@ def test_the_clean_accuracy_is_the_members_own_prediction_on_those_images(study,
 def test_the_report_has_a_row_per_training_sigma_with_its_area_and_a_figure(study):
     summary = (study / "attack" / NAME / "summary.md").read_text()
     assert "| trained on | clean | L∞ 0.1 | L∞ 0.3 | L∞ AUC | L2 1 | L2 3 | L2 AUC |" in summary
+    assert "### DropoutMLP: PGD with every loss (ce and margin" in summary and "the cross-entropy alone" in summary
     assert "| σ = 0 |" in summary and "| σ = 0.5 |" in summary
     assert (study / "attack" / NAME / "robust_accuracy.png").stat().st_size > 10_000
     recorded = yaml.safe_load((study / "attack" / NAME / "attack.yaml").read_text())
@@ -95,7 +102,7 @@ def test_an_attack_resumes_after_its_last_written_attack_and_more_eps_add_rows(s
     file = study / "attack" / NAME / "accuracy.csv"
     before = file.read_text()
     lines = before.splitlines(keepends=True)
-    file.write_text("".join(lines[: 1 + 4 * 3]))  # stopped after the clean rows and the L∞ attacks
+    file.write_text("".join(lines[: 1 + 4 + 2 * 12 + 5]))  # stopped after the L∞ attacks and one L2 member row
     capsys.readouterr()
     cli_main(attack(data_dir, study))
     err = capsys.readouterr().err
@@ -105,7 +112,7 @@ def test_an_attack_resumes_after_its_last_written_attack_and_more_eps_add_rows(s
     assert "every attack of this command written earlier" in capsys.readouterr().err
     cli_main(attack(data_dir, study, "--linf=[0.1, 0.2, 0.3]"))
     assert "PGD linf ε = 0.2" in capsys.readouterr().err
-    assert file.read_text().startswith(before) and len(rows(file)) == 4 * 6
+    assert file.read_text().startswith(before) and len(rows(file)) == 4 * (1 + 5 * 3)
 
 
 @pytest.mark.parametrize(
@@ -118,10 +125,24 @@ def test_an_attack_resumes_after_its_last_written_attack_and_more_eps_add_rows(s
         (("--images=0",), "Expected `images` to be a positive integer"),
         (("--images=10001",), "Expected `images` to be at most the 10000 validation images"),
         (("--smoothadv_samples=0",), "Expected `smoothadv_samples` to be a positive integer"),
+        (("--losses=[ce, dlr]",), "Expected `losses` to name some of ('ce', 'margin'), each once"),
+        (("--losses=[]",), "Expected `losses` to name some of ('ce', 'margin'), each once"),
         (("--norm=l1",), "`norm` is not an option of `attack`"),
         (("--model.lr=0.1",), "`model.lr` is not an option of `attack`"),
     ],
-    ids=["linf-negative", "l2-inf", "steps", "linf-step", "images0", "images", "samples", "norm", "model"],
+    ids=[
+        "linf-negative",
+        "l2-inf",
+        "steps",
+        "linf-step",
+        "images0",
+        "images",
+        "samples",
+        "loss",
+        "no-loss",
+        "norm",
+        "model",
+    ],  # fmt: skip
 )
 def test_bad_options_are_refused_naming_them_before_anything_is_created(args, message, study, data_dir, capsys):
     before = sorted(study.rglob("*"))

@@ -62,26 +62,51 @@ def test_a_stacked_members_attack_is_its_lone_networks(trained):
     assert abs(right[0] - right[1]) <= 0.05 * len(labels), right
 
 
-def test_pgd_l2_flips_a_linear_classifier_exactly_where_its_margin_is_below_eps():
-    """Two classes, logits w x + b: the smallest L2 perturbation that flips x is |Δw · x + Δb| / ‖Δw‖."""
+def linear_points(scale: float = 1.0):
+    """A two-class linear classifier (its weights × ``scale``), 400 images inside [0, 1] away from its edges, their
+    labels (the classifier's own answers) and each one's closed-form L2 distance to the boundary, |Δw · x + Δb| / ‖Δw‖
+    (the same at any ``scale``)."""
     generator = torch.Generator().manual_seed(0)
     linear = build_member(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 2)), 0)
+    with torch.no_grad():
+        linear[1].weight.mul_(scale), linear[1].bias.mul_(scale)
     net = stack([linear], [0]).eval()
     assert isinstance(net, StackedSequential)
-    images = 0.3 + 0.4 * torch.rand(400, 1, 28, 28, generator=generator)  # inside [0, 1], away from its edges
+    images = 0.3 + 0.4 * torch.rand(400, 1, 28, 28, generator=generator)
     with torch.no_grad():
         weight, bias = linear[1].weight, linear[1].bias
         margins = images.flatten(1) @ (weight[1] - weight[0]) + (bias[1] - bias[0])
         distance = margins.abs() / (weight[1] - weight[0]).norm()
-        labels = (margins > 0).long()
+    return net, images, (margins > 0).long(), distance
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_pgd_l2_flips_a_linear_classifier_exactly_where_its_margin_is_below_eps(loss):
+    """Two classes, logits w x + b: the smallest L2 perturbation that flips x is |Δw · x + Δb| / ‖Δw‖."""
+    net, images, labels, distance = linear_points()
     eps = float(distance.median())  # half the points within reach, half beyond
-    attack = PGD("l2", eps, steps=40, step_size=eps / 10)
+    attack = PGD("l2", eps, steps=40, step_size=eps / 10, loss=loss)
     adversarial = pgd(net, images[None], labels[None], attack, check=True)
     with torch.no_grad():
         flipped = net(adversarial)[0].argmax(1) != labels
     resolution = 1e-4  # the last step stops within float rounding of the boundary
     assert flipped[distance < eps * (1 - resolution)].all()
     assert not flipped[distance > eps * (1 + resolution)].any()
+
+
+def test_the_cross_entropy_saturates_on_a_confident_classifier_and_the_margin_does_not():
+    """The same classifier with its logits × 1000: the same boundary, but softmax rounds the true class's probability to
+    1, so the cross-entropy's gradient vanishes and its PGD stalls; the margin's flips every point within reach."""
+    net, images, labels, distance = linear_points(scale=1000.0)
+    eps = float(distance.median())
+    within = distance < eps * (1 - 1e-4)
+    flipped = {}
+    for loss in ("ce", "margin"):
+        adversarial = pgd(net, images[None], labels[None], PGD("l2", eps, 40, eps / 10, loss=loss), check=True)
+        with torch.no_grad():
+            flipped[loss] = net(adversarial)[0].argmax(1) != labels
+    assert flipped["margin"][within].all() and not flipped["margin"][~within & (distance > eps * 1.0001)].any()
+    assert flipped["ce"][within].float().mean() < 0.5  # most points within reach survive the saturated attack
 
 
 def test_robust_accuracy_is_at_most_clean_and_falls_with_eps(trained):
@@ -110,6 +135,7 @@ def test_a_looped_network_is_attacked_member_by_member(trained):
         (PGD("linf", -0.1), "Expected `eps` to be a finite number >= 0, but got -0.1"),
         (PGD("linf", math.inf), "Expected `eps` to be a finite number >= 0, but got inf"),
         (PGD("l1", 0.1), "Expected `norm` to be one of ('linf', 'l2'), but got 'l1'"),
+        (PGD("l2", 0.1, loss="dlr"), "Expected `loss` to be one of ('ce', 'margin'), but got 'dlr'"),
         (PGD("l2", 0.5, steps=0), "Expected `steps` to be a positive integer, but got 0"),
     ],
 )

@@ -1,6 +1,8 @@
 """The README's and docs/results.md's commands are the ones that run, and their numbers are the committed results':
 CI's test command is the README's, to the letter."""
 
+import csv
+import io
 import re
 import shlex
 import subprocess
@@ -9,6 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from noise_robustness.attacks.attack import Attack
+from noise_robustness.attacks.attack import Setting as AttackSetting
+from noise_robustness.attacks.report import NORMS
+from noise_robustness.attacks.report import summary_markdown as attack_summary
 from noise_robustness.certify.certification import Certification, Setting
 from noise_robustness.certify.report import gathered, summary_markdown
 from noise_robustness.cli import NoiseCLI, cli_main
@@ -100,6 +106,9 @@ COMMITTED_STUDIES = {
     "corruptions_cnn": [FIRST_RECIPE, "--config=configs/corruptions.yaml", "--config=configs/corruptions_cnn.yaml"],
     "smoothing_mlp": [FIRST_RECIPE, "--config=configs/smoothing_mlp.yaml"],
     "smoothing_cnn": [FIRST_RECIPE, "--config=configs/smoothing_cnn.yaml"],
+    # the same two commands remade on another CPU, with the robustness pass's calibration, then attacked
+    "noise_sweep_epyc": ["--trainer.precision=bf16-mixed"],
+    "smoothing_mlp_epyc": [FIRST_RECIPE, "--config=configs/smoothing_mlp.yaml"],
 }
 
 
@@ -142,21 +151,63 @@ def test_every_certified_accuracy_the_readme_quotes_is_in_the_committed_certific
     assert quoted <= committed, sorted(quoted - committed)
 
 
+# the studies each committed `certify` command named: its summary covers them all, side by side
+CERTIFY_COMMANDS = [("smoothing_mlp", "smoothing_cnn"), ("smoothing_mlp_epyc",)]
+
+
 def test_the_committed_certification_summary_is_what_its_member_rows_give():
     """summary.md recomputed from the committed per-image rows: a hand-edited or stale number fails here."""
     folders = sorted((REPO / "docs" / "results").glob("smoothing_*/certify/*"))
-    assert len(folders) == 2
-    certifications = []
-    for folder in folders:
-        recorded = yaml.safe_load((folder / "certify.yaml").read_text())
-        setting = Setting(recorded["n0"], recorded["n"], recorded["alpha"], recorded["images"], recorded["sigma"])
-        study = Study.open(folder.parents[1])
-        members = [m for m in study.members if m.noise_scale > 0]
-        certification = Certification(study, setting, members, [m.noise_scale for m in members], [])
-        assert certification.folder == folder
-        certifications.append(certification)
-    for folder in folders:
-        assert (folder / "summary.md").read_text() == summary_markdown(gathered(certifications))
+    assert sorted(f.parents[1].name for f in folders) == sorted(n for names in CERTIFY_COMMANDS for n in names)
+    for names in CERTIFY_COMMANDS:
+        certifications = []
+        for folder in [f for f in folders if f.parents[1].name in names]:
+            recorded = yaml.safe_load((folder / "certify.yaml").read_text())
+            setting = Setting(recorded["n0"], recorded["n"], recorded["alpha"], recorded["images"], recorded["sigma"])
+            study = Study.open(folder.parents[1])
+            members = [m for m in study.members if m.noise_scale > 0]
+            certification = Certification(study, setting, members, [m.noise_scale for m in members], [])
+            assert certification.folder == folder
+            certifications.append(certification)
+        for certification in certifications:
+            assert (certification.folder / "summary.md").read_text() == summary_markdown(gathered(certifications))
+
+
+def committed_attacks() -> list[tuple[Attack, list[dict], list[dict]]]:
+    """Every committed attack, its setting read back from its record and rows, with its accuracy and SmoothAdv rows."""
+    attacks = []
+    for record in sorted((REPO / "docs" / "results").glob("*/attack/*/attack.yaml")):
+        recorded = yaml.safe_load(record.read_text())
+        rows = list(csv.DictReader(io.StringIO((record.parent / "accuracy.csv").read_text())))
+        epsilons = {norm: tuple(dict.fromkeys(float(r["eps"]) for r in rows if r["norm"] == norm)) for norm in NORMS}
+        fields = {k: recorded[k] for k in ("steps", "linf_step", "l2_step", "random_start", "images")}
+        smoothadv = (recorded["smoothadv_steps"], recorded["smoothadv_samples"])
+        setting = AttackSetting(epsilons["linf"], epsilons["l2"], **fields, losses=tuple(recorded["losses"]),
+                                smoothadv_steps=smoothadv[0], smoothadv_samples=smoothadv[1])  # fmt: skip
+        attack = Attack(Study.open(record.parents[2]), setting, [], [])
+        assert attack.folder == record.parent and recorded == setting.record(attack.study.study_id)
+        attacks.append((attack, rows, attack.read("smoothadv.csv")))
+    return attacks
+
+
+def test_each_committed_attack_summary_is_what_its_rows_give_and_smoothadv_holds():
+    """summary.md recomputed from the committed accuracy and SmoothAdv rows: a hand-edited or stale number fails
+    here; and certified accuracy never exceeds the accuracy under SmoothAdv."""
+    attacks = committed_attacks()
+    assert len(attacks) == 2
+    for attack, rows, smoothadv in attacks:
+        assert (attack.folder / "summary.md").read_text() == attack_summary(attack, rows, smoothadv)
+        assert all(float(r["certified_acc"]) <= float(r["smoothadv_acc"]) for r in smoothadv)
+    assert sum(bool(smoothadv) for _, _, smoothadv in attacks) == 1  # the smoothing study's
+
+
+def test_every_attacked_accuracy_the_front_quotes_is_in_a_committed_attack_summary():
+    section = front_text().split("## Under attack", 1)[1].split("\n## ", 1)[0]
+    quoted = set(CERTIFIED.findall(section))
+    committed = {pair for attack, _, _ in committed_attacks() for pair in CERTIFIED.findall(
+        (attack.folder / "summary.md").read_text())}  # fmt: skip
+    assert len(quoted) >= 4
+    assert quoted <= committed, sorted(quoted - committed)
 
 
 CHI2_6_99 = 16.81  # the 99th percentile of the chi-square distribution with 6 degrees of freedom

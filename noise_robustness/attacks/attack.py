@@ -7,8 +7,9 @@ what decides each attack's numbers (images, steps, step sizes, random start, Smo
 values are rows in it, so a command with more ε adds rows and never overwrites:
 
 - ``attack.yaml``: the setting and the ``study_id`` of the weights attacked;
-- ``accuracy.csv``: every member's accuracy on the images, clean (``norm`` none) and under each (norm, ε), rewritten
-  atomically after each attack: a rerun of the same command resumes after the last attack written;
+- ``accuracy.csv``: every member's accuracy on the images, clean (``norm`` none) and under each (norm, ε): under PGD
+  with each loss, and ``worst``, the share of images no loss's attack flipped (the accuracy the report gives);
+  rewritten atomically after each (norm, ε): a rerun of the same command resumes after the last one written;
 - ``smoothadv.csv``: per certification of the study, each certified member's certified accuracy at each radius r of
   its summary and its smoothed classifier's accuracy under SmoothAdv at ε = r, on the certified images;
 - ``summary.md`` and ``robust_accuracy.png`` (``attacks/report.py``).
@@ -28,7 +29,7 @@ import yaml
 
 from noise_robustness import evaluation
 from noise_robustness.attacks import report
-from noise_robustness.attacks.pgd import PGD, robust_accuracy
+from noise_robustness.attacks.pgd import LOSSES, PGD, robust_correct
 from noise_robustness.attacks.smoothadv import smoothadv
 from noise_robustness.certify.report import RADIUS_STEP, certified_accuracy, radii_of
 from noise_robustness.certify.smoothing import Votes
@@ -37,7 +38,8 @@ from noise_robustness.files import csv_text, write_atomic
 from noise_robustness.study.folder import Study
 from noise_robustness.study.text import say
 
-ACCURACY_COLUMNS = ["network", "corruption", "noise_scale", "seed", "norm", "eps", "images", "correct", "acc"]
+ACCURACY_COLUMNS = ["network", "corruption", "noise_scale", "seed", "norm", "eps", "loss", "images", "correct", "acc"]
+WORST = "worst"  # an accuracy.csv row's loss: the images that every loss's attack left right
 SMOOTHADV_COLUMNS = [
     "certification", "network", "noise_scale", "seed", "sigma", "radius", "images", "certified_acc", "smoothadv_acc",
 ]  # fmt: skip
@@ -48,8 +50,8 @@ ATTACK_SEED = 0  # the random starts' generator
 @dataclass(frozen=True)
 class Setting:
     """An attack command's options (the defaults are ``StudyTrainer.attack``'s): the ε of each norm, PGD's steps and
-    step sizes (``l2_step`` None: 2.5 ε / steps), its random start, how many validation images, and SmoothAdv's steps
-    and noise samples per step."""
+    step sizes (``l2_step`` None: 2.5 ε / steps), its random start, the losses it climbs, how many validation images,
+    and SmoothAdv's steps and noise samples per step."""
 
     linf: tuple[float, ...]
     l2: tuple[float, ...]
@@ -57,15 +59,20 @@ class Setting:
     linf_step: float
     l2_step: float | None
     random_start: bool
+    losses: tuple[str, ...]
     images: int
     smoothadv_steps: int
     smoothadv_samples: int
 
-    def attacks(self) -> list[PGD]:
-        """Every PGD attack of the command, L∞ first, each ε in the order given."""
-        linf = [PGD("linf", eps, self.steps, self.linf_step, self.random_start) for eps in self.linf]
-        l2 = [PGD("l2", eps, self.steps, self.l2_step_of(eps), self.random_start) for eps in self.l2]
-        return linf + l2
+    def attacks(self) -> list[tuple[str, float, list[PGD]]]:
+        """Every (norm, ε) of the command, L∞ first, each ε in the order given, with its attack under each loss."""
+        steps = {"linf": lambda eps: self.linf_step, "l2": self.l2_step_of}
+        return [
+            (norm, float(eps), [PGD(norm, eps, self.steps, steps[norm](eps), self.random_start, loss)
+                                for loss in self.losses])
+            for norm in ("linf", "l2")
+            for eps in getattr(self, norm)
+        ]  # fmt: skip
 
     def l2_step_of(self, eps: float) -> float:
         return L2_STEP_FACTOR * eps / self.steps if self.l2_step is None else self.l2_step
@@ -84,20 +91,23 @@ class Setting:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value!r}")
+        if not self.losses or set(self.losses) - set(LOSSES) or len(set(self.losses)) != len(self.losses):
+            raise ValueError(f"Expected `losses` to name some of {LOSSES}, each once, but got {list(self.losses)}")
 
     @property
     def name(self) -> str:
-        """The attack's folder name, e.g. ``images=1000,steps=40,linf_step=0.01,l2_step=2.5eps|steps,random_start=false,
-        smoothadv=10x8``."""
-        l2_step = f"{L2_STEP_FACTOR:g}eps|steps" if self.l2_step is None else f"{self.l2_step:g}"
+        """The attack's folder name, e.g.
+        ``images=1000,steps=40,linf_step=0.01,l2_step=2.5eps_over_steps,random_start=false,smoothadv=10x8``."""
+        l2_step = f"{L2_STEP_FACTOR:g}eps_over_steps" if self.l2_step is None else f"{self.l2_step:g}"
         return (
             f"images={self.images},steps={self.steps},linf_step={self.linf_step:g},l2_step={l2_step},"
-            f"random_start={str(self.random_start).lower()},smoothadv={self.smoothadv_steps}x{self.smoothadv_samples}"
+            f"random_start={str(self.random_start).lower()},losses={'+'.join(self.losses)},"
+            f"smoothadv={self.smoothadv_steps}x{self.smoothadv_samples}"
         )
 
     def record(self, study_id: str) -> dict:
         """What ``attack.yaml`` records: what decides every number in the folder (not the ε, each a row)."""
-        kept = {k: v for k, v in asdict(self).items() if k not in ("linf", "l2")}
+        kept = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in ("linf", "l2")}
         return {**kept, "subset_seed": evaluation.SUBSET_SEED, "attack_seed": ATTACK_SEED, "study_id": study_id}
 
 
@@ -166,21 +176,25 @@ def run(attacks: list[Attack], data_dir: str, device: torch.device) -> None:
         report.write(attack)
 
 
-def member_rows(study: Study, norm: str, eps: float, correct: torch.Tensor, images: int) -> list[dict]:
-    network = study.identity["model.net"]["class_path"].rpartition(".")[2]
+def member_rows(study: Study, norm: str, eps: float, loss: str, correct: torch.Tensor) -> list[dict]:
+    """``accuracy.csv``'s rows of every member, from its images' correctness ``[K, n]``."""
+    images = correct.shape[1]
     return [
-        {"network": network, "corruption": m.corruption.name, "noise_scale": m.noise_scale, "seed": m.seed,
-         "norm": norm, "eps": eps, "images": images, "correct": int(c), "acc": repr(int(c) / images)}
-        for m, c in zip(study.members, correct.tolist())
+        {"network": network_of(study), "corruption": m.corruption.name, "noise_scale": m.noise_scale,
+         "seed": m.seed, "norm": norm, "eps": eps, "loss": loss, "images": images, "correct": int(c),
+         "acc": repr(int(c) / images)}
+        for m, c in zip(study.members, correct.sum(dim=1).tolist())
     ]  # fmt: skip
 
 
 def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
-    """Every member's accuracy on the clean images and under each PGD attack not written yet, all members at once."""
+    """Every member's accuracy on the clean images and under each (norm, ε) not written yet, under PGD with each loss
+    and the worst of them per image, all members at once."""
     study, setting = attack.study, attack.setting
     rows = attack.read("accuracy.csv")
-    done = {(r["norm"], float(r["eps"])) for r in rows}
-    todo = [a for a in setting.attacks() if (a.norm, float(a.eps)) not in done]
+    done = {(r["norm"], float(r["eps"])) for r in rows if r["loss"] in (WORST, "none")}
+    todo = [(norm, eps, pgds) for norm, eps, pgds in setting.attacks() if (norm, eps) not in done]
+    rows = [r for r in rows if (r["norm"], float(r["eps"])) in done]  # a group stopped half-way is redone whole
     if ("none", 0.0) in done and not todo:
         say("attack", f"{attack.folder}: every attack of this command written earlier")
         return
@@ -192,18 +206,21 @@ def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
     members = len(study.members)
     if ("none", 0.0) not in done:
         with torch.no_grad():
-            correct = sum(
-                (net(images[i : i + 500].expand(members, -1, -1, -1, -1)).argmax(-1) == labels[i : i + 500]).sum(1)
+            correct = torch.cat([
+                net(images[i : i + 500].expand(members, -1, -1, -1, -1)).argmax(-1) == labels[i : i + 500]
                 for i in range(0, len(images), 500)
-            )
-        rows += member_rows(study, "none", 0.0, correct, len(images))
+            ], dim=1)  # fmt: skip
+        rows += member_rows(study, "none", 0.0, "none", correct.cpu())
         write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
     generator = torch.Generator(device).manual_seed(ATTACK_SEED)
-    for pgd in todo:
-        say("attack", f"{attack.folder}: PGD {pgd.norm} ε = {pgd.eps:g}, {pgd.steps} steps, {members} members")
-        accuracy = robust_accuracy(net, images, labels, [pgd], generator=generator)[0]
-        correct = (accuracy * len(images)).round().long()
-        rows += member_rows(study, pgd.norm, float(pgd.eps), correct, len(images))
+    for norm, eps, pgds in todo:
+        say("attack", f"{attack.folder.name}: PGD {norm} ε = {eps:g}, {setting.steps} steps, {members} members")
+        worst = None
+        for pgd in pgds:
+            correct = robust_correct(net, images, labels, pgd, generator=generator).cpu()
+            rows += member_rows(study, norm, eps, pgd.loss, correct)
+            worst = correct if worst is None else worst & correct
+        rows += member_rows(study, norm, eps, WORST, worst)
         write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
 
 

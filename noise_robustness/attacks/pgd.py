@@ -1,11 +1,16 @@
 """Projected gradient descent (Madry et al. 2018) against every member of a study at once, under L∞ or L2.
 
 Each member attacks its own copy of the images: the members' losses are summed, and since member k's logits depend
-on its own copy only, the gradient with respect to copy k is member k's own loss's (each member's cross-entropy is
-its mean over the batch, as torchattacks' ``PGD`` and ``PGDL2`` compute it for one model). A step moves every copy
-by ``step_size`` along the gradient's sign (L∞) or its per-image unit vector (L2), projects it back onto the ε-ball
-around the clean image and clips it to [0, 1]: torchattacks' arithmetic, member by member (``tests/test_attacks.py``
-checks the adversarial images against theirs).
+on its own copy only, the gradient with respect to copy k is member k's own loss's (each member's loss is its mean
+over the batch, as torchattacks' ``PGD`` and ``PGDL2`` compute it for one model). The loss is the cross-entropy
+(``ce``: Madry et al.'s, torchattacks') or Carlini & Wagner's margin (``margin``: the largest other logit minus the
+true one). The margin is there because the cross-entropy saturates: for a confident network, softmax rounds the true
+class's probability to 1 in float32, its gradient term vanishes and PGD stalls far from the boundary
+(``tests/test_attacks.py`` shows it on a linear classifier; docs/attacks.md on the study's MLPs).
+
+A step moves every copy by ``step_size`` along the gradient's sign (L∞) or its per-image unit vector (L2), projects
+it back onto the ε-ball around the clean image and clips it to [0, 1]: torchattacks' arithmetic, member by member
+(``tests/test_attacks.py`` checks the adversarial images against theirs).
 """
 
 import math
@@ -16,24 +21,28 @@ from torch import nn
 from torch.nn import functional as F
 
 NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin")
 GRADIENT_FLOOR = 1e-10  # added to an L2 gradient's norm before dividing (torchattacks' eps_for_division)
 
 
 @dataclass(frozen=True)
 class PGD:
-    """An attack: the norm, the radius ε (in [0, 1] pixel units), the steps and their size, and whether it starts at
-    a random point of the ε-ball (else at the clean image)."""
+    """An attack: the norm, the radius ε (in [0, 1] pixel units), the steps and their size, whether it starts at a
+    random point of the ε-ball (else at the clean image), and the loss it climbs (``LOSSES``)."""
 
     norm: str
     eps: float
     steps: int = 40
     step_size: float = 0.01
     random_start: bool = False
+    loss: str = "ce"
 
     def check(self) -> None:
         """Raises ValueError naming the option, the value and what is allowed."""
         if self.norm not in NORMS:
             raise ValueError(f"Expected `norm` to be one of {NORMS}, but got {self.norm!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Expected `loss` to be one of {LOSSES}, but got {self.loss!r}")
         for name in ("eps", "step_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -82,8 +91,7 @@ def pgd(
     adversarial = random_start(clean, attack, generator) if attack.random_start else clean.clone()
     for _ in range(attack.steps):
         adversarial.requires_grad_(True)
-        logits = net(adversarial)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
+        losses = member_losses(net(adversarial).float(), labels, attack.loss)
         (gradient,) = torch.autograd.grad(losses.mean(dim=1).sum(), adversarial)
         with torch.no_grad():
             if attack.norm == "linf":
@@ -94,6 +102,15 @@ def pgd(
         if check:
             assert_within(adversarial, clean, attack)
     return adversarial.detach()
+
+
+def member_losses(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """``[K, B]``: each member's ``loss`` on each of its images, from its logits ``[K, B, classes]``."""
+    if loss == "ce":
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    true = logits.gather(-1, labels[..., None])[..., 0]
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[-1]).bool(), -math.inf)
+    return others.amax(dim=-1) - true
 
 
 def assert_within(adversarial: torch.Tensor, clean: torch.Tensor, attack: PGD) -> None:
@@ -122,17 +139,28 @@ def robust_accuracy(
     """``[len(attacks), K]``: each member's accuracy on ``images`` ``[n, C, H, W]`` (labels ``[n]``) under each attack,
     the images attacked ``batch_size`` at a time; ``net`` holds the K members (``[K, B, ...]`` -> ``[K, B, classes]``).
     """
+    rows = [robust_correct(net, images, labels, a, batch_size, generator, check) for a in attacks]
+    return torch.stack([row.double().mean(dim=1) for row in rows])
+
+
+def robust_correct(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attack: PGD,
+    batch_size: int = 250,
+    generator: torch.Generator | None = None,
+    check: bool = False,
+) -> torch.Tensor:
+    """``[K, n]``: whether each member classifies each of ``images`` right under ``attack`` (``robust_accuracy``)."""
     net.eval()
-    members, counts = member_count(net), None
+    members, rows = member_count(net), []
     for start in range(0, len(images), batch_size):
         chunk, chunk_labels = images[start : start + batch_size], labels[start : start + batch_size]
         clean = chunk.expand(members, *chunk.shape).contiguous()
         targets = chunk_labels.expand(members, len(chunk_labels))
-        row = torch.stack(
-            [correct(net, pgd(net, clean, targets, a, generator, check), targets).sum(1) for a in attacks]
-        )
-        counts = row if counts is None else counts + row
-    return counts.double() / len(images)
+        rows.append(correct(net, pgd(net, clean, targets, attack, generator, check), targets))
+    return torch.cat(rows, dim=1)
 
 
 def member_count(net: nn.Module) -> int:

@@ -20,11 +20,18 @@ if TYPE_CHECKING:  # the report reads an attack; the attack calls the report
 NORMS = {"linf": "L∞", "l2": "L2"}
 
 
-def curves(rows: list[dict], epsilons: dict[str, list[float]]) -> dict:
+LOSS_TEXT = {"ce": "the cross-entropy (Madry et al.'s, torchattacks')", "margin": "Carlini & Wagner's margin"}
+LOSS_NAMES = {"worst": "every loss", "ce": "the cross-entropy alone", "margin": "the margin alone"}
+
+
+def curves(rows: list[dict], epsilons: dict[str, list[float]], loss: str = "worst") -> dict:
     """(network, training corruption, severity) -> norm -> per seed, the accuracy at ε = 0 (clean) and at each of the
-    norm's ``epsilons`` (in order)."""
+    norm's ``epsilons`` (in order), under ``loss``'s attack (``worst``: an image counts if no loss's attack flipped
+    it)."""
     by_member: dict = defaultdict(dict)
     for r in rows:
+        if r["loss"] not in (loss, "none"):
+            continue
         by_member[r["network"], r["corruption"], float(r["noise_scale"]), int(r["seed"])][
             r["norm"], float(r["eps"])
         ] = float(r["acc"])
@@ -54,17 +61,32 @@ def summary_markdown(attack: Attack, rows: list[dict], smoothadv: list[dict]) ->
         "",
         f"Madry et al.'s PGD on {setting.images} validation images (the first of `certify`'s seeded order), "
         f"{setting.steps} steps of {setting.linf_step:g} (L∞) and {l2_step} (L2), "
-        f"{'from a random start' if setting.random_start else 'from the clean image'}, in fp32, every member attacked "
-        "through its own loss; ε in units of the [0, 1] pixel range, as σ. AUC: the mean accuracy from ε = 0 to the "
+        f"{'from a random start' if setting.random_start else 'from the clean image'}, in fp32, climbing "
+        f"{' and '.join(LOSS_TEXT[loss] for loss in setting.losses)}, every member attacked through its own loss; "
+        "ε in units of the [0, 1] pixel range, as σ. AUC: the mean accuracy from ε = 0 to the "
         "largest ε (trapezoids). Mean ± std over seeds.",
         "",
     ]
-    table = curves(rows, epsilons)
+    losses = ["worst", *setting.losses] if len(setting.losses) > 1 else ["worst"]
+    for loss in losses:
+        lines += accuracy_tables(curves(rows, epsilons, loss), epsilons, loss, setting.losses)
+    if smoothadv:
+        lines += smoothadv_markdown(attack, smoothadv)
+    return "\n".join(lines)
+
+
+def accuracy_tables(table: dict, epsilons: dict[str, list[float]], loss: str, losses: tuple[str, ...]) -> list[str]:
+    """Per network, a row per training σ: clean accuracy, accuracy under each attack and each norm's AUC."""
+    lines = []
     for network in dict.fromkeys(n for n, _, _ in table):
         header = ["clean"]
         for norm, levels in epsilons.items():
             header += [f"{NORMS[norm]} {sigma_text(e)}" for e in levels] + [f"{NORMS[norm]} AUC"]
-        lines += [f"### {network}", "", f"| trained on | {' | '.join(header)} |", f"| ---: |{' ---: |' * len(header)}"]
+        title = f"PGD with {LOSS_NAMES[loss]}" if loss != "worst" or len(losses) > 1 else f"PGD with the {losses[0]}"
+        if loss == "worst" and len(losses) > 1:
+            title += f" ({' and '.join(losses)}: an image counts as robust if no attack flipped it)"
+        lines += [f"### {network}: {title}", "", f"| trained on | {' | '.join(header)} |",
+                  f"| ---: |{' ---: |' * len(header)}"]  # fmt: skip
         for (_, corruption, severity), by_norm in table.items():
             first = next(iter(by_norm.values()))
             cells = [percent([seed[0] for seed in first], 1)]
@@ -77,9 +99,7 @@ def summary_markdown(attack: Attack, rows: list[dict], smoothadv: list[dict]) ->
             )
             lines.append(f"| {trained} | {' | '.join(cells)} |")
         lines.append("")
-    if smoothadv:
-        lines += smoothadv_markdown(attack, smoothadv)
-    return "\n".join(lines)
+    return lines
 
 
 def smoothadv_markdown(attack: Attack, rows: list[dict]) -> list[str]:
@@ -121,6 +141,7 @@ def robust_figure(attack: Attack, rows: list[dict]) -> Figure:
     setting = attack.setting
     epsilons = {norm: sorted(map(float, getattr(setting, norm))) for norm in NORMS if getattr(setting, norm)}
     table = curves(rows, epsilons)
+    cross_entropy = curves(rows, epsilons, "ce") if len(setting.losses) > 1 and "ce" in setting.losses else {}
     networks = list(dict.fromkeys(n for n, _, _ in table))
     fig = Figure(figsize=(5 * len(epsilons), 4 * len(networks)))
     axes = fig.subplots(len(networks), len(epsilons), squeeze=False)
@@ -139,11 +160,16 @@ def robust_figure(attack: Attack, rows: list[dict]) -> Figure:
                 )
                 ax.plot(grid, [m for m, _ in stats], marker="o", ms=3, color=colour, label=f"trained at {name}")
                 ax.fill_between(grid, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.2)
+                if (network, corruption, severity) in cross_entropy:  # what the cross-entropy alone leaves
+                    ce = cross_entropy[network, corruption, severity][norm]
+                    means = [statistics.fmean(100 * seed[i] for seed in ce) for i in range(len(levels) + 1)]
+                    ax.plot(grid, means, color=colour, ls="--", lw=0.8)
             ax.set(xlabel=f"{NORMS[norm]} ε (units of the [0, 1] pixel range)", ylabel="accuracy under PGD (%)",
                    ylim=(0, 101), title=f"{network}: PGD {NORMS[norm]}, {setting.steps} steps")  # fmt: skip
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"{setting.images} validation images; mean ± std over seeds", fontsize=9)
+    dashed = "; dashed: the cross-entropy's attack alone" if cross_entropy else ""
+    fig.suptitle(f"{setting.images} validation images; mean ± std over seeds{dashed}", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -21,6 +21,8 @@ from noise_robustness.study.measures import (
 from noise_robustness.study.members import sigma_text
 from noise_robustness.study.text import mean_std
 
+RELIABLE_BIN = 0.005  # the reliability diagram's bins: those with at least this share of the images
+
 
 def corruption_error_figure(measures: dict[str, CorruptionMeasures]) -> Figure:
     """Per network, a heatmap of the corruption error (%, mean over seeds): rows = what the member trained on,
@@ -207,7 +209,8 @@ def matrix_axes(ax, robustness: list[dict], network: str, value: str, train_cell
 def calibration_figure(robustness: list[dict], member: str, rows: list[dict]) -> Figure:
     """The ECE matrix of every network (``robustness_figure``'s layout), and the reliability diagram of one
     ``member`` (named): for each evaluation its bins' accuracy against their mean confidence (a calibrated member
-    lies on the diagonal; below it: overconfident). ``rows``: the member's robustness rows, with their bins."""
+    lies on the diagonal; below it: overconfident), each bin's marker sized by its share of the images (bins under
+    ``RELIABLE_BIN`` of them left out). ``rows``: the member's robustness rows, with their bins."""
     networks = list(dict.fromkeys(r["network"] for r in robustness))
     train_cells = cell_order(trained_on(r, "train_") for r in robustness)
     eval_cells = cell_order(trained_on(r, "eval_") for r in robustness)
@@ -221,12 +224,12 @@ def calibration_figure(robustness: list[dict], member: str, rows: list[dict]) ->
     colours = matplotlib.colormaps["plasma"]
     for i, row in enumerate(sorted(rows, key=lambda r: eval_cells.index(trained_on(r, "eval_")))):
         images, confidence, correct = (torch.tensor(row["calibration"][name], dtype=torch.float64) for name in SUMS)
-        seen = images > 0
-        ax.plot(
-            (confidence[seen] / images[seen]).tolist(), (correct[seen] / images[seen]).tolist(), marker="o", ms=3,
-            color=colours(i / max(1, len(rows) - 1) * 0.85),
-            label=f"{label(trained_on(row, 'eval_'), gaussian)}: ECE {100 * float(row['ece']):.1f} %",
-        )  # fmt: skip
+        seen = images >= RELIABLE_BIN * images.sum()  # a bin of a few images says little: left out
+        x, y = (confidence[seen] / images[seen]).tolist(), (correct[seen] / images[seen]).tolist()
+        colour = colours(i / max(1, len(rows) - 1) * 0.85)
+        name = f"{label(trained_on(row, 'eval_'), gaussian)}: ECE {100 * float(row['ece']):.1f} %"
+        ax.plot(x, y, color=colour, lw=1, alpha=0.6, label=name)
+        ax.scatter(x, y, s=(300 * images[seen] / images.sum()).tolist(), color=colour)  # area: the bin's share
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (mean of the bin)", ylabel="accuracy of the bin")
     ax.set_title(f"{rows[0]['network']} {member}: reliability ({BINS} bins)")
     ax.legend(title="evaluated at σ" if gaussian else "evaluated on", fontsize=7, loc="upper left")
