@@ -1,16 +1,17 @@
 """How fast is PGD against every member at once? Images per second per member, against torchattacks attacking the
 same members one at a time, in one run on this machine.
 
-The default study's 18 MLP members (6 σ x 3 seeds; their weights as built: an attack step's cost does not depend on
-them), ``--images`` validation images, PGD L∞ (ε 0.1, ``--steps`` steps of 0.01, no random start), fp32, eval mode:
+The default study's 18 members (6 σ x 3 seeds; the MLP, or with ``--net cnn`` the CNN; their weights as built: an
+attack step's cost does not depend on them), ``--images`` validation images, PGD L∞ (ε 0.1, ``--steps`` steps of
+0.01, no random start), fp32, eval mode:
 (A) ``noise_robustness.attacks.pgd`` on the stacked members, one batched pass per step;
 (B) torchattacks' ``PGD`` on each member's own network in turn (what a user of torchattacks does).
 Interleaved A B A B ..., medians of ``--repeats``. The adversarial images of both are the same up to the stacked
-products' last bits (``tests/test_attacks.py``). Then the default evaluation of the MLP main study (1,000 images,
-L∞ ε 0.05, 0.1, 0.2, 0.3 and L2 ε 0.5, 1, 1.5, 2, each 40 steps) estimated from (A)'s rate.
+products' last bits (``tests/test_attacks.py``). Then the default evaluation of the main study (1,000 images,
+L∞ ε 0.05, 0.1, 0.2, 0.3 and L2 ε 0.5, 1, 1.5, 2, each with two losses, 40 steps) estimated from (A)'s rate.
 
     python benchmarks/attack_speed.py
-    python benchmarks/attack_speed.py --images 500 --steps 40 --repeats 3
+    python benchmarks/attack_speed.py --net cnn --images 100 --repeats 1   # the Keras CNN's members
 """
 
 import argparse
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from noise_robustness.attacks.pgd import PGD, pgd  # noqa: E402
 from noise_robustness.data import mnist  # noqa: E402
 from noise_robustness.engine.stacked import build_member, stack  # noqa: E402
-from noise_robustness.models import DropoutMLP  # noqa: E402
+from noise_robustness.models import DropoutMLP, KerasCNN  # noqa: E402
 
 
 def main() -> None:
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=250)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--net", choices=["mlp", "cnn"], default="mlp", help="the dropout MLP or the Keras CNN")
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data" / "mnist"))
     args = parser.parse_args()
     import torchattacks
@@ -44,7 +46,8 @@ def main() -> None:
     flags = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpuinfo]
     print(f"CPU: {cpu} ({', '.join(flags) or 'AVX2'}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     seeds = [seed for seed in range(3) for _ in range(6)]  # 18 members
-    nets = [build_member(DropoutMLP, 100 + k).eval() for k in range(len(seeds))]
+    network = {"mlp": DropoutMLP, "cnn": KerasCNN}[args.net]
+    nets = [build_member(network, 100 + k).eval() for k in range(len(seeds))]
     stacked = stack(nets, seeds).eval()
     images, labels = mnist.load(str(mnist.prepare(args.data_dir)), train=False)
     images, labels = images[: args.images].float() / 255, labels[: args.images]
@@ -66,14 +69,15 @@ def main() -> None:
             run()
             times[name].append(time.perf_counter() - began)
     rate = {name: args.images * len(nets) / statistics.median(t) for name, t in times.items()}
-    print(f"PGD L∞, {args.steps} steps, {args.images} images, {len(nets)} members (medians of {args.repeats}):")
+    print(f"{network.__name__}: PGD L∞, {args.steps} steps, {args.images} images, {len(nets)} members "
+          f"(medians of {args.repeats}):")  # fmt: skip
     for name, t in times.items():
         print(f"  {name:13s} {statistics.median(t):7.2f} s   {rate[name] / len(nets):8.1f} images/s per member")
     print(f"  ours / torchattacks: {rate['ours'] / rate['torchattacks']:.2f}x the images per second")
-    evaluation = 1000 * 8 * 40 / args.steps * len(nets) / rate["ours"]  # images x attacks x steps / this run's
+    evaluation = 1000 * 16 * 40 / args.steps * len(nets) / rate["ours"]  # images x attacks x steps / this run's
     print(
-        f"the main study's default evaluation (1,000 images, 8 attacks of 40 steps), estimated: {evaluation / 60:.1f}"
-        " min"
+        "the main study's default evaluation (1,000 images, 8 radii x 2 losses of 40 steps), estimated: "
+        f"{evaluation / 60:.1f} min"
     )
 
 

@@ -47,7 +47,7 @@ def test_every_study_command_in_the_readme_parses(capsys):
     assert studies[0] == "sweep"  # the main job needs no committed folder
     for command in studies:
         with pytest.raises(SystemExit) as exit:
-            cli_main([*shlex.split(command), "--print_config"])
+            cli_main([*shlex.split(command, comments=True), "--print_config"])
         assert exit.value.code in (0, None), command
         assert "out:" in capsys.readouterr().out
 
@@ -201,13 +201,19 @@ def test_each_committed_attack_summary_is_what_its_rows_give_and_smoothadv_holds
     assert sum(bool(smoothadv) for _, _, smoothadv in attacks) == 1  # the smoothing study's
 
 
+CERTIFIED_ATTACKED = re.compile(r"(\d+\.\d) / (\d+\.\d)(?!\d)")  # SmoothAdv's table: "86.8 / 93.0"
+
+
 def test_every_attacked_accuracy_the_front_quotes_is_in_a_committed_attack_summary():
-    section = front_text().split("## Under attack", 1)[1].split("\n## ", 1)[0]
-    quoted = set(CERTIFIED.findall(section))
-    committed = {pair for attack, _, _ in committed_attacks() for pair in CERTIFIED.findall(
-        (attack.folder / "summary.md").read_text())}  # fmt: skip
-    assert len(quoted) >= 4
-    assert quoted <= committed, sorted(quoted - committed)
+    """In the README's and docs/results.md's sections on attacks: every accuracy under attack (mean ± std) and every
+    certified / attacked pair is in a committed attack's summary.md."""
+    summaries = "\n".join((attack.folder / "summary.md").read_text() for attack, _, _ in committed_attacks())
+    for name in FRONT:
+        section = (REPO / name).read_text().split("## Under attack", 1)[1].split("\n## ", 1)[0]
+        for pattern in (CERTIFIED, CERTIFIED_ATTACKED):
+            quoted = set(pattern.findall(section))
+            assert quoted <= set(pattern.findall(summaries)), (name, sorted(quoted - set(pattern.findall(summaries))))
+        assert len(CERTIFIED.findall(section)) >= 4
 
 
 CHI2_6_99 = 16.81  # the 99th percentile of the chi-square distribution with 6 degrees of freedom

@@ -196,7 +196,7 @@ def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
     todo = [(norm, eps, pgds) for norm, eps, pgds in setting.attacks() if (norm, eps) not in done]
     rows = [r for r in rows if (r["norm"], float(r["eps"])) in done]  # a group stopped half-way is redone whole
     if ("none", 0.0) in done and not todo:
-        say("attack", f"{attack.folder}: every attack of this command written earlier")
+        say("attack", f"{attack.folder.name}: every attack of this command written earlier")
         return
     images, labels = evaluation.subset_images(
         datamodule, evaluation.subset(datamodule.split_size("val"), setting.images)
@@ -255,9 +255,11 @@ def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.devi
     clean = images.to(device).expand(len(members), *images.shape)
     targets = labels.to(device).expand(len(members), len(labels))
     say(
-        "attack", f"{attack.folder}: SmoothAdv against {folder.name}, {len(members)} members, radii up to {radii[-1]:g}"
+        "attack",
+        f"{attack.folder.name}: SmoothAdv against {folder.name}, {len(members)} members, radii up to {radii[-1]:g}",
     )
     for radius in radii:
+        say("attack", f"SmoothAdv at ε = {radius:g}")
         adversarial = smoothadv(net, clean, targets, radius, setting.smoothadv_steps, torch.tensor(sigmas), z, clip)
         right = torch.zeros(len(members), dtype=torch.long)
         for b, i in enumerate(index):
