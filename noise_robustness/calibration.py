@@ -1,5 +1,6 @@
 """Expected calibration error (ECE) of every member: torchmetrics' ``MulticlassCalibrationError`` (15 bins, L1 norm)
-kept as binned sums, so that K members cost three ``[K, bins]`` sums a batch instead of every image's confidence.
+kept as binned sums, so that K members cost three ``[K, bins + 1]`` sums a batch instead of every image's
+confidence.
 
 A member's confidence in an image is its top softmax probability. The images are binned by confidence into
 ``BINS`` equal bins of [0, 1] (torchmetrics' ``bucketize(..., right=True) - 1``: a confidence of exactly 1 has a

@@ -144,9 +144,7 @@ class NoiseCLI(LightningCLI):
         """Checks a sweep against its folder (``runner.plan``), then sets the classes to the members it trains, the
         study's logger and its checkpoints; creates nothing."""
         served = commands.study_loggers(config.trainer.logger)
-        plan = runner.plan(
-            Path(config.out), self.resolved(), config.task, config.gather, config.compare or [], config.reliability
-        )
+        plan = runner.plan(Path(config.out), self.resolved(), config.task, config.gather, config.compare or [])
         train = plan.to_train or plan.study.members  # nothing to train: the classes are built, never fitted
         new_fit = plan.to_train and not (plan.checkpoint_dir / "last.ckpt").is_file()
         if new_fit and rank_zero_only.rank == 0:  # DDP's other processes start once the first has begun the runs

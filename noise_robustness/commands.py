@@ -91,7 +91,7 @@ class StudyTrainer(pl.Trainer):
         gather: bool = False,
         compare: list[str] | None = None,
         eval_corruptions: list[Corruption] | None = None,
-        reliability: str | None = None,
+        reliability_member: str | None = None,
     ) -> None:
         """Trains the whole study (every σ and seed) as one model, then writes its tables and figures.
 
@@ -107,7 +107,7 @@ class StudyTrainer(pl.Trainer):
                 side; its csv files keep its own members.
             eval_corruptions: what every member is evaluated on after training, each at its severities (null:
                 what the members trained on); clean images always come first (docs/corruptions.md).
-            reliability: the member whose reliability diagram ``calibration.png`` shows, by name
+            reliability_member: the member whose reliability diagram ``calibration.png`` shows, by name
                 (``sigma=0.5/seed=0``); null: the study's first member.
         """
         raise NotImplementedError("a study runs through NoiseCLI.sweep, which checks it against its folder first")

@@ -28,6 +28,13 @@ from noise_robustness.training.checkpoints import load_weights
 SUBSET_SEED = 0  # the evaluated images: the first `images` of one seeded order of the validation split
 
 
+def finished_studies(folders: list[str], images: int) -> list[Study]:
+    """The finished study in each of ``folders`` (``finished_study``), each named once."""
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"Expected `out` to name each study once, but got {folders}")
+    return [finished_study(folder, images) for folder in folders]
+
+
 def finished_study(folder: str, images: int) -> Study:
     """The finished study in ``folder``, whose validation split holds ``images`` (MNIST's is checked here; another
     dataset's when it is read).

@@ -127,6 +127,7 @@ def test_an_attack_resumes_after_its_last_written_attack_and_more_eps_add_rows(s
         (("--smoothadv_samples=0",), "Expected `smoothadv_samples` to be a positive integer"),
         (("--losses=[ce, dlr]",), "Expected `losses` to name some of ('ce', 'margin'), each once"),
         (("--losses=[]",), "Expected `losses` to name some of ('ce', 'margin'), each once"),
+        (("--linf=[]", "--l2=[]"), "Expected `linf` or `l2` to name some ε, but both are empty"),
         (("--norm=l1",), "`norm` is not an option of `attack`"),
         (("--model.lr=0.1",), "`model.lr` is not an option of `attack`"),
     ],
@@ -140,6 +141,7 @@ def test_an_attack_resumes_after_its_last_written_attack_and_more_eps_add_rows(s
         "samples",
         "loss",
         "no-loss",
+        "no-eps",
         "norm",
         "model",
     ],  # fmt: skip
@@ -162,3 +164,17 @@ def test_a_study_without_finished_members_or_with_another_attack_recorded_is_ref
     record = other / "attack" / NAME / "attack.yaml"
     record.write_text(record.read_text().replace("study_id:", "study_id: x"))
     assert "records another evaluation" in exits_with_error(attack(data_dir, other), capsys)
+
+
+def test_random_starts_are_each_attacks_own_whatever_ran_before_it(study, data_dir, tmp_path):
+    """With random starts, an ε's rows are the same whether it came alone or after another ε (as a resumed command
+    skips the ε written before it)."""
+    copies = []
+    for name, commands in (("alone", [["--linf=[0.3]"]]), ("after another", [["--linf=[0.1, 0.3]"]])):
+        copy = tmp_path / name
+        shutil.copytree(study, copy, ignore=shutil.ignore_patterns("attack", "certify", "tensorboard"))
+        for args in commands:
+            cli_main(attack(data_dir, copy, *args, "--l2=[]", "--random_start=true", "--losses=[ce]"))
+        folder = copy / "attack" / NAME.replace("random_start=false,losses=ce+margin", "random_start=true,losses=ce")
+        copies.append([r for r in rows(folder / "accuracy.csv") if r["eps"] == "0.3"])
+    assert copies[0] == copies[1] and len(copies[0]) == 2 * 4  # the ce row and the worst row of each member

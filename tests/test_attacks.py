@@ -143,3 +143,15 @@ def test_a_bad_attack_is_one_message_naming_the_option(attack, message):
     with pytest.raises(ValueError) as error:
         attack.check()
     assert str(error.value) == message
+
+
+def test_an_l2_ball_of_radius_zero_is_the_clean_image_even_where_the_gradient_is_zero():
+    """0 / 0 would make a NaN image: a perturbation of norm 0 stays 0 (a network with zero weights: zero gradient)."""
+    linear = build_member(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 2)), 0)
+    with torch.no_grad():
+        linear[1].weight.zero_()
+    net = stack([linear], [0]).eval()
+    images, labels = torch.rand(1, 5, 1, 28, 28), torch.zeros(1, 5, dtype=torch.long)
+    for eps in (0.0, 0.5):
+        adversarial = pgd(net, images, labels, PGD("l2", eps, steps=3, step_size=0.1), check=True)
+        assert torch.equal(adversarial, images)  # nowhere to go, and no NaN

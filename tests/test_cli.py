@@ -153,6 +153,17 @@ def test_certify_takes_its_options_from_the_trainers_signature_too(capsys):
         StudyTrainer(logger=False, enable_checkpointing=False).certify(None, None, "out")
 
 
+def test_attack_takes_its_options_from_the_trainers_signature_too(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["attack", "--help"])
+    text = capsys.readouterr().out
+    options = ("out", "linf", "l2", "steps", "linf_step", "l2_step", "random_start", "losses", "images")
+    assert all(f"--{option} " in text for option in options)
+    assert "Carlini & Wagner's: does not saturate" in text
+    with pytest.raises(NotImplementedError, match="NoiseCLI.attack"):
+        StudyTrainer(logger=False, enable_checkpointing=False).attack(None, None, "out")
+
+
 @needs_native_bf16
 def test_bf16_with_counter_masks_is_bit_reproducible_and_learns_as_fp32(data_dir, tmp_path):
     """Two bf16 fits with counter masks end on the same bits; fp32 with the same masks, one option away, learns

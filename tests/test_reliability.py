@@ -87,7 +87,10 @@ BAD_INPUT = [
     (["fit", "--config=empty.yaml"], "Expected the config file empty.yaml to hold options, but it is empty"),
     (["sweep", "--config=broken.yaml"], "Expected the config file broken.yaml to be YAML, but it does not parse"),
     (["fit", "--config=old.yaml"], "`data.noise_scale` is set per member by the study: use `--scales`"),
-    (["sweep", "--out=s", "--reliability=sigma=3/seed=0"], "Expected `reliability` to name a member of the study"),
+    (
+        ["sweep", "--out=s", "--reliability_member=sigma=3/seed=0"],
+        "Expected `reliability_member` to name a member of the study",
+    ),
 ]
 
 

@@ -3,15 +3,16 @@
 
 ``python -m noise_robustness attack --out <study> [--out ...]``: ``cli.py`` parses the command and calls ``plan``
 (every check, nothing created), then ``run``. A study's attack lives in ``<study>/attack/<setting>/``, named after
-what decides each attack's numbers (images, steps, step sizes, random start, SmoothAdv's steps and samples); the ε
-values are rows in it, so a command with more ε adds rows and never overwrites:
+what decides each attack's numbers (images, steps, step sizes, random start, losses, SmoothAdv's steps and samples);
+the ε values are rows in it, so a command with more ε adds rows and never overwrites:
 
 - ``attack.yaml``: the setting and the ``study_id`` of the weights attacked;
 - ``accuracy.csv``: every member's accuracy on the images, clean (``norm`` none) and under each (norm, ε): under PGD
   with each loss, and ``worst``, the share of images no loss's attack flipped (the accuracy the report gives);
   rewritten atomically after each (norm, ε): a rerun of the same command resumes after the last one written;
 - ``smoothadv.csv``: per certification of the study, each certified member's certified accuracy at each radius r of
-  its summary and its smoothed classifier's accuracy under SmoothAdv at ε = r, on the certified images;
+  its summary and its smoothed classifier's accuracy under SmoothAdv at ε = r, on the certified images, written
+  after each radius;
 - ``summary.md`` and ``robust_accuracy.png`` (``attacks/report.py``).
 
 The images are the first ``images`` of the seeded validation order ``certify`` takes its images from, so the certified
@@ -33,7 +34,7 @@ from noise_robustness.attacks.pgd import LOSSES, PGD, robust_correct
 from noise_robustness.attacks.smoothadv import smoothadv
 from noise_robustness.certify.report import RADIUS_STEP, certified_accuracy, radii_of
 from noise_robustness.certify.smoothing import Votes
-from noise_robustness.data.noise import seeded
+from noise_robustness.data.noise import derive_seed, seeded
 from noise_robustness.files import csv_text, write_atomic
 from noise_robustness.study.folder import Study
 from noise_robustness.study.text import say
@@ -44,7 +45,8 @@ SMOOTHADV_COLUMNS = [
     "certification", "network", "noise_scale", "seed", "sigma", "radius", "images", "certified_acc", "smoothadv_acc",
 ]  # fmt: skip
 L2_STEP_FACTOR = 2.5  # an L2 step of 2.5 ε / steps: Madry et al.'s `robustness` library's rule
-ATTACK_SEED = 0  # the random starts' generator
+ATTACK_SEED = 0  # the random starts' generators, one per attack
+SMOOTHADV_IMAGES = 50  # images attacked at once by SmoothAdv (each member's m noisy copies of each, with gradients)
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,18 @@ class Setting:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value!r}")
+        if not self.linf and not self.l2:
+            raise ValueError("Expected `linf` or `l2` to name some ε, but both are empty")
         if not self.losses or set(self.losses) - set(LOSSES) or len(set(self.losses)) != len(self.losses):
             raise ValueError(f"Expected `losses` to name some of {LOSSES}, each once, but got {list(self.losses)}")
 
     @property
     def name(self) -> str:
-        """The attack's folder name, e.g.
-        ``images=1000,steps=40,linf_step=0.01,l2_step=2.5eps_over_steps,random_start=false,smoothadv=10x8``."""
-        l2_step = f"{L2_STEP_FACTOR:g}eps_over_steps" if self.l2_step is None else f"{self.l2_step:g}"
+        """The attack's folder name, e.g. ``images=1000,steps=40,linf_step=0.01,l2_step=2.5eps_over_steps,``
+        ``random_start=false,losses=ce+margin,smoothadv=10x8`` (step sizes as Python writes them: never rounded)."""
+        l2_step = f"{L2_STEP_FACTOR:g}eps_over_steps" if self.l2_step is None else repr(float(self.l2_step))
         return (
-            f"images={self.images},steps={self.steps},linf_step={self.linf_step:g},l2_step={l2_step},"
+            f"images={self.images},steps={self.steps},linf_step={float(self.linf_step)!r},l2_step={l2_step},"
             f"random_start={str(self.random_start).lower()},losses={'+'.join(self.losses)},"
             f"smoothadv={self.smoothadv_steps}x{self.smoothadv_samples}"
         )
@@ -140,11 +144,8 @@ def plan(folders: list[str], setting: Setting) -> list[Attack]:
         ValueError: naming the option or folder and what is wrong.
     """
     setting.check()
-    if len(set(folders)) != len(folders):
-        raise ValueError(f"Expected `out` to name each study once, but got {folders}")
     attacks = []
-    for folder in folders:
-        study = evaluation.finished_study(folder, setting.images)
+    for study in evaluation.finished_studies(folders, setting.images):
         attack = Attack(study, setting, evaluation.member_weights(study, study.members), certifications(study))
         evaluation.check_folder(attack.folder, "attack.yaml", setting.record(study.study_id))
         attacks.append(attack)
@@ -198,38 +199,36 @@ def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
     if ("none", 0.0) in done and not todo:
         say("attack", f"{attack.folder.name}: every attack of this command written earlier")
         return
-    images, labels = evaluation.subset_images(
-        datamodule, evaluation.subset(datamodule.split_size("val"), setting.images)
-    )
-    images, labels = images.to(device), labels.to(device)
+    positions = evaluation.subset(datamodule.split_size("val"), setting.images)
+    images, labels = (t.to(device) for t in evaluation.subset_images(datamodule, positions))
     net = evaluation.members_net(study, study.members, attack.weights, device)
     members = len(study.members)
+    with torch.no_grad():  # each image's clean answer: an image misclassified clean is never robust
+        clean = torch.cat([
+            net(images[i : i + 500].expand(members, -1, -1, -1, -1)).argmax(-1) == labels[i : i + 500]
+            for i in range(0, len(images), 500)
+        ], dim=1).cpu()  # fmt: skip
     if ("none", 0.0) not in done:
-        with torch.no_grad():
-            correct = torch.cat([
-                net(images[i : i + 500].expand(members, -1, -1, -1, -1)).argmax(-1) == labels[i : i + 500]
-                for i in range(0, len(images), 500)
-            ], dim=1)  # fmt: skip
-        rows += member_rows(study, "none", 0.0, "none", correct.cpu())
+        rows += member_rows(study, "none", 0.0, "none", clean)
         write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
-    generator = torch.Generator(device).manual_seed(ATTACK_SEED)
     for norm, eps, pgds in todo:
         say("attack", f"{attack.folder.name}: PGD {norm} ε = {eps:g}, {setting.steps} steps, {members} members")
-        worst = None
+        worst = clean
         for pgd in pgds:
+            # each attack's random starts its own: the same whichever attacks run before it, resumed or not
+            generator = torch.Generator(device).manual_seed(derive_seed(ATTACK_SEED, norm, eps, pgd.loss))
             correct = robust_correct(net, images, labels, pgd, generator=generator).cpu()
             rows += member_rows(study, norm, eps, pgd.loss, correct)
-            worst = correct if worst is None else worst & correct
+            worst = worst & correct
         rows += member_rows(study, norm, eps, WORST, worst)
         write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
 
 
 def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.device) -> None:
-    """SmoothAdv against each member a certification certified, at every radius of its summary, on its images."""
-    rows = attack.read("smoothadv.csv")
-    if any(r["certification"] == folder.name for r in rows):
-        return  # written whole, once
+    """SmoothAdv against each member a certification certified, at every radius of its summary, on its images,
+    ``SMOOTHADV_IMAGES`` at a time; the rows written after each radius (a rerun resumes after the last one)."""
     study, setting = attack.study, attack.setting
+    rows = attack.read("smoothadv.csv")
     recorded = yaml.safe_load((folder / "certify.yaml").read_text())
     members = [m for m in study.members if (folder / "members" / f"{m.name}.csv").is_file()]
     certified = {
@@ -237,7 +236,10 @@ def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.devi
     }
     sigmas = [recorded["sigma"] if recorded["sigma"] is not None else m.noise_scale for m in members]
     largest = max(float(r["radius"]) for member in certified.values() for r in member)
-    radii = [RADIUS_STEP * i for i in range(int(largest / RADIUS_STEP) + 1)]
+    done = {float(r["radius"]) for r in rows if r["certification"] == folder.name}
+    radii = [RADIUS_STEP * i for i in range(int(largest / RADIUS_STEP) + 1) if RADIUS_STEP * i not in done]
+    if not radii:
+        return
     positions = [int(r["image"]) for r in certified[members[0]]]
     images, labels = evaluation.subset_images(datamodule, positions)
     file, indices = datamodule.splits["val"]
@@ -247,24 +249,24 @@ def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.devi
     clip = bool(study.resolved.get("data", {}).get("clip", False))
     votes = Votes(net, [m.seed for m in members], sigmas, clip, device, datamodule.classes)
     seeds = list(dict.fromkeys(m.seed for m in members))
-    z = torch.stack([
-        torch.stack([seeded(torch.randn, (setting.smoothadv_samples, *images.shape[1:]), "smoothadv", s, file, i,
-                            device=device) for i in index], dim=1)
-        for s in seeds
-    ])[[seeds.index(m.seed) for m in members]]  # fmt: skip
-    clean = images.to(device).expand(len(members), *images.shape)
-    targets = labels.to(device).expand(len(members), len(labels))
-    say(
-        "attack",
-        f"{attack.folder.name}: SmoothAdv against {folder.name}, {len(members)} members, radii up to {radii[-1]:g}",
-    )
+    rows_of_seed = [seeds.index(m.seed) for m in members]
+    say("attack", f"{attack.folder.name}: SmoothAdv against {folder.name}, {len(members)} members")
     for radius in radii:
         say("attack", f"SmoothAdv at ε = {radius:g}")
-        adversarial = smoothadv(net, clean, targets, radius, setting.smoothadv_steps, torch.tensor(sigmas), z, clip)
         right = torch.zeros(len(members), dtype=torch.long)
-        for b, i in enumerate(index):
-            counts = votes.count(adversarial[:, b], file, i, "smoothadv", recorded["n"]).cpu()
-            right += counts.argmax(dim=1) == int(labels[b])
+        for start in range(0, len(index), SMOOTHADV_IMAGES):
+            chunk = index[start : start + SMOOTHADV_IMAGES]
+            z = torch.stack([
+                torch.stack([seeded(torch.randn, (setting.smoothadv_samples, *images.shape[1:]), "smoothadv", s,
+                                    file, i, device=device) for i in chunk], dim=1)
+                for s in seeds
+            ])[rows_of_seed]  # fmt: skip
+            clean = images[start : start + len(chunk)].to(device).expand(len(members), len(chunk), -1, -1, -1)
+            targets = labels[start : start + len(chunk)].to(device).expand(len(members), len(chunk))
+            adversarial = smoothadv(net, clean, targets, radius, setting.smoothadv_steps, torch.tensor(sigmas), z, clip)
+            for b, i in enumerate(chunk):
+                counts = votes.count(adversarial[:, b], file, i, "smoothadv", recorded["n"]).cpu()
+                right += counts.argmax(dim=1) == int(labels[start + b])
         for k, m in enumerate(members):
             rows.append({
                 "certification": folder.name, "network": network_of(study), "noise_scale": m.noise_scale,
@@ -272,7 +274,7 @@ def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.devi
                 "certified_acc": repr(certified_accuracy(radii_of(certified[m]), radius)),
                 "smoothadv_acc": repr(int(right[k]) / len(index)),
             })  # fmt: skip
-    write_atomic(attack.folder / "smoothadv.csv", csv_text(SMOOTHADV_COLUMNS, rows))
+        write_atomic(attack.folder / "smoothadv.csv", csv_text(SMOOTHADV_COLUMNS, rows))
 
 
 def network_of(study: Study) -> str:

@@ -73,7 +73,8 @@ def project(adversarial: torch.Tensor, clean: torch.Tensor, attack: PGD) -> torc
     if attack.norm == "linf":
         delta = delta.clamp(-attack.eps, attack.eps)
     else:
-        delta = delta * torch.clamp_max(attack.eps / per_image_norms(delta), 1.0)
+        # a zero perturbation (ε = 0, or a gradient of exactly 0) stays zero, not 0 / 0
+        delta = delta * torch.clamp_max(attack.eps / per_image_norms(delta).clamp_min(GRADIENT_FLOOR), 1.0)
     return (clean + delta).clamp(0, 1)
 
 

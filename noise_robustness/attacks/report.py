@@ -45,16 +45,25 @@ def curves(rows: list[dict], epsilons: dict[str, list[float]], loss: str = "wors
 
 
 def area(levels: list[float], accuracy: list[float]) -> float:
-    """The mean accuracy from ε = 0 to the largest ε (trapezoids from the clean accuracy): one number per curve."""
+    """The mean accuracy from ε = 0 to the largest ε (trapezoids from the clean accuracy): one number per curve (the
+    clean accuracy when every ε is 0)."""
     points = list(zip([0.0, *levels], accuracy))
+    if points[-1][0] == 0:
+        return accuracy[0]
     return sum((e1 - e0) * (a0 + a1) / 2 for (e0, a0), (e1, a1) in zip(points, points[1:])) / points[-1][0]
+
+
+def written_epsilons(rows: list[dict]) -> dict[str, list[float]]:
+    """Norm -> every ε ``accuracy.csv`` holds for it, in order: this command's and those of earlier ones."""
+    epsilons = {norm: sorted({float(r["eps"]) for r in rows if r["norm"] == norm}) for norm in NORMS}
+    return {norm: levels for norm, levels in epsilons.items() if levels}
 
 
 def summary_markdown(attack: Attack, rows: list[dict], smoothadv: list[dict]) -> str:
     """Per network, a row per training σ (or corruption): clean accuracy, accuracy under each attack and each norm's
     area, mean ± std over seeds (%); then SmoothAdv against the certified accuracy, if the study was certified."""
     setting = attack.setting
-    epsilons = {norm: sorted(map(float, getattr(setting, norm))) for norm in NORMS if getattr(setting, norm)}
+    epsilons = written_epsilons(rows)
     l2_step = "2.5 ε / steps" if setting.l2_step is None else f"{setting.l2_step:g}"
     lines = [
         "## Accuracy (%) under PGD: every member, L∞ and L2",
@@ -113,7 +122,8 @@ def smoothadv_markdown(attack: Attack, rows: list[dict]) -> list[str]:
         f"2 ε / steps, {setting.smoothadv_samples} noise samples per step), the attacked image then classified by "
         "the majority of the certification's n noise samples. Certified accuracy at r (CERTIFY: a lower bound on "
         "the accuracy under any perturbation of norm < r) must not exceed the accuracy under an attack at ε = r (an "
-        "upper bound): `holds` says whether it does for every member. Each cell: certified / under attack (%), mean "
+        "upper bound): `holds` says whether it does for every member, strictly (a violation within sampling noise "
+        "shows too, to be looked at). Each cell: certified / under attack (%), mean "
         "over seeds.",
         "",
     ]
@@ -139,7 +149,7 @@ def smoothadv_markdown(attack: Attack, rows: list[dict]) -> list[str]:
 def robust_figure(attack: Attack, rows: list[dict]) -> Figure:
     """Accuracy against ε, an L∞ and an L2 panel per network, a curve per training σ (mean over seeds, ± std)."""
     setting = attack.setting
-    epsilons = {norm: sorted(map(float, getattr(setting, norm))) for norm in NORMS if getattr(setting, norm)}
+    epsilons = written_epsilons(rows)
     table = curves(rows, epsilons)
     cross_entropy = curves(rows, epsilons, "ce") if len(setting.losses) > 1 and "ce" in setting.losses else {}
     networks = list(dict.fromkeys(n for n, _, _ in table))

@@ -123,18 +123,15 @@ def plan(folders: list[str], setting: Setting) -> list[Certification]:
         ValueError: naming the option or folder and what is wrong.
     """
     setting.check()
-    if len(set(folders)) != len(folders):
-        raise ValueError(f"Expected `out` to name each study once, but got {folders}")
     certifications = []
-    for folder in folders:
-        study = evaluation.finished_study(folder, setting.images)
+    for study in evaluation.finished_studies(folders, setting.images):
         # members trained on Gaussian noise (or clean, smoothed at a named σ); other corruptions' are not certified
         members = [
             m for m in study.members if m.corruption == GAUSSIAN and (setting.sigma is not None or m.noise_scale > 0)
         ]
         if not members:
             raise ValueError(
-                f"Expected {folder} to hold members trained on Gaussian noise (σ > 0), whose σ smooths them, but "
+                f"Expected {study.out} to hold members trained on Gaussian noise (σ > 0), whose σ smooths them, but "
                 "none is: name the smoothing σ with --sigma to certify its clean members"
             )
         sigmas = [setting.sigma if setting.sigma is not None else m.noise_scale for m in members]

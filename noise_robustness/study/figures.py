@@ -186,7 +186,7 @@ def matrix_axes(ax, robustness: list[dict], network: str, value: str, train_cell
         ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto" if not gaussian else None)
         dark, what = [[v < 60 for v in row] for row in grid], "validation accuracy (%)"
     else:  # bright: calibrated
-        top = max(max(row) for row in grid)
+        top = max((v for row in grid for v in row if v == v), default=1.0)  # missing cells (NaN) left out
         ax.imshow(grid, cmap="viridis_r", vmin=0, vmax=top, aspect="auto" if not gaussian else None)
         dark, what = [[v > 0.4 * top for v in row] for row in grid], "calibration error, ECE (%)"
     for i, row in enumerate(grid):

@@ -99,8 +99,9 @@ def summary_markdown(results: list[dict], robustness: list[dict] | None = None, 
 
 ECE_NOTE = (
     "Expected calibration error (torchmetrics' `MulticlassCalibrationError`, 15 bins, L1) on the validation "
-    "images: the confidence-weighted gap between a member's top softmax probability and its accuracy, 0 when "
-    "calibrated. Rows: what the member trained on; columns: what it was evaluated on."
+    "images: the gap between a member's top softmax probability and its accuracy in each confidence bin, weighted "
+    "by the bin's share of the images; 0 when calibrated. Rows: what the member trained on; columns: what it was "
+    "evaluated on."
 )
 
 

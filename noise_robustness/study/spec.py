@@ -50,7 +50,7 @@ OPTIONS: dict[str, Role] = {
     "task": RUNTIME,
     "gather": RUNTIME,
     "compare": RUNTIME,
-    "reliability": RUNTIME,  # which member's reliability diagram the report shows
+    "reliability_member": RUNTIME,  # which member's reliability diagram the report shows
     "ckpt_path": RUNTIME,
     **{f"{prefix}{key}": MEMBERS for prefix in ("", "data.", "model.") for key in MEMBER_OPTIONS},
     "eval_corruptions": Role(before=None),

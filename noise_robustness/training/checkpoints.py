@@ -133,7 +133,7 @@ def verify(path: Path, identity: dict | None, ignored: set[str], remedy: str, me
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor], study_id: str) -> None:
     """Writes one member's final weights (its network's ``state_dict``) atomically, with a checksum and the
-    ``study_id`` that trained them: what ``certify`` evaluates."""
+    ``study_id`` that trained them: what ``certify`` and ``attack`` evaluate."""
     weights = {name: tensor.detach().cpu().clone() for name, tensor in weights.items()}
     saved = {"weights": weights, "study_id": study_id}
     saved["checksum"] = checksum_of(saved)
@@ -165,7 +165,7 @@ def load_weights(path: Path, study_id: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(
             f"{path} does not exist: the study kept no final weights for this member (studies trained before "
-            "weights were kept have none); train the study anew in a new --out to certify it"
+            "weights were kept have none); train the study anew in a new --out to evaluate it"
         )
     saved = checked_load(path, "weights file")
     unchecked = {key: value for key, value in saved.items() if key != "checksum"} if isinstance(saved, dict) else None

@@ -32,21 +32,19 @@ class Plan:
     reliability: Member  # the member whose reliability diagram the report shows
 
 
-def plan(
-    out: Path, resolved: dict, task: int | None, gather: bool, compare: list[str], reliability: str | None = None
-) -> Plan:
+def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: list[str]) -> Plan:
     """Checks a sweep (its resolved options, nested) against its folder and the ``compare`` folders; creates nothing.
 
     Raises:
         ValueError: bad study options, a folder that holds another study or no study, a compared folder that is
-            not a finished study of another network, a ``reliability`` member the study lacks, or a checkpoint to
+            not a finished study of another network, a ``reliability_member`` the study lacks, or a checkpoint to
             resume that is damaged or of another study.
     """
     study = Study.of(out, resolved, study_identity(resolved))
-    named = {m.name: m for m in study.members}
-    if reliability is not None and reliability not in named:
-        raise ValueError(f"Expected `reliability` to name a member of the study ({', '.join(named)}), but got "
-                         f"{reliability!r}")  # fmt: skip
+    named, reliability_member = {m.name: m for m in study.members}, resolved.get("reliability_member")
+    if reliability_member is not None and reliability_member not in named:
+        raise ValueError(f"Expected `reliability_member` to name a member of the study ({', '.join(named)}), but "
+                         f"got {reliability_member!r}")  # fmt: skip
     to_train = study.to_train(task, gather)
     study.check()
     for folder in compare:
@@ -57,7 +55,7 @@ def plan(
     if (checkpoint_dir / "last.ckpt").is_file():  # what a rerun resumes: whole, and of this study
         remedy = f"delete {checkpoint_dir} to train {len(to_train)} member(s) from their first epoch"
         checkpoints.verify(checkpoint_dir / "last.ckpt", study.identity, set(), remedy, [m.name for m in to_train])
-    return Plan(study, to_train, checkpoint_dir, named.get(reliability, study.members[0]))
+    return Plan(study, to_train, checkpoint_dir, named.get(reliability_member, study.members[0]))
 
 
 def study_identity(resolved: dict) -> dict:
