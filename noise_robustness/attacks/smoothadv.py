@@ -4,8 +4,8 @@ The smoothed classifier of member k at noise level σ_k returns the class its ba
 Gaussian noise (``certify/smoothing.py``). Its soft version's loss at x' is
 −log((1/m) Σ_i softmax(f_k(x' + σ_k z_i))_y), m noise samples z_i drawn once and kept for every step (as Salman et
 al.'s code draws them); each step moves x' by 2ε / steps along the loss gradient's per-image unit vector (their step
-size), back onto the ε-ball and into [0, 1] (``pgd.project``). The attacked smoothed classifier is then read as
-certify reads it: the class most of n fresh noise samples vote for (``Votes.count``).
+size), back onto the ε-ball and into [0, 1] (``pgd.project``). The attacked smoothed classifier is then read by its
+estimate: the class most of n fresh noise samples vote for (``Votes.count``; no abstention).
 
 Certified accuracy at radius r (CERTIFY: a lower bound on the smoothed classifier's accuracy under any perturbation
 of norm < r, at confidence 1 − α) cannot exceed its empirical accuracy under an attack at ε = r (an upper bound): a
