@@ -68,3 +68,30 @@ def test_a_constant_confidence_predictor_has_the_gap_as_its_ece():
     sums = calibration_sums(probabilities.log()[None], labels[None])
     assert expected_calibration_error(sums).item() == pytest.approx(0.3, abs=1e-6)
     assert sums[0, 0].count_nonzero() == 1  # one bin holds every image
+
+
+def test_the_summary_tables_the_ece_of_the_networks_that_measured_it():
+    """A study compared beside one made before the ECE was measured: the calibration table has the study's rows alone,
+    mean ± std over seeds, and a study without any ECE gets none."""
+    from noise_robustness.study.report import summary_markdown
+
+    def row(network, seed, train, evaluated, acc, ece):
+        return {"network": network, "seed": seed, "train_noise_scale": train, "eval_noise_scale": evaluated,
+                "acc": acc, "ece": ece}  # fmt: skip
+
+    results = [
+        {"network": net, "noise_scale": s, "seed": seed, "train_acc": 0.9, "val_acc": 0.8, "epochs": 1,
+         "noise_mode": "fixed", "clip": False}
+        for net in ("MLP", "CNN") for s in (0.0, 1.0) for seed in (0, 1)
+    ]  # fmt: skip
+    robustness = [
+        row("MLP", seed, t, e, 0.8, 0.01 * (1 + seed) + 0.1 * t + 0.2 * e)
+        for seed in (0, 1)
+        for t in (0.0, 1.0)
+        for e in (0.0, 1.0)
+    ] + [row("CNN", seed, t, e, 0.9, "") for seed in (0, 1) for t in (0.0, 1.0) for e in (0.0, 1.0)]
+    summary = summary_markdown(results, robustness)
+    assert "### MLP: calibration error, ECE (%), mean ± std over seeds [0, 1]" in summary
+    assert "CNN: calibration error" not in summary
+    assert "| 1 | 11.50 ± 0.71 | 31.50 ± 0.71 |" in summary  # trained at 1: ECE 0.11, 0.12 clean; 0.31, 0.32 at 1
+    assert "calibration error" not in summary_markdown(results, [r for r in robustness if r["network"] == "CNN"])
