@@ -166,6 +166,7 @@ def test_a_study_without_finished_members_or_with_another_attack_recorded_is_ref
     assert "records another evaluation" in exits_with_error(attack(data_dir, other), capsys)
 
 
+@pytest.mark.slow  # three attack commands: the default tier's time (CI runs it)
 def test_random_starts_are_each_attacks_own_whatever_ran_before_it(study, data_dir, tmp_path):
     """With random starts, an ε's rows are the same whether it came alone or after another ε (as a resumed command
     skips the ε written before it)."""
