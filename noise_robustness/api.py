@@ -20,7 +20,7 @@ import torch
 
 from noise_robustness.cli import cli_main
 from noise_robustness.data.datamodule import NoisyMNISTDataModule
-from noise_robustness.study.measures import robustness_matrix
+from noise_robustness.study.measures import robustness_matrix, with_ece
 
 
 @dataclass
@@ -40,7 +40,7 @@ class StudyResults:
 
     def calibration(self) -> dict[tuple[str, float], dict[tuple[str, float], float]]:
         """The same matrix of each member's expected calibration error (ECE), the mean over the members' seeds."""
-        return robustness_matrix([r for r in self.robustness if r.get("ece") is not None], value="ece")
+        return robustness_matrix(with_ece(self.robustness), value="ece")
 
     def figure(self, name: str = "accuracy_vs_noise.png") -> Path:
         """A figure of the study's report (``accuracy_vs_noise.png``, ``robustness.png``, ``noise_preview.png``,

@@ -30,13 +30,14 @@ import yaml
 
 from noise_robustness import evaluation
 from noise_robustness.attacks import report
-from noise_robustness.attacks.pgd import LOSSES, PGD, robust_correct
+from noise_robustness.attacks.pgd import LOSSES, PGD, correct, robust_correct
 from noise_robustness.attacks.smoothadv import smoothadv
-from noise_robustness.certify.report import RADIUS_STEP, certified_accuracy, radii_of
+from noise_robustness.certify.report import certified_accuracy, radii_of, summary_radii
 from noise_robustness.certify.smoothing import Votes
 from noise_robustness.data.noise import derive_seed, seeded
 from noise_robustness.files import csv_text, write_atomic
 from noise_robustness.study.folder import Study
+from noise_robustness.study.members import network_name
 from noise_robustness.study.text import say
 
 ACCURACY_COLUMNS = ["network", "corruption", "noise_scale", "seed", "norm", "eps", "loss", "images", "correct", "acc"]
@@ -128,6 +129,10 @@ class Attack:
     def folder(self) -> Path:
         return self.study.out / "attack" / self.setting.name
 
+    @property
+    def network(self) -> str:
+        return network_name(self.study.resolved["model"]["net"]["class_path"])
+
     def read(self, name: str) -> list[dict]:
         """The rows of a csv file of the folder (none if it is missing)."""
         try:
@@ -177,14 +182,14 @@ def run(attacks: list[Attack], data_dir: str, device: torch.device) -> None:
         report.write(attack)
 
 
-def member_rows(study: Study, norm: str, eps: float, loss: str, correct: torch.Tensor) -> list[dict]:
+def member_rows(attack: Attack, norm: str, eps: float, loss: str, correct: torch.Tensor) -> list[dict]:
     """``accuracy.csv``'s rows of every member, from its images' correctness ``[K, n]``."""
     images = correct.shape[1]
     return [
-        {"network": network_of(study), "corruption": m.corruption.name, "noise_scale": m.noise_scale,
+        {"network": attack.network, "corruption": m.corruption.name, "noise_scale": m.noise_scale,
          "seed": m.seed, "norm": norm, "eps": eps, "loss": loss, "images": images, "correct": int(c),
          "acc": repr(int(c) / images)}
-        for m, c in zip(study.members, correct.sum(dim=1).tolist())
+        for m, c in zip(attack.study.members, correct.sum(dim=1).tolist())
     ]  # fmt: skip
 
 
@@ -205,11 +210,11 @@ def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
     members = len(study.members)
     with torch.no_grad():  # each image's clean answer: an image misclassified clean is never robust
         clean = torch.cat([
-            net(images[i : i + 500].expand(members, -1, -1, -1, -1)).argmax(-1) == labels[i : i + 500]
+            correct(net, images[i : i + 500].expand(members, -1, -1, -1, -1), labels[i : i + 500])
             for i in range(0, len(images), 500)
         ], dim=1).cpu()  # fmt: skip
     if ("none", 0.0) not in done:
-        rows += member_rows(study, "none", 0.0, "none", clean)
+        rows += member_rows(attack, "none", 0.0, "none", clean)
         write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
     for norm, eps, pgds in todo:
         say("attack", f"{attack.folder.name}: PGD {norm} ε = {eps:g}, {setting.steps} steps, {members} members")
@@ -217,10 +222,10 @@ def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
         for pgd in pgds:
             # each attack's random starts its own: the same whichever attacks run before it, resumed or not
             generator = torch.Generator(device).manual_seed(derive_seed(ATTACK_SEED, norm, eps, pgd.loss))
-            correct = robust_correct(net, images, labels, pgd, generator=generator).cpu()
-            rows += member_rows(study, norm, eps, pgd.loss, correct)
-            worst = worst & correct
-        rows += member_rows(study, norm, eps, WORST, worst)
+            right = robust_correct(net, images, labels, pgd, generator=generator).cpu()
+            rows += member_rows(attack, norm, eps, pgd.loss, right)
+            worst = worst & right
+        rows += member_rows(attack, norm, eps, WORST, worst)
         write_atomic(attack.folder / "accuracy.csv", csv_text(ACCURACY_COLUMNS, rows))
 
 
@@ -237,7 +242,7 @@ def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.devi
     sigmas = [recorded["sigma"] if recorded["sigma"] is not None else m.noise_scale for m in members]
     largest = max(float(r["radius"]) for member in certified.values() for r in member)
     done = {float(r["radius"]) for r in rows if r["certification"] == folder.name}
-    radii = [RADIUS_STEP * i for i in range(int(largest / RADIUS_STEP) + 1) if RADIUS_STEP * i not in done]
+    radii = [radius for radius in summary_radii(largest) if radius not in done]
     if not radii:
         return
     positions = [int(r["image"]) for r in certified[members[0]]]
@@ -269,13 +274,9 @@ def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.devi
                 right += counts.argmax(dim=1) == int(labels[start + b])
         for k, m in enumerate(members):
             rows.append({
-                "certification": folder.name, "network": network_of(study), "noise_scale": m.noise_scale,
+                "certification": folder.name, "network": attack.network, "noise_scale": m.noise_scale,
                 "seed": m.seed, "sigma": sigmas[k], "radius": radius, "images": len(index),
                 "certified_acc": repr(certified_accuracy(radii_of(certified[m]), radius)),
                 "smoothadv_acc": repr(int(right[k]) / len(index)),
             })  # fmt: skip
         write_atomic(attack.folder / "smoothadv.csv", csv_text(SMOOTHADV_COLUMNS, rows))
-
-
-def network_of(study: Study) -> str:
-    return study.identity["model.net"]["class_path"].rpartition(".")[2]

@@ -95,10 +95,8 @@ def pgd(
         losses = member_losses(net(adversarial).float(), labels, attack.loss)
         (gradient,) = torch.autograd.grad(losses.mean(dim=1).sum(), adversarial)
         with torch.no_grad():
-            if attack.norm == "linf":
-                step = gradient.sign()
-            else:
-                step = gradient / (gradient.flatten(2).norm(p=2, dim=2) + GRADIENT_FLOOR)[..., None, None, None]
+            linf = attack.norm == "linf"
+            step = gradient.sign() if linf else gradient / (per_image_norms(gradient) + GRADIENT_FLOOR)
             adversarial = project(adversarial + attack.step_size * step, clean, attack)
         if check:
             assert_within(adversarial, clean, attack)

@@ -24,6 +24,11 @@ LOSS_TEXT = {"ce": "the cross-entropy (Madry et al.'s, torchattacks')", "margin"
 LOSS_NAMES = {"worst": "every loss", "ce": "the cross-entropy alone", "margin": "the margin alone"}
 
 
+def trained_label(corruption: str, severity: float) -> str:
+    """``σ = 0.5`` for Gaussian noise, ``impulse 0.1`` for another corruption."""
+    return f"σ = {sigma_text(severity)}" if corruption == "gaussian" else f"{corruption} {sigma_text(severity)}"
+
+
 def curves(rows: list[dict], epsilons: dict[str, list[float]], loss: str = "worst") -> dict:
     """(network, training corruption, severity) -> norm -> per seed, the accuracy at ε = 0 (clean) and at each of the
     norm's ``epsilons`` (in order), under ``loss``'s attack (``worst``: an image counts if no loss's attack flipped
@@ -103,10 +108,7 @@ def accuracy_tables(table: dict, epsilons: dict[str, list[float]], loss: str, lo
                 per_seed = by_norm[norm]
                 cells += [percent([seed[i + 1] for seed in per_seed], 1) for i in range(len(levels))]
                 cells.append(percent([area(levels, seed) for seed in per_seed], 1))
-            trained = (
-                f"σ = {sigma_text(severity)}" if corruption == "gaussian" else f"{corruption} {sigma_text(severity)}"
-            )
-            lines.append(f"| {trained} | {' | '.join(cells)} |")
+            lines.append(f"| {trained_label(corruption, severity)} | {' | '.join(cells)} |")
         lines.append("")
     return lines
 
@@ -163,12 +165,8 @@ def robust_figure(attack: Attack, rows: list[dict]) -> Figure:
             ):
                 stats = [mean_std([100 * seed[i] for seed in by_norm[norm]]) for i in range(len(levels) + 1)]
                 grid = [0.0, *levels]
-                name = (
-                    f"σ = {sigma_text(severity)}"
-                    if corruption == "gaussian"
-                    else f"{corruption} {sigma_text(severity)}"
-                )
-                ax.plot(grid, [m for m, _ in stats], marker="o", ms=3, color=colour, label=f"trained at {name}")
+                name = f"trained at {trained_label(corruption, severity)}"
+                ax.plot(grid, [m for m, _ in stats], marker="o", ms=3, color=colour, label=name)
                 ax.fill_between(grid, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.2)
                 if (network, corruption, severity) in cross_entropy:  # what the cross-entropy alone leaves
                     ce = cross_entropy[network, corruption, severity][norm]

@@ -62,6 +62,11 @@ def gathered(certifications: list[Certification]) -> dict[str, tuple[Certificati
     }
 
 
+def summary_radii(largest: float) -> list[float]:
+    """The radii a summary reports: 0, ``RADIUS_STEP``, ... up to ``largest`` (the largest radius certified)."""
+    return [RADIUS_STEP * i for i in range(int(largest / RADIUS_STEP) + 1)]
+
+
 def largest_certified(by_network: dict) -> float:
     return max(float(r["radius"]) for _, rows in by_network.values() for member in rows.values() for r in member)
 
@@ -70,7 +75,7 @@ def summary_markdown(by_network: dict) -> str:
     """Per network, a row per training σ: certified accuracy at radii 0, 0.25, ... up to the largest certified
     (mean ± std over seeds), and how often CERTIFY and PREDICT abstained."""
     setting = next(iter(by_network.values()))[0].setting
-    radii = [RADIUS_STEP * i for i in range(int(largest_certified(by_network) / RADIUS_STEP) + 1)]
+    radii = summary_radii(largest_certified(by_network))
     smoothing = "each member's training σ" if setting.sigma is None else f"σ = {sigma_text(setting.sigma)}"
     lines = [
         f"## Certified accuracy (%) against L2 radius: randomized smoothing at {smoothing}",

@@ -58,9 +58,14 @@ def robustness_matrix(robustness: list[dict], network: str | None = None, scale:
     return dict(matrix)
 
 
+def with_ece(robustness: list[dict]) -> list[dict]:
+    """The robustness rows that have their member's ECE (rows written before calibration was measured have none)."""
+    return [r for r in robustness if r.get("ece") not in (None, "")]
+
+
 def calibrated(robustness: list[dict]) -> bool:
-    """Whether every robustness row has its member's ECE (rows written before calibration was measured have none)."""
-    return bool(robustness) and all(r.get("ece") not in (None, "") for r in robustness)
+    """Whether every robustness row has its member's ECE."""
+    return bool(robustness) and len(with_ece(robustness)) == len(robustness)
 
 
 def only_gaussian(cells) -> bool:

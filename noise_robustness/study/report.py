@@ -24,6 +24,7 @@ from noise_robustness.study.measures import (
     label,
     only_gaussian,
     trained_on,
+    with_ece,
 )  # fmt: skip
 from noise_robustness.study.members import Member, sigma_text
 from noise_robustness.study.text import percent
@@ -89,7 +90,7 @@ def summary_markdown(results: list[dict], robustness: list[dict] | None = None, 
                 f"{percent(values['gap'])} |"
             )
         lines.append("")
-    measured = [r for r in robustness or [] if calibrated([r])]  # a compared study may predate the ECE
+    measured = with_ece(robustness or [])  # a compared study may predate the ECE
     if measured:
         lines += calibration_summary(measured)
     if robustness and corrupted(results, robustness):
@@ -186,7 +187,7 @@ def write_report(
         shown = reliability or members[0]
         cell = (shown.corruption.name, shown.noise_scale)
         rows = [r for r in own if int(r["seed"]) == shown.seed and trained_on(r, "train_") == cell]
-        figures["calibration"] = calibration_figure([r for r in robustness if calibrated([r])], shown.name, rows)
+        figures["calibration"] = calibration_figure(with_ece(robustness), shown.name, rows)
     measures = corruption_measures(robustness)
     if measures and not only_gaussian([trained_on(r, "eval_") for r in robustness] + levels):
         figures["corruption_errors"] = corruption_error_figure(measures)
