@@ -62,7 +62,15 @@ def load(out: str | Path) -> StudyResults:
     return StudyResults(out, table("results.csv"), table("robustness.csv"), (out / "summary.md").read_text())
 
 
-TEXT = {"network", "corruption", "train_corruption", "eval_corruption", "noise_mode", "study_id"}  # csv columns
+TEXT = {
+    "network",
+    "corruption",
+    "train_corruption",
+    "eval_corruption",
+    "noise_mode",
+    "study_id",
+    "precision",
+}  # csv columns
 
 
 def value_of(column: str, text: str):

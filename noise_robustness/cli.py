@@ -1,10 +1,9 @@
 """The command line: LightningCLI over ``NoiseClassifier`` and ``NoisyMNISTDataModule``, with the study's subcommands.
 
-``python -m noise_robustness fit --config configs/scale_1.0.yaml`` trains one member;
-``python -m noise_robustness sweep`` trains the whole study (every σ and seed) as one model and writes its tables and
-figures (``training.runner``); ``certify`` and ``attack`` evaluate finished studies (``commands.EVALUATIONS``).
-``validate``, ``test``, ``predict`` and ``--print_config`` are LightningCLI's own. This module parses and calls; the
-process exits here only (``cli_main``).
+``fit --config configs/scale_1.0.yaml`` trains one member; ``sweep`` trains the whole study (every σ and seed) as one
+model and writes its tables and figures (``training.runner``); ``certify`` and ``attack`` evaluate finished studies
+(``commands.EVALUATIONS``); ``validate``, ``test``, ``predict`` and ``--print_config`` are LightningCLI's own. This
+module parses and calls; the process exits here only (``cli_main``).
 """
 
 import os
@@ -26,11 +25,12 @@ from noise_robustness.data.batches import check_even_shares
 from noise_robustness.data.datamodule import NoisyMNISTDataModule, training_images
 from noise_robustness.data.mnist import DataFileError
 from noise_robustness.engine import switches
-from noise_robustness.engine.precision import resolve as resolve_precision
+from noise_robustness.engine.precision import AUTO, auto_line
 from noise_robustness.stops import StopSignals, how_to_resume
 from noise_robustness.study.folder import StudyError
 from noise_robustness.study.members import members_of, run_names, scales_of, seeds_of
 from noise_robustness.study.spec import MEMBER_OPTIONS, RESUMABLE, identity_of
+from noise_robustness.study.text import say
 from noise_robustness.training import checkpoints, runner
 from noise_robustness.training.callbacks import CheckpointRecord
 from noise_robustness.training.classifier import NoiseClassifier
@@ -41,13 +41,18 @@ class NoiseCLI(LightningCLI):
     """LightningCLI whose options name the study's members, with ``sweep``, ``certify`` and ``attack``. Bad values
     found here or in the constructors end as one parser error (exit 2), before any data is read or a folder made."""
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in ("sweep", *EVALUATIONS)}}
+    def __init__(self, *classes, args: list[str] | None = None, **kwargs):
+        self.tokens = list(sys.argv[1:] if args is None else args)
+        super().__init__(*classes, args=args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        every = {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in ("sweep", *EVALUATIONS)}}
+        # the parser of the subcommand asked for alone: building all seven was most of a command's start (0.2 s)
+        return {self.tokens[0]: every[self.tokens[0]]} if self.tokens[:1] and self.tokens[0] in every else every
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-        if add_subcommands:  # the sweep is the whole study by default; a fit is one member
+        if add_subcommands and "sweep" in self.subcommands():  # the sweep is the whole study; a fit is one member
             self.parser.set_defaults({"sweep.scales": commands.STUDY_SCALES, "sweep.seeds": commands.STUDY_SEEDS})
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -71,13 +76,15 @@ class NoiseCLI(LightningCLI):
                 parser.link_arguments(key, f"{target}.{key}")
 
     def parse_arguments(self, parser, args) -> None:
-        tokens = list(sys.argv[1:] if args is None else args)
+        tokens = self.tokens
         try:
             configs = options.config_files(tokens)
             options.check_given(tokens, configs, commands.EVALUATION_ARGUMENTS)
             options.check_corruptions(tokens, configs)
         except (ValueError, yaml.YAMLError) as err:
             parser.error(str(err))
+        if tokens[:1] in (["fit"], ["sweep"]) and any(t.startswith("--print_config") for t in tokens):
+            print(f"# {auto_line()}", flush=True)  # a YAML comment
         self.config = parser.parse_args(options.with_epochs_alias(tokens) if tokens[:1] == ["sweep"] else tokens)
         ckpt_path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
         if ckpt_path not in (None, "last"):  # before LightningCLI reads it, which fails with a traceback
@@ -88,8 +95,6 @@ class NoiseCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        # the precision a run uses, never `auto`, is what its config, identity and checkpoints record
-        config.trainer.precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
         try:
             epochs = config.trainer.max_epochs
             if self.subcommand in ("fit", "sweep") and (epochs is None or epochs <= 0):
@@ -108,6 +113,8 @@ class NoiseCLI(LightningCLI):
                 check_even_shares(images, data.batch_size, commands.processes(config.trainer))
         except ValueError as err:
             self.parser.error(str(err))
+        if config.trainer.precision == AUTO and self.subcommand in ("fit", "sweep"):  # each member records its own
+            say(self.subcommand, auto_line(config.trainer.accelerator))
 
     def resolved(self) -> dict:
         """The command's full resolved config, nested as YAML writes it."""
@@ -172,11 +179,11 @@ class NoiseCLI(LightningCLI):
         except ValueError as err:  # our constructors' argument checks: a user error, not a bug
             self.parser.error(str(err))
         # cuDNN's fastest convolution gradients add with atomics, in a new order on every run; its deterministic
-        # algorithms make a rerun on one machine type give the same numbers bit for bit (docs/reproducibility.md).
+        # algorithms make a rerun under one fingerprint give the same numbers bit for bit (docs/reproducibility.md)
         torch.backends.cudnn.deterministic = True
         if self.subcommand and self.subcommand not in EVALUATIONS:  # they read each study's own data
-            # Check the data files before the Trainer starts: a bad file then stops one process cleanly, instead
-            # of rank zero alone inside DDP while the other ranks wait for it. Then the network against the data.
+            # the data files before the Trainer starts (a bad file stops one process cleanly, not rank zero alone
+            # inside DDP while the other ranks wait for it), then the network against the data
             try:
                 self.datamodule.prepare_data()
                 self.model.check_data(self.datamodule.image_shape, self.datamodule.classes, self.datamodule.name)
@@ -185,8 +192,7 @@ class NoiseCLI(LightningCLI):
 
     def sweep(self, model, datamodule, out: str, task=None, gather=False, compare=None, **planned) -> None:
         """Runs the study planned (and checked against its folder) before the classes were built."""
-        compared = [Path(f) for f in compare or []]
-        runner.run_study(self.trainer, model, datamodule, self.plan, task, gather, compared)
+        runner.run_study(self.trainer, model, datamodule, self.plan, task, gather, [Path(f) for f in compare or []])
 
     def evaluate(self, model, datamodule, **setting) -> None:
         """``certify``, ``attack``: runs the evaluation planned (and checked) before the classes were built, on the
@@ -205,8 +211,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
     - 128 + the signal's number: stopped by SIGTERM (a scheduler's time limit) or SIGINT (Ctrl-C), saying how to
       resume.
     """
-    tokens = list(sys.argv[1:] if args is None else args)
-    subcommand = tokens[0] if tokens else None
+    subcommand = next(iter(sys.argv[1:] if args is None else args), None)
     with StopSignals() as stopped:
         try:
             cli = NoiseCLI(
@@ -227,9 +232,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NoiseCLI:
             exit_with(f"error: {err}", 1)
         except OSError as err:  # a full disk, a folder made read-only: nothing finished is lost
             filename = err.filename2 or err.filename  # os.replace(temporary, file): the file
-            where = f" ({filename})" if filename else ""
-            reason = err.strerror or err
-            exit_with(f"error: {reason}{where}; free space or fix the permissions, then {how_to_resume(subcommand)}", 1)
+            where = f"{err.strerror or err}" + (f" ({filename})" if filename else "")
+            exit_with(f"error: {where}; free space or fix the permissions, then {how_to_resume(subcommand)}", 1)
         except (KeyboardInterrupt, SystemExit):
             # Lightning ends a run stopped by Ctrl-C with sys.exit(1), and by SIGTERM with a SystemExit of code 0
             if stopped.signum is None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from noise_robustness.cli import cli_main
@@ -58,7 +57,9 @@ def test_two_processes_split_every_batch_exactly_and_agree_with_one(data_dir, tm
     model = NoiseClassifier(scales=SCALES, seeds=SEEDS)
     model.load_state_dict(torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     positions = {s: torch.arange(single.split_size("val")) for s in SEEDS}
-    precision = yaml.safe_load((runs[0] / "config.yaml").read_text())["trainer"]["precision"]  # as `auto` chose
+    checkpoint = torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    (machine,) = checkpoint["noise_robustness"]["trained_on"]
+    precision = machine["precision"]  # as `auto` chose
     accuracy = independent_accuracy(
         model,
         [single.noisy_images("val", {s: p[i : i + 5000] for s, p in positions.items()}) for i in range(0, 58000, 5000)],

@@ -22,6 +22,7 @@ def test_every_module_fits_a_few_screens_and_the_cli_is_a_thin_layer():
 LAYERS = [
     (
         "models",
+        "machine",
         "corruptions",
         "calibration",
         "files",

@@ -42,7 +42,7 @@ def test_torchs_own_path_refuses_the_engines_mask_option(data_dir, tmp_path, cap
 def saved(tmp_path, members: list[str] | None, metrics: int = 2):
     """A checkpoint file with a record of ``members`` (None: a record written before the names were kept)."""
     checkpoint = {"state_dict": {"w": torch.zeros(metrics)}}
-    checkpoints.record(checkpoint, {"model.lr": 0.001}, {"val/acc": torch.zeros(metrics)}, members or [])
+    checkpoints.record(checkpoint, {"model.lr": 0.001}, {"val/acc": torch.zeros(metrics)}, members or [], [])
     if members is None:
         del checkpoint[checkpoints.RECORD]["members"]
         checkpoint[checkpoints.RECORD]["checksum"] = checkpoints.checksum(checkpoint)

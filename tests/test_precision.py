@@ -1,5 +1,7 @@
-"""`--trainer.precision auto`: the machine's fast precision, chosen from what the machine is and recorded as chosen."""
+"""`--trainer.precision auto`: the machine's fast precision, chosen from what the machine is; a study records `auto`,
+each member the precision and machine it was trained on (``noise_robustness.machine``)."""
 
+import json
 import platform
 
 import pytest
@@ -7,42 +9,78 @@ import torch
 import yaml
 
 from noise_robustness.cli import cli_main
-from noise_robustness.engine.precision import cpu_flags, fast_precision
-from tests.conftest import tiny
+from noise_robustness.engine.precision import fast_precision
+from noise_robustness.machine import LOWERED, cpu_info, describe, fingerprint, lowered_caps, native_cpu_bf16
+from tests.conftest import rows, tiny
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+def test_the_cpu_is_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16\nbogomips\t: 4000\n\nflags\t\t: fpu avx2\n")
-    assert cpu_flags(cpuinfo) == {"fpu", "avx512f", "amx_bf16", "avx2"}
-    assert cpu_flags(tmp_path / "missing") == set()
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+        "flags\t\t: fpu avx512f amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+    )
+    assert cpu_info(cpuinfo) == {
+        "vendor": "GenuineIntel", "model": "Intel(R) Xeon(R) Processor", "flags": {"fpu", "avx512f", "amx_bf16"}
+    }  # fmt: skip
+    assert cpu_info(tmp_path / "missing") == {"vendor": "", "model": "", "flags": set()}
 
 
 @pytest.mark.skipif(not X86, reason="the bf16 instructions auto looks for are x86's")
-def test_a_cpu_runs_bf16_where_it_multiplies_bf16_natively_and_fp32_elsewhere():
-    assert fast_precision("cpu", {"avx512f", "avx512_bf16"}) == "bf16-mixed"  # e.g. AMD Zen 4
-    assert fast_precision("cpu", {"avx512f", "amx_tile", "amx_bf16"}) == "bf16-mixed"  # Intel Sapphire Rapids
-    assert fast_precision("cpu", {"avx512f", "avx2"}) == "32-true"  # bf16 emulated: slower than fp32
-    assert fast_precision("cpu", set()) == "32-true"
+def test_bf16_is_native_where_the_cpu_has_it_and_nothing_caps_the_kernels_below_it():
+    assert native_cpu_bf16({"avx512f", "avx512_bf16"}, "AVX512", "ALL") == "avx512_bf16"  # e.g. AMD Zen 4
+    assert native_cpu_bf16({"avx512f", "amx_tile", "amx_bf16"}, "AVX512", "ALL") == "amx_bf16"  # Sapphire Rapids
+    assert native_cpu_bf16({"avx512f", "avx512_vnni"}, "AVX512", "ALL") is None  # Ice Lake: bf16 emulated
+    assert native_cpu_bf16(set(), "AVX2", "ALL") is None
+    assert native_cpu_bf16({"avx512f", "avx512_bf16"}, "AVX2", "ALL") is None  # torch's kernels lowered
+    assert native_cpu_bf16({"avx512f", "avx512_bf16"}, "AVX512", "AVX2") is None  # oneDNN's lowered
+    assert native_cpu_bf16({"avx512f", "avx512_bf16"}, "AVX512", "avx512_core_bf16") == "avx512_bf16"
 
 
-def test_auto_is_recorded_as_the_precision_it_chose_and_is_part_of_the_identity(data_dir, tmp_path, capsys):
-    """The study's config and identity name the precision its members were trained in, never `auto`; a rerun
-    with `auto` is the same study, and one with the other precision is refused, naming the option."""
+def test_the_fingerprint_names_what_decides_the_arithmetic_and_never_lets_a_lowered_process_pass_for_another():
+    here = fingerprint("cpu", "32-true")
+    assert set(here) == {"device", "kernels", "lowered", "native_bf16", "threads", "torch", "precision"}
+    assert here["kernels"] == torch.backends.cpu.get_cpu_capability() and here["threads"] == torch.get_num_threads()
+    assert here["torch"] == torch.__version__ and here["native_bf16"] == native_cpu_bf16()
+    assert fingerprint("cpu", None)["precision"] == "32-true"  # null: Lightning's default
+    assert cpu_info()["vendor"] in here["device"]  # the vendor and the instruction sets, not a model name alone
+    # the lowered machine names its caps beside the real CPU: a reference made so matches only that CPU, so lowered
+    assert here["lowered"] == (", ".join(f"{k}={v}" for k, v in lowered_caps().items()) or None)
+    assert set(lowered_caps()) <= set(LOWERED) and describe(here).startswith("32-true on ")
+
+
+def test_a_study_records_auto_and_each_member_the_precision_and_machine_it_was_trained_on(data_dir, tmp_path, capsys):
+    """`auto` is the study's identity as asked; a rerun that trains nothing takes any precision; an explicit other
+    precision that would train is another study, refused naming the option."""
     chosen = fast_precision("cpu")
     out = tmp_path / "study"
-    cli_main(tiny(data_dir, out, "--trainer.precision=auto", "--trainer.accelerator=cpu", batches=2))
-    assert yaml.safe_load((out / "study.yaml").read_text())["trainer.precision"] == chosen
-    assert f"precision: {chosen}" in (out / "config.yaml").read_text()
-    capsys.readouterr()
-    cli_main(tiny(data_dir, out, "--trainer.precision=auto", "--trainer.accelerator=cpu", batches=2))
-    assert "every member of this command finished earlier" in capsys.readouterr().err
+    cli_main(tiny(data_dir, out, "--trainer.accelerator=cpu", batches=2))
+    assert (
+        f"[sweep] precision auto resolves to {chosen} here, as " in capsys.readouterr().err
+    )  # said before anything else is
+    assert yaml.safe_load((out / "study.yaml").read_text())["trainer.precision"] == "auto"
+    for path in out.glob("members/*/*.json"):
+        (machine,) = json.loads(path.read_text())["result"]["trained_on"]
+        assert machine == {"from_epoch": 1, **fingerprint("cpu", chosen)}
+    assert {row["precision"] for row in rows(out / "results.csv")} == {chosen}
+    assert describe(fingerprint("cpu", chosen)) in (out / "summary.md").read_text()
     other = "32-true" if chosen == "bf16-mixed" else "bf16-mixed"
-    with pytest.raises(SystemExit) as exit:
-        cli_main(tiny(data_dir, out, f"--trainer.precision={other}", "--trainer.accelerator=cpu", batches=2))
-    assert exit.value.code != 0 and "trainer.precision" in capsys.readouterr().err
+    cli_main(tiny(data_dir, out, f"--trainer.precision={other}", "--trainer.accelerator=cpu", batches=2))
+    assert "every member of this command finished earlier" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # a new member, in another precision than the study's `auto`
+        cli_main(tiny(data_dir, out, f"--trainer.precision={other}", "--trainer.accelerator=cpu", batches=2,
+                      scales="[0, 1.0, 2.0]"))  # fmt: skip
+    assert exit.value.code != 0 and f"trainer.precision: 'auto' there, '{other}' now" in capsys.readouterr().err
+
+
+def test_print_config_names_what_auto_resolves_to_here(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["sweep", "--print_config"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# precision auto resolves to {fast_precision()} here, as ")
+    assert yaml.safe_load(printed)["trainer"]["precision"] == "auto"
 
 
 def test_an_unknown_precision_is_refused_naming_auto_among_the_choices(data_dir, tmp_path, capsys):

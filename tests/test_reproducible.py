@@ -1,28 +1,27 @@
 """Short fixed studies against their committed numbers: a change that moves a result fails here, on any machine.
 
-On a machine type where a reference was made the numbers are bit for bit the same run after run
-(idle or busy), so the check is exact. Each reference lists, per machine type, the torch builds it
-was verified on with their numbers: a new build passes if its numbers are those of a verified build,
-and fails, naming them, if they are not (check the difference, then add the build:
-``UPDATE_REFERENCE=1 pytest tests/test_reproducible.py``). On any other machine type (another CPU, a
-GPU: other kernels, other random streams) the same studies run and are compared within each study's
-stated tolerance, never skipped.
+Each reference is the numbers of one study run under one fingerprint (``noise_robustness.machine.fingerprint``:
+the device and the instruction sets its kernels are chosen by, torch's kernel level, native bf16, the threads, the
+torch build and the precision used), as the run's members record it. Where this run's fingerprint equals a
+reference's the numbers are bit for bit the same run after run (idle or busy), so the check is exact; anywhere else
+(another CPU, the lowered machine, a GPU, another build: other kernels, other random streams) the same studies run
+and are compared within each study's stated tolerance with the reference of the same precision, never skipped.
 
-After a change that is meant to move the numbers, rewrite the references (``UPDATE_REFERENCE=1`` adds
-or replaces the entry of the machine and build it runs on; remove the entries it no longer matches)
-and regenerate the committed results with the README's commands.
+A new fingerprint is added with ``UPDATE_REFERENCE=1 pytest tests/test_reproducible.py`` (and again under the lowered
+machine: ``python -m noise_robustness.machine --lowered pytest ...``), after checking the tolerance path passed
+there. After a change that is meant to move the numbers, rewrite the references of every fingerprint you can run
+(remove the others) and regenerate the committed results with the README's commands.
 """
 
 import csv
 import json
 import os
-import platform
 from pathlib import Path
 
 import pytest
-import torch
 
 from noise_robustness.cli import cli_main
+from noise_robustness.machine import describe
 from tests.conftest import METRICS
 
 REFERENCES = Path(__file__).parent / "reference"
@@ -58,27 +57,17 @@ TOLERANCE = {
 }
 
 
-def machine_type() -> str:
-    """What decides the floating-point summation order of the kernels, besides the torch build."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        "?",
-    )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
-    return f"{platform.machine()} {device}, {torch.get_num_threads()} threads"
-
-
-def run_short_study(name: str, data_dir: str, out: Path) -> list[dict]:
+def run_short_study(name: str, data_dir: str, out: Path) -> tuple[list[dict], dict]:
+    """The study's rows (what names each member, its metrics) and the fingerprint its members were trained under."""
     cli_main(
         ["sweep", *STUDIES[name], f"--out={out}", f"--data.data_dir={data_dir}", "--trainer.enable_progress_bar=false"]
     )
     with open(out / "results.csv", newline="") as f:
         member = MEMBER.get(name, ("noise_scale", "seed"))
-        return [{k: r[k] for k in (*member, *METRICS)} for r in csv.DictReader(f)]
+        rows = [{k: r[k] for k in (*member, *METRICS)} for r in csv.DictReader(f)]
+    runs = [json.loads(path.read_text())["result"]["trained_on"] for path in out.glob("members/*/*.json")]
+    assert all(run == runs[0] for run in runs) and len(runs[0]) == 1  # one machine, from the first epoch
+    return rows, {key: value for key, value in runs[0][0].items() if key != "from_epoch"}
 
 
 def member_of(row: dict) -> list[str]:
@@ -101,28 +90,28 @@ def largest_differences(rows: list[dict], reference: list[dict]) -> dict[str, fl
 )  # the CNN's in the slow tier: the default tier's time
 def test_a_short_fixed_study_reproduces_its_committed_numbers(name, data_dir, tmp_path):
     reference_file = REFERENCES / f"{name}.json"
-    rows = run_short_study(name, data_dir, tmp_path / "study")
-    machine, build = machine_type(), torch.__version__
+    rows, machine = run_short_study(name, data_dir, tmp_path / "study")
     if os.environ.get("UPDATE_REFERENCE"):
         reference = json.loads(reference_file.read_text()) if reference_file.is_file() else {}
-        machines = reference.get("machines", {}) if reference.get("study") == STUDIES[name] else {}
-        machines[machine] = machines.get(machine, {}) | {build: rows}
-        reference_file.write_text(json.dumps({"study": STUDIES[name], "machines": machines}, indent=1) + "\n")
+        kept = [r for r in reference.get("references", []) if r["machine"] != machine]
+        if reference.get("study") != STUDIES[name]:
+            kept = []
+        references = [*kept, {"machine": machine, "rows": rows}]
+        reference_file.write_text(json.dumps({"study": STUDIES[name], "references": references}, indent=1) + "\n")
     reference = json.loads(reference_file.read_text())
     assert reference["study"] == STUDIES[name]
-    if machine in reference["machines"]:  # a verified machine type: exact, whatever the build
-        builds = reference["machines"][machine]
-        matching = [b for b, numbers in builds.items() if numbers == rows]
-        assert build in matching or (build not in builds and matching), (
-            f"torch {build} on {machine} gives numbers that no build verified there gives "
-            f"(verified: {', '.join(builds)}); largest differences from each: "
-            f"{ {b: largest_differences(rows, numbers) for b, numbers in builds.items()} }. If the change was meant, "
-            "rewrite the reference: UPDATE_REFERENCE=1 pytest tests/test_reproducible.py"
+    matching = [r for r in reference["references"] if r["machine"] == machine]
+    if matching:  # a fingerprint a reference was made under: exact
+        differences = largest_differences(rows, matching[0]["rows"])
+        assert rows == matching[0]["rows"], (
+            f"{describe(machine)} gives other numbers than its reference (largest differences {differences}). If "
+            "the change was meant, rewrite the reference: UPDATE_REFERENCE=1 pytest tests/test_reproducible.py"
         )
-    else:  # another machine type: the same study, compared within the stated tolerance
-        made_on, builds = next(iter(reference["machines"].items()))
-        differences = largest_differences(rows, builds[max(builds)])
+    else:  # another fingerprint: the same study, within the stated tolerance of the reference in its precision
+        same = [r for r in reference["references"] if r["machine"]["precision"] == machine["precision"]]
+        closest = (same or reference["references"])[0]
+        differences = largest_differences(rows, closest["rows"])
         assert all(differences[kind] <= TOLERANCE[name][kind] for kind in differences), (
-            f"on {machine} the numbers differ from those made on {made_on} by {differences}, "
-            f"more than the tolerance {TOLERANCE[name]}"
+            f"{describe(machine)} gives numbers that differ from those made under {closest['machine']} by "
+            f"{differences}, more than the tolerance {TOLERANCE[name]}"
         )

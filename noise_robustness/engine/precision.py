@@ -4,28 +4,21 @@ bf16 products are several times faster than fp32 only where the hardware multipl
 with AVX512-BF16 or AMX-BF16 (measured here: 4.5x on an AMD EPYC, 5x on an Intel Xeon with AMX, on the study's
 own batched product), and on CUDA GPUs that compute in bf16 natively (Ampere and later). Elsewhere torch
 emulates bf16, slower than fp32, so ``auto`` stays fp32 there. The choice is made from what the machine *is*
-(CPU flags, the GPU's generation), never from a timing: a timing could choose differently on a busy machine,
-and the precision is part of a study's identity. The command records the choice, not ``auto``: a study's
-``study.yaml`` and ``config.yaml`` name the precision its members were trained in.
+(CPU flags as this process may use them, the GPU's generation), never from a timing.
+
+``auto`` is what a study records as its identity: its members may be trained on machines that resolve it
+differently (a cluster whose nodes differ), and each member records the precision it was trained in and the
+machine (``machine.fingerprint``). An explicit precision is the study's identity as given.
 """
 
 import platform
-from pathlib import Path
 
 import torch
 
+from noise_robustness.machine import CPU_BF16_FLAGS, lowered_caps, native_cpu_bf16
+
 AUTO = "auto"
 FAST_BF16, FP32 = "bf16-mixed", "32-true"
-CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo's names of the x86 bf16 instructions
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty where there is no ``/proc/cpuinfo``)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def uses_cuda(accelerator: str | None) -> bool:
@@ -34,13 +27,32 @@ def uses_cuda(accelerator: str | None) -> bool:
     return str(accelerator or AUTO) in (AUTO, "gpu", "cuda") and torch.cuda.is_available()
 
 
+def auto_choice(accelerator: str | None = AUTO, flags: set[str] | None = None) -> tuple[str, str]:
+    """What ``auto`` resolves to on the device the trainer will use, and why, in words."""
+    if uses_cuda(accelerator):
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return FAST_BF16, f"{name} multiplies bf16 natively"
+        return FP32, f"{name} does not multiply bf16 natively"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return FP32, f"bf16 is emulated on {platform.machine()} CPUs"
+    found = native_cpu_bf16(flags)
+    if found:
+        return FAST_BF16, f"the CPU multiplies bf16 natively ({found} in /proc/cpuinfo)"
+    if caps := lowered_caps():
+        caps = ", ".join(f"{k}={v}" for k, v in caps.items())
+        return FP32, f"the process is lowered ({caps}), so bf16 would be emulated"
+    return FP32, f"no {' or '.join(CPU_BF16_FLAGS)} in /proc/cpuinfo, so bf16 would be emulated (slower than fp32)"
+
+
+def auto_line(accelerator: str | None = AUTO) -> str:
+    """``precision auto resolves to bf16-mixed here, as ...``: what a command says first, and ``--print_config``."""
+    return "precision auto resolves to {} here, as {}".format(*auto_choice(accelerator))
+
+
 def fast_precision(accelerator: str | None = AUTO, flags: set[str] | None = None) -> str:
     """``bf16-mixed`` where the device the trainer will use multiplies bf16 natively, else ``32-true``."""
-    if uses_cuda(accelerator):
-        return FAST_BF16 if torch.cuda.is_bf16_supported(including_emulation=False) else FP32
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return FP32
-    return FAST_BF16 if (cpu_flags() if flags is None else flags) & CPU_BF16_FLAGS else FP32
+    return auto_choice(accelerator, flags)[0]
 
 
 def resolve(precision, accelerator: str | None = AUTO):

@@ -29,7 +29,7 @@ from noise_robustness.study.spec import RECIPE, differences, identity_of
 
 RESULT_COLUMNS = [
     "network", "corruption", "noise_scale", "seed", "noise_mode", "clip", "epochs",
-    "train_acc", "val_acc", "train_loss", "val_loss", "study_id",
+    "train_acc", "val_acc", "train_loss", "val_loss", "study_id", "precision",
 ]  # fmt: skip
 # ``ece``: empty for members written before calibration was measured; the members' files keep its bins as well
 ROBUSTNESS_COLUMNS = [
@@ -110,6 +110,14 @@ class Study:
             if (out / "study.yaml").is_file():
                 self.check_identity(read_options(out / "study.yaml"))
         check_writable(out, "out")
+
+    def as_recorded(self, keys: tuple[str, ...]) -> "Study":
+        """This study with the values of ``keys`` its folder's ``study.yaml`` records (itself in a new folder)."""
+        if not (self.out / "study.yaml").is_file():
+            return self
+        recorded = read_options(self.out / "study.yaml")
+        identity = self.identity | {key: recorded[key] for key in keys if key in recorded}
+        return Study(self.out, identity, self.members, self.resolved, self.cells)
 
     def check_identity(self, recorded: dict) -> None:
         """Raises ValueError naming every option in which ``recorded`` (a ``study.yaml``) differs from this study."""

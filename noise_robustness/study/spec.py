@@ -8,6 +8,8 @@ lists the exceptions, each with its reason. A new option needs a line here only 
 
 from dataclasses import dataclass
 
+from noise_robustness.machine import describe
+
 ABSENT = object()  # an option that every study has recorded since it existed
 
 
@@ -25,6 +27,8 @@ class Role:
         certify: ``certify`` takes it from its command (the rest of a certification is the study's own).
         instead: an option of the one-run design that a study sets per member: what to use instead.
         describe: how the recipe note names a recipe option's value (``{}``: the value).
+        training: decides only how members train: a command that trains none (a gather, a rerun of a finished
+            study) takes the study's recorded value, whatever it was given.
     """
 
     identity: bool = True
@@ -34,6 +38,7 @@ class Role:
     certify: bool = False
     instead: str | None = None
     describe: str = ""
+    training: bool = False
 
 
 IDENTITY = Role()
@@ -73,7 +78,8 @@ OPTIONS: dict[str, Role] = {
     "trainer.callbacks": Role(resumable=True),
     # the recipe: how the arithmetic runs
     "model.fast": Role(recipe=True),  # the engine, or torch's own path: other dropout draws, other last bits
-    "trainer.precision": Role(recipe=True),
+    # as asked: `auto` may resolve otherwise on each machine of a cluster, and each member records what it used
+    "trainer.precision": Role(recipe=True, training=True),
     "model.dropout_masks": Role(recipe=True, before="per_member", describe="dropout masks {}"),
     "model.compiled": Role(recipe=True, before=False, describe="compiled step (torch.compile)"),
     # options of the one-run design that a study sets per member
@@ -96,6 +102,7 @@ def keys_where(**wanted: bool) -> list[str]:
 
 RECIPE = tuple(keys_where(recipe=True))
 RESUMABLE = set(keys_where(resumable=True))
+TRAINING = tuple(keys_where(training=True))
 CERTIFY = set(keys_where(certify=True))  # besides certify's own arguments
 BEFORE = {key: r.before for key, r in OPTIONS.items() if r.before is not ABSENT}
 UNSET = "<unset>"  # how a key that one of two configs lacks is shown
@@ -128,11 +135,19 @@ def differences(recorded: dict, identity: dict, keys: set[str], now: str) -> lis
     ]
 
 
-def recipe_note(identity: dict) -> str | None:
+def recipe_note(identity: dict, results: list[dict] = ()) -> str | None:
     """How a study's members were trained, where that is not the first recipe (fp32, and every recipe option at the
     value studies ran with before it existed): a line for its summary, naming the precision whenever it names
-    anything, or None."""
+    anything, or None. Under ``auto`` the precision is each member's own (``results``' ``precision``)."""
     precision = identity.get("trainer.precision") or "32-true"  # null: Lightning's default
+    if precision == "auto":
+        used = {}
+        for row in results:
+            used.setdefault(row.get("precision") or "?", []).append(member_label(row))
+        precision = (
+            f"{next(iter(used))} (`auto`)" if len(used) == 1
+            else "`auto`: " + "; ".join(f"{p} for {', '.join(members)}" for p, members in used.items())
+        )  # fmt: skip
     if identity.get("model.fast") is False:  # torch's own modules and RMSprop: the engine's options do not apply
         return f"Trained with precision {precision} on torch's own path (`--model.fast false`; this study's members)."
     choices = [
@@ -140,9 +155,32 @@ def recipe_note(identity: dict) -> str | None:
         for key in RECIPE
         if key in BEFORE and identity.get(key, BEFORE[key]) != BEFORE[key]
     ]
-    if precision in ("32-true", "32") and not choices:
+    if precision in ("32-true", "32", "32-true (`auto`)") and not choices:
         return None
     return f"Trained with {', '.join([f'precision {precision}', *choices])} (this study's own members)."
+
+
+def member_label(row: dict) -> str:
+    """``sigma=0.5/seed=0`` (``impulse=0.1/seed=0`` for another corruption): a result row's member, as named."""
+    corruption = row.get("corruption") or "gaussian"
+    key = "sigma" if corruption == "gaussian" or float(row["noise_scale"]) == 0 else corruption
+    return f"{key}={float(row['noise_scale']):g}/seed={row['seed']}"
+
+
+def machines_note(results: list[dict]) -> str | None:
+    """Where the members were trained (``machine.describe`` of each member's ``trained_on``), for the summary: one
+    line for one machine, the members of each where several; None where no member records it."""
+    machines = {}
+    for row in results:
+        for where in row.get("trained_on") or []:
+            machines.setdefault(describe(where), []).append(member_label(row))
+    if len(machines) <= 1:
+        return f"Trained on one machine: {next(iter(machines))}." if machines else None
+    return (
+        f"Trained on {len(machines)} machines: "
+        + "; ".join(f"{where} ({', '.join(members)})" for where, members in machines.items())
+        + "."
+    )
 
 
 def check_retired(given: set[str]) -> None:

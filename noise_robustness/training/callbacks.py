@@ -8,6 +8,7 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid
 
+from noise_robustness.machine import fingerprint
 from noise_robustness.study.members import Member, network_name
 from noise_robustness.training import checkpoints
 
@@ -125,15 +126,25 @@ class CheckpointRecord(pl.Callback):
 
     def __init__(self, identity: dict):
         self.identity = identity
+        # where the members were trained: ``machine.fingerprint`` and the first epoch trained there, one entry per
+        # machine a resumed run moved to (a requeued task on another node of a cluster); restored with the state
+        self.trained_on: list[dict] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        here = fingerprint(pl_module.device, trainer.precision)
+        if not self.trained_on or {k: v for k, v in self.trained_on[-1].items() if k != "from_epoch"} != here:
+            self.trained_on.append({"from_epoch": trainer.current_epoch + 1, **here})
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
             trainer.strategy.checkpoint_io = checkpoints.FileCheckpointIO()  # written as it goes, not first in memory
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoints.record(checkpoint, self.identity, pl_module.epoch_metrics, [m.name for m in pl_module.members])
+        members = [m.name for m in pl_module.members]
+        checkpoints.record(checkpoint, self.identity, pl_module.epoch_metrics, members, self.trained_on)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         kept = checkpoint.get(checkpoints.RECORD)
         if kept:
             pl_module.epoch_metrics = {k: v.to(pl_module.device) for k, v in kept["epoch_metrics"].items()}
+            self.trained_on = list(kept.get("trained_on", []))

@@ -52,13 +52,16 @@ def checksum_of(value) -> str:
     return digest.hexdigest()
 
 
-def record(checkpoint: dict, identity: dict, epoch_metrics: dict[str, torch.Tensor], members: list[str]) -> None:
-    """Adds the record to a checkpoint Lightning is about to save: the options, the last epoch's metrics and the
-    names of the members whose state it holds."""
+def record(
+    checkpoint: dict, identity: dict, epoch_metrics: dict[str, torch.Tensor], members: list[str], trained_on: list[dict]
+) -> None:
+    """Adds the record to a checkpoint Lightning is about to save: the options, the last epoch's metrics, the
+    names of the members whose state it holds and the machines that trained them (``machine.fingerprint``)."""
     checkpoint[RECORD] = {
         "identity": identity,
         "epoch_metrics": {k: v.detach().cpu() for k, v in epoch_metrics.items()},
         "members": members,
+        "trained_on": trained_on,
     }
     checkpoint[RECORD]["checksum"] = checksum(checkpoint)
 

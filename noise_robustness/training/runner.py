@@ -16,9 +16,10 @@ from noise_robustness.data import datasets
 from noise_robustness.study.folder import Study, StudyError, compared_rows
 from noise_robustness.study.members import Member, network_name
 from noise_robustness.study.report import write_report
-from noise_robustness.study.spec import RECIPE, differences, identity_of, recipe_note
+from noise_robustness.study.spec import RECIPE, TRAINING, differences, identity_of, machines_note, recipe_note
 from noise_robustness.study.text import say
 from noise_robustness.training import checkpoints
+from noise_robustness.training.callbacks import CheckpointRecord
 from noise_robustness.training.checkpoints import save_weights
 
 
@@ -46,6 +47,8 @@ def plan(out: Path, resolved: dict, task: int | None, gather: bool, compare: lis
         raise ValueError(f"Expected `reliability_member` to name a member of the study ({', '.join(named)}), but "
                          f"got {reliability_member!r}")  # fmt: skip
     to_train = study.to_train(task, gather)
+    if not to_train:  # what decides only how members train may differ: nothing trains (`auto` elsewhere, say)
+        study = study.as_recorded(TRAINING)
     study.check()
     for folder in compare:
         compared_rows(Path(folder), study.identity)
@@ -138,6 +141,8 @@ def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[
         return
     network = network_name(type(model.net.member(0)))
     data = datamodule.hparams
+    trained_on = next(c.trained_on for c in trainer.callbacks if isinstance(c, CheckpointRecord))
+    precision = "+".join(dict.fromkeys(where["precision"] for where in trained_on))  # `auto` may have moved
     for k, member in enumerate(model.members):
         if member not in to_train:
             continue  # finished by another command since this one was planned: its result stands
@@ -151,7 +156,7 @@ def record(trainer: pl.Trainer, model, datamodule, study: Study, to_train: list[
             "network": network, "corruption": member.corruption.name, "noise_scale": member.noise_scale,
             "seed": member.seed,
             "noise_mode": data.noise_mode, "clip": data.clip, "epochs": trainer.max_epochs, "study_id": study.study_id,
-            **metrics,
+            **metrics, "precision": precision, "trained_on": trained_on,
         }  # fmt: skip
         cells = [
             {"network": network, "seed": member.seed,
@@ -188,7 +193,7 @@ def report(
     the figures also go to the user's ``loggers`` that take them (``MemberRuns.log_study_figures``)."""
     try:
         results, robustness_rows = study.gather()  # this study's own rows: its csv files
-        notes = [recipe_note(study.identity)]
+        notes = [recipe_note(study.identity, results), machines_note(results)]
         for folder in compare:  # their rows join the summary and the figures only
             their_results, their_robustness, theirs = compared_rows(folder, study.identity)
             results, robustness_rows = results + their_results, robustness_rows + their_robustness
