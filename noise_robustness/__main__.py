@@ -1,7 +1,14 @@
-"""``python -m noise_robustness {fit,validate,test,predict,sweep,certify} ...``"""
+"""``python -m noise_robustness {fit,validate,test,predict,sweep,certify,attack} ...``"""
 
-from noise_robustness.cli import cli_main
-from noise_robustness.engine.memory import tune_allocator
+import sys
+
+try:  # loading torch and Lightning takes seconds: Ctrl-C then stops the command before it began, in one line
+    from noise_robustness.cli import cli_main
+    from noise_robustness.engine.memory import tune_allocator
+except KeyboardInterrupt:
+    command = sys.argv[1] if len(sys.argv) > 1 else "noise_robustness"
+    print(f"[{command}] stopped by SIGINT before it began: nothing was made; run it again", file=sys.stderr)
+    sys.exit(130)  # 128 + SIGINT, as cli_main exits for a signal
 
 tune_allocator()  # freed memory kept for the next step's tensors
 cli_main()

@@ -12,14 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import yaml
 from pytorch_lightning.cli import instantiate_class
 
 from noise_robustness.data import datasets
 from noise_robustness.data.datamodule import N_TEST, NoisyMNISTDataModule
 from noise_robustness.data.noise import seeded
 from noise_robustness.engine.stacked import stack
-from noise_robustness.files import Lock, check_writable
+from noise_robustness.files import DamagedFile, Lock, check_writable, read_record, remove_interrupted_writes
 from noise_robustness.models import Normalize
 from noise_robustness.study.folder import Study, StudyError
 from noise_robustness.study.members import Member
@@ -60,11 +59,17 @@ def member_weights(study: Study, members: list[Member]) -> list[dict[str, torch.
 
 
 def check_folder(folder: Path, record_file: str, record: dict) -> None:
-    """Raises ValueError unless ``folder`` can be written and holds no other evaluation than ``record``."""
+    """Raises ValueError unless ``folder`` can be written and holds no other evaluation than ``record``, whole (a
+    damaged record is refused: the rows beside it may be of other weights)."""
     check_writable(folder, "out")
     recorded = folder / record_file
-    if recorded.is_file() and yaml.safe_load(recorded.read_text()) != record:
-        raise ValueError(f"{recorded} records another evaluation; move {folder} away to evaluate with this setting")
+    try:
+        if read_record(recorded, record) != record:
+            raise ValueError(f"{recorded} records another evaluation; move {folder} away to evaluate with this setting")
+    except FileNotFoundError:
+        return
+    except DamagedFile as err:
+        raise ValueError(f"{err}; move {folder} away to evaluate anew") from None
 
 
 def network_factory(spec: dict):
@@ -146,6 +151,7 @@ def locked(folder: Path, command: str) -> Iterator[None]:
     lock = Lock(folder / "lock")
     if not lock.held:
         raise StudyError(f"Another command is {command} {folder}; let it finish (rerun this one afterwards)")
+    remove_interrupted_writes(folder)
     try:
         yield
     finally:

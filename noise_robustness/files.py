@@ -5,9 +5,10 @@ import fcntl
 import hashlib
 import io
 import os
+import re
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +41,34 @@ class FailedWrites:
         self.file.flush()
 
 
+# A temporary file of a write under way: hidden, named after its file, the process and the machine writing it
+TEMPORARY = re.compile(r"^\..+\.tmp\.(?P<pid>\d+)@(?P<host>.+)\.[^.]+$")
+
+
+def temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp.{os.getpid()}@{socket.gethostname()}."
+
+
+def remove_interrupted_writes(folder: Path) -> None:
+    """Removes, anywhere under ``folder``, the temporary files of writes that this machine's processes began and
+    never finished (killed mid-write: SIGKILL, a power cut); those of live processes and other machines stay."""
+    host = socket.gethostname()
+    for path in folder.rglob(".*.tmp.*@*"):
+        match = TEMPORARY.match(path.name)
+        if match and match["host"] == host and not process_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> None:
     """Writes ``content`` to ``path`` atomically (a crash leaves the old file or the new one), readable as umask
     allows. ``content`` may be a function that writes to the open file (``torch.save``): nothing is held in memory
@@ -52,7 +81,7 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
         def write(file: BinaryIO) -> None:
             file.write(data)
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path))
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; colleagues in a shared folder should read them
@@ -81,7 +110,7 @@ def create_exclusive(path: Path, text: str) -> bool:
     The file appears complete or not at all (a hard link of a finished temporary file), and of two
     processes creating it at the same instant exactly one succeeds.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path))
     os.close(fd)
     try:
         write_atomic(Path(tmp), text)
@@ -111,7 +140,75 @@ def read_options(path: Path) -> dict:
 RESTORE = "restore it from a copy, or use a new --out"
 
 
-def csv_text(columns: list[str], rows: list[dict]) -> str:
+class DamagedFile(ValueError):
+    """A saved file that is not whole (cut short, emptied, overwritten): never read as numbers. Its message names the
+    file and what is wrong; the reader redoes its part, or refuses with the remedy where redoing is unsafe."""
+
+
+def integers(text: str) -> list[int]:
+    """A field of integers separated by spaces (``"0 3 97"``), as a csv type."""
+    return [int(value) for value in text.split(" ")]
+
+
+def optional(kind: Callable[[str], object]) -> Callable[[str], object]:
+    """A csv type whose field may be empty."""
+    return lambda text: None if text == "" else kind(text)
+
+
+def read_rows(path: Path, columns: dict[str, Callable[[str], object]]) -> list[dict[str, str]]:
+    """The rows of a csv file written by ``csv_text(columns, ...)``, as text, checked whole first: its header is
+    ``columns``, it ends with a line end (every row is written with one, so a cut anywhere but at a row's end shows),
+    every row has every field, and each field reads as its column's type (``int``, ``float``, ``str``, ``integers``,
+    ``optional(...)``). A file cut at a row's end holds whole rows: a prefix of what was written.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DamagedFile: naming ``path`` and what is wrong.
+    """
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DamagedFile(f"{path} is damaged: it is not text") from None
+    if not text.endswith("\n"):
+        raise DamagedFile(f"{path} is damaged: {'it is empty' if not text else 'its last row is cut short'}")
+    try:
+        lines = list(csv.reader(io.StringIO(text), strict=True))
+    except csv.Error as err:
+        raise DamagedFile(f"{path} is damaged: {err}") from None
+    if lines[0] != list(columns):
+        raise DamagedFile(f"{path} is damaged: its header is not {','.join(columns)}")
+    for number, fields in enumerate(lines[1:], 2):
+        if len(fields) != len(columns):
+            raise DamagedFile(f"{path} is damaged: line {number} has {len(fields)} fields, not {len(columns)}")
+        for (name, kind), value in zip(columns.items(), fields):
+            try:
+                kind(value)
+            except (ValueError, TypeError):
+                raise DamagedFile(f"{path} is damaged: line {number}'s {name} is {value!r}") from None
+    return [dict(zip(columns, fields)) for fields in lines[1:]]
+
+
+def read_record(path: Path, like: dict) -> dict:
+    """An evaluation's record (``certify.yaml``, ``attack.yaml``), checked whole: a mapping with ``like``'s keys, each
+    value of the type of ``like``'s. Its keys are written sorted, so a cut anywhere leaves its last key missing or
+    of another type (``subset_seed: `` reads as null).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DamagedFile: naming ``path`` and what is wrong.
+    """
+    try:
+        record = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DamagedFile(f"{path} is damaged: it is not YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(record, dict) or set(record) != set(like):
+        raise DamagedFile(f"{path} is damaged: it does not hold every key of an evaluation's record")
+    if wrong := [key for key in like if like[key] is not None and type(record[key]) is not type(like[key])]:
+        raise DamagedFile(f"{path} is damaged: its {', '.join(wrong)} is not a {type(like[wrong[0]]).__name__}")
+    return record
+
+
+def csv_text(columns: Iterable[str], rows: list[dict]) -> str:
     """``rows`` as csv, ``columns`` in order (other keys left out, missing ones empty)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")

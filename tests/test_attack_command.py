@@ -45,7 +45,7 @@ def accuracy(study: Path, loss: str = "worst") -> dict[tuple, dict[tuple, float]
 def test_every_member_is_attacked_at_every_eps_and_never_gains_accuracy(study):
     written = rows(study / "attack" / NAME / "accuracy.csv")
     # clean, then two L∞ and two L2 attacks, each with either loss and the worst of them
-    assert written[0]["_columns"] == ACCURACY_COLUMNS and len(written) == 4 * (1 + 4 * 3)
+    assert written[0]["_columns"] == list(ACCURACY_COLUMNS) and len(written) == 4 * (1 + 4 * 3)
     assert all(int(r["images"]) == 24 and float(r["acc"]) == int(r["correct"]) / 24 for r in written)
     ce, margin = accuracy(study, "ce"), accuracy(study, "margin")
     for member, acc in accuracy(study).items():
@@ -88,7 +88,7 @@ def test_the_report_has_a_row_per_training_sigma_with_its_area_and_a_figure(stud
 
 def test_smoothadv_never_finds_less_accuracy_than_the_certificate_guarantees(study):
     written = rows(study / "attack" / NAME / "smoothadv.csv")
-    assert written[0]["_columns"] == SMOOTHADV_COLUMNS
+    assert written[0]["_columns"] == list(SMOOTHADV_COLUMNS)
     assert {float(r["noise_scale"]) for r in written} == {0.5}  # the certified members: trained with noise
     assert {int(r["images"]) for r in written} == {12}  # the certification's images
     radii = sorted({float(r["radius"]) for r in written})

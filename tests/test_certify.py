@@ -38,7 +38,7 @@ def folder(study: Path) -> Path:
 def test_certify_writes_a_row_per_image_for_each_noisy_member(study):
     for seed in (0, 1):
         certified = rows(folder(study) / "members" / "sigma=0.5" / f"seed={seed}.csv")
-        assert certified[0]["_columns"] == COLUMNS
+        assert certified[0]["_columns"] == list(COLUMNS)
         assert [int(r["image"]) for r in certified] == subset(10_000, 6)
         for row in certified:
             counts = [int(c) for c in row["counts"].split()]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from noise_robustness.machine import LOWERED
 from tests.conftest import rows
 
 pytestmark = pytest.mark.slurm
@@ -93,6 +94,25 @@ def test_a_failed_task_makes_the_gather_fail_naming_what_is_missing(slurm, data_
     log = next(tmp_path.glob(f"slurm-noise-study-{gather}_*.out")).read_text()
     assert "2 of 4 members of" in log and "have no results: sigma=0/seed=1, sigma=1/seed=1" in log
     assert not (tmp_path / "cluster" / "results.csv").exists()
+
+
+def test_array_tasks_on_machines_that_differ_are_one_study_whose_gather_names_them(slurm, data_dir, tmp_path):
+    """A partition whose nodes differ: task 1 and the gather run under the lowered machine (an AVX2-only node, where
+    `auto` is fp32), task 0 natively; the gather succeeds and its summary names both machines."""
+    options, script = study_options(data_dir, tmp_path / "cluster"), str(REPO / "scripts" / "study.sbatch")
+    lowered = "--export=ALL," + ",".join(f"{name}={value}" for name, value in LOWERED.items())
+    jobs = [
+        run(["sbatch", "--parsable", "--array=0", script, *options], slurm, tmp_path).strip(),
+        run(["sbatch", "--parsable", "--array=1", lowered, script, *options], slurm, tmp_path).strip(),
+    ]
+    after = f"--dependency=afterany:{':'.join(jobs)}"
+    gather = run(["sbatch", "--parsable", after, lowered, script, *options], slurm, tmp_path).strip()
+    wait_for([*jobs, gather], slurm)
+    log = next(tmp_path.glob(f"slurm-noise-study-{gather}_*.out")).read_text()
+    assert job_state(gather, slurm)["JobState"] == "COMPLETED", log[-3000:]
+    assert {row["seed"]: row["precision"] for row in rows(tmp_path / "cluster" / "results.csv")}["1"] == "32-true"
+    summary = (tmp_path / "cluster" / "summary.md").read_text()
+    assert "Trained on 2 machines: " in summary and "lowered (ATEN_CPU_CAPABILITY=avx2" in summary
 
 
 def fit_options(data_dir, save_dir: Path, epochs: int = 2, batches: int = 10) -> list[str]:

@@ -19,9 +19,8 @@ The images are the first ``images`` of the seeded validation order ``certify`` t
 images are attacked too. Every attack runs in fp32 on the trainer's device, all members side by side.
 """
 
-import csv
-import io
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,19 +31,22 @@ from noise_robustness import evaluation
 from noise_robustness.attacks import report
 from noise_robustness.attacks.pgd import LOSSES, PGD, correct, robust_correct
 from noise_robustness.attacks.smoothadv import smoothadv
+from noise_robustness.certify.certification import COLUMNS as CERTIFIED
+from noise_robustness.certify.certification import Setting as CertifySetting
 from noise_robustness.certify.report import certified_accuracy, radii_of, summary_radii
 from noise_robustness.certify.smoothing import Votes
 from noise_robustness.data.noise import derive_seed, seeded
-from noise_robustness.files import csv_text, write_atomic
+from noise_robustness.files import DamagedFile, csv_text, read_record, read_rows, write_atomic
 from noise_robustness.study.folder import Study
 from noise_robustness.study.members import network_name
 from noise_robustness.study.text import say
 
-ACCURACY_COLUMNS = ["network", "corruption", "noise_scale", "seed", "norm", "eps", "loss", "images", "correct", "acc"]
+# the files' columns and their types (``files.read_rows`` checks them whole before they are used)
+ACCURACY_COLUMNS = {"network": str, "corruption": str, "noise_scale": float, "seed": int, "norm": str, "eps": float,
+                    "loss": str, "images": int, "correct": int, "acc": float}  # fmt: skip
 WORST = "worst"  # an accuracy.csv row's loss: the images that every loss's attack left right
-SMOOTHADV_COLUMNS = [
-    "certification", "network", "noise_scale", "seed", "sigma", "radius", "images", "certified_acc", "smoothadv_acc",
-]  # fmt: skip
+SMOOTHADV_COLUMNS = {"certification": str, "network": str, "noise_scale": float, "seed": int, "sigma": float,
+                     "radius": float, "images": int, "certified_acc": float, "smoothadv_acc": float}  # fmt: skip
 L2_STEP_FACTOR = 2.5  # an L2 step of 2.5 ε / steps: Madry et al.'s `robustness` library's rule
 ATTACK_SEED = 0  # the random starts' generators, one per attack
 SMOOTHADV_IMAGES = 50  # images attacked at once by SmoothAdv (each member's m noisy copies of each, with gradients)
@@ -134,10 +136,13 @@ class Attack:
         return network_name(self.study.resolved["model"]["net"]["class_path"])
 
     def read(self, name: str) -> list[dict]:
-        """The rows of a csv file of the folder (none if it is missing)."""
+        """The rows of a csv file of the folder, checked whole: none if it is missing or damaged (named: redone)."""
         try:
-            return list(csv.DictReader(io.StringIO((self.folder / name).read_text())))
+            return read_rows(self.folder / name, SMOOTHADV_COLUMNS if name == "smoothadv.csv" else ACCURACY_COLUMNS)
         except FileNotFoundError:
+            return []
+        except DamagedFile as err:
+            say("attack", f"{err}: redoing its rows")
             return []
 
 
@@ -158,13 +163,17 @@ def plan(folders: list[str], setting: Setting) -> list[Attack]:
 
 
 def certifications(study: Study) -> list[Path]:
-    """The study's finished certifications of its own weights (every member's rows whole), by folder name."""
+    """The study's finished certifications of its own weights (its record and every member's rows whole, a row for
+    every image), by folder name; a damaged one is named and left until ``certify`` redoes it."""
     found = []
     for record in sorted((study.out / "certify").glob("*/certify.yaml")):
-        recorded = yaml.safe_load(record.read_text()) or {}
-        rows = list(record.parent.glob("members/*/*.csv"))
-        whole = rows and all(len(r.read_text().splitlines()) == recorded.get("images", 0) + 1 for r in rows)
-        if recorded.get("study_id") == study.study_id and whole:
+        try:
+            recorded = read_record(record, CertifySetting.record_like())
+            rows = [read_rows(path, CERTIFIED) for path in record.parent.glob("members/*/*.csv")]
+        except DamagedFile as err:
+            say("attack", f"{err}: SmoothAdv leaves its certification out until `certify` redoes it")
+            continue
+        if recorded["study_id"] == study.study_id and rows and all(len(r) == recorded["images"] for r in rows):
             found.append(record.parent)
     return found
 
@@ -198,7 +207,11 @@ def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
     and the worst of them per image, all members at once."""
     study, setting = attack.study, attack.setting
     rows = attack.read("accuracy.csv")
-    done = {(r["norm"], float(r["eps"])) for r in rows if r["loss"] in (WORST, "none")}
+    members = len(study.members)
+    written = Counter((r["norm"], float(r["eps"])) for r in rows)  # a group is whole with every member's every row
+    done = {
+        group for group, n in written.items() if n == members * (1 if group[0] == "none" else len(setting.losses) + 1)
+    }
     todo = [(norm, eps, pgds) for norm, eps, pgds in setting.attacks() if (norm, eps) not in done]
     rows = [r for r in rows if (r["norm"], float(r["eps"])) in done]  # a group stopped half-way is redone whole
     if ("none", 0.0) in done and not todo:
@@ -207,7 +220,6 @@ def attack_members(attack: Attack, datamodule, device: torch.device) -> None:
     positions = evaluation.subset(datamodule.split_size("val"), setting.images)
     images, labels = (t.to(device) for t in evaluation.subset_images(datamodule, positions))
     net = evaluation.members_net(study, study.members, attack.weights, device)
-    members = len(study.members)
     with torch.no_grad():  # each image's clean answer: an image misclassified clean is never robust
         clean = torch.cat([
             correct(net, images[i : i + 500].expand(members, -1, -1, -1, -1), labels[i : i + 500])
@@ -234,14 +246,14 @@ def attack_smoothed(attack: Attack, folder: Path, datamodule, device: torch.devi
     ``SMOOTHADV_IMAGES`` at a time; the rows written after each radius (a rerun resumes after the last one)."""
     study, setting = attack.study, attack.setting
     rows = attack.read("smoothadv.csv")
-    recorded = yaml.safe_load((folder / "certify.yaml").read_text())
+    recorded = read_record(folder / "certify.yaml", CertifySetting.record_like())  # whole: `certifications`
     members = [m for m in study.members if (folder / "members" / f"{m.name}.csv").is_file()]
-    certified = {
-        m: list(csv.DictReader(io.StringIO((folder / "members" / f"{m.name}.csv").read_text()))) for m in members
-    }
+    certified = {m: read_rows(folder / "members" / f"{m.name}.csv", CERTIFIED) for m in members}
     sigmas = [recorded["sigma"] if recorded["sigma"] is not None else m.noise_scale for m in members]
     largest = max(float(r["radius"]) for member in certified.values() for r in member)
-    done = {float(r["radius"]) for r in rows if r["certification"] == folder.name}
+    written = Counter(float(r["radius"]) for r in rows if r["certification"] == folder.name)
+    done = {radius for radius, n in written.items() if n == len(members)}  # every member's row of the radius
+    rows = [r for r in rows if r["certification"] != folder.name or float(r["radius"]) in done]
     radii = [radius for radius in summary_radii(largest) if radius not in done]
     if not radii:
         return

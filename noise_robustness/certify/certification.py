@@ -13,8 +13,6 @@ never mix or overwrite each other:
   the command side by side (one panel per network); the member curves go to the study's TensorBoard.
 """
 
-import csv
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -29,13 +27,15 @@ from noise_robustness.certify.smoothing import Votes, certificate
 from noise_robustness.corruptions import GAUSSIAN
 from noise_robustness.data.datamodule import NoisyMNISTDataModule
 from noise_robustness.evaluation import SUBSET_SEED, subset  # subset: the images certified
-from noise_robustness.files import csv_text, write_atomic
+from noise_robustness.files import DamagedFile, csv_text, integers, read_rows, write_atomic
 from noise_robustness.study.folder import Study
 from noise_robustness.study.members import Member, network_name, sigma_text
 from noise_robustness.study.text import say
 
 SAVE_EVERY = 20  # images between saves of the members' rows
-COLUMNS = ["image", "label", "predict", "prediction", "correct", "count", "counts", "p_lower", "radius"]
+# each member's rows: the columns and their types (``files.read_rows`` checks them whole before they are used)
+COLUMNS = {"image": int, "label": int, "predict": int, "prediction": int, "correct": int, "count": int,
+           "counts": integers, "p_lower": float, "radius": float}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,11 @@ class Setting:
         sigma = "trained" if self.sigma is None else sigma_text(self.sigma)
         return f"n0={self.n0},n={self.n},alpha={self.alpha:g},images={self.images},sigma={sigma}"
 
+    @staticmethod
+    def record_like() -> dict:
+        """A record of the kind ``certify.yaml`` holds, whatever its setting: what one is checked against."""
+        return Setting(1, 1, 0.5, 1, None).record("")
+
     def record(self, study_id: str) -> dict:
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "images": self.images, "sigma": self.sigma,
                 "subset_seed": SUBSET_SEED, "study_id": study_id}  # fmt: skip
@@ -96,17 +101,19 @@ class Certification:
         return self.folder / "members" / f"{member.name}.csv"
 
     def read_rows(self, member: Member) -> list[dict]:
-        return list(csv.DictReader(io.StringIO(self.rows_file(member).read_text())))
+        """The member's rows, checked whole (``files.read_rows``: DamagedFile otherwise)."""
+        return read_rows(self.rows_file(member), COLUMNS)
 
     def saved_rows(self, member: Member, positions: list[int]) -> list[dict]:
-        """The member's rows saved so far, if they are the subset's first images (else none: certify anew)."""
+        """The member's rows saved so far, if whole and the subset's first images (else none: certify anew)."""
         try:
             rows = self.read_rows(member)
         except FileNotFoundError:
             return []
-        except (OSError, UnicodeDecodeError, csv.Error):
-            rows = [{}]  # damaged: not a saved part
-        if any(set(COLUMNS) - set(row) for row in rows) or [int(r["image"]) for r in rows] != positions[: len(rows)]:
+        except DamagedFile as err:
+            say("certify", f"{err}: certifying its member anew")
+            return []
+        if [int(r["image"]) for r in rows] != positions[: len(rows)]:
             say(
                 "certify",
                 f"{self.rows_file(member)} is not a saved part of this certification: certifying its member anew",

@@ -23,7 +23,15 @@ from pathlib import Path
 import yaml
 
 from noise_robustness.corruptions import GAUSSIAN
-from noise_robustness.files import Lock, check_writable, create_exclusive, csv_text, read_options, write_atomic
+from noise_robustness.files import (
+    Lock,
+    check_writable,
+    create_exclusive,
+    csv_text,
+    read_options,
+    remove_interrupted_writes,
+    write_atomic,
+)
 from noise_robustness.study.members import Member, evaluations, members_of, seeds_of
 from noise_robustness.study.spec import RECIPE, differences, identity_of
 
@@ -160,6 +168,7 @@ class Study:
             StudyError: another command is training one of them, or another study was recorded there first.
         """
         (self.out / "locks").mkdir(parents=True, exist_ok=True)
+        remove_interrupted_writes(self.out)  # of a command killed mid-write here
         # Exclusive: of two commands with other options that both found no study.yaml, one records its
         # study and the other is refused here, before it trains.
         if not create_exclusive(self.out / "study.yaml", yaml.safe_dump(self.identity, sort_keys=True)):
@@ -234,6 +243,7 @@ class Study:
 
     def gather(self) -> tuple[list[dict], list[dict]]:
         """Writes ``results.csv`` and ``robustness.csv`` from the members' files; returns their rows."""
+        remove_interrupted_writes(self.out)  # of a command killed mid-write here (a report's figures, say)
         results, robustness = self.rows()
         write_atomic(self.out / "results.csv", csv_text(RESULT_COLUMNS, results))
         write_atomic(self.out / "robustness.csv", csv_text(ROBUSTNESS_COLUMNS, robustness))
