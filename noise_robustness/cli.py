@@ -113,7 +113,8 @@ class NoiseCLI(LightningCLI):
                 check_even_shares(images, data.batch_size, commands.processes(config.trainer))
         except ValueError as err:
             self.parser.error(str(err))
-        if config.trainer.precision == AUTO and self.subcommand in ("fit", "sweep"):  # each member records its own
+        trains = self.subcommand == "fit" or (self.subcommand == "sweep" and self.plan.to_train)
+        if config.trainer.precision == AUTO and trains and rank_zero_only.rank == 0:  # each member records its own
             say(self.subcommand, auto_line(config.trainer.accelerator))
 
     def resolved(self) -> dict:
@@ -195,8 +196,7 @@ class NoiseCLI(LightningCLI):
         runner.run_study(self.trainer, model, datamodule, self.plan, task, gather, [Path(f) for f in compare or []])
 
     def evaluate(self, model, datamodule, **setting) -> None:
-        """``certify``, ``attack``: runs the evaluation planned (and checked) before the classes were built, on the
-        trainer's device."""
+        """``certify``, ``attack``: the evaluation planned before the classes were built, on the trainer's device."""
         module, _ = EVALUATIONS[self.subcommand]
         module.run(self.evaluations, datamodule.hparams.data_dir, self.trainer.strategy.root_device)
 

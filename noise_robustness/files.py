@@ -55,8 +55,21 @@ def remove_interrupted_writes(folder: Path) -> None:
     host = socket.gethostname()
     for path in folder.rglob(".*.tmp.*@*"):
         match = TEMPORARY.match(path.name)
-        if match and match["host"] == host and not process_alive(int(match["pid"])):
+        if match and match["host"] == host and not process_alive(int(match["pid"])) and not being_written(path):
             path.unlink(missing_ok=True)
+
+
+def being_written(path: Path) -> bool:
+    """Whether a writer holds ``path``'s lock (``write_atomic`` holds its temporary's while it writes): a writer in
+    another pid namespace of a machine of the same name, say."""
+    try:
+        with open(path, "rb") as file:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # gone meanwhile: nothing to remove
+        return True
+    return False
 
 
 def process_alive(pid: int) -> bool:
@@ -82,6 +95,7 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
             file.write(data)
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path))
+    fcntl.flock(fd, fcntl.LOCK_EX)  # while it is written (``being_written``); released when it is closed
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; colleagues in a shared folder should read them

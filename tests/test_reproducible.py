@@ -5,7 +5,8 @@ the device and the instruction sets its kernels are chosen by, torch's kernel le
 torch build and the precision used), as the run's members record it. Where this run's fingerprint equals a
 reference's the numbers are bit for bit the same run after run (idle or busy), so the check is exact; anywhere else
 (another CPU, the lowered machine, a GPU, another build: other kernels, other random streams) the same studies run
-and are compared within each study's stated tolerance with the reference of the same precision, never skipped.
+and are compared within each study's stated tolerance with the reference of the same precision (where none is, the
+first), never skipped.
 
 A new fingerprint is added with ``UPDATE_REFERENCE=1 pytest tests/test_reproducible.py`` (and again under the lowered
 machine: ``python -m noise_robustness.machine --lowered pytest ...``), after checking the tolerance path passed

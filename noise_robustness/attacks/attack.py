@@ -169,9 +169,13 @@ def certifications(study: Study) -> list[Path]:
     for record in sorted((study.out / "certify").glob("*/certify.yaml")):
         try:
             recorded = read_record(record, CertifySetting.record_like())
+        except DamagedFile as err:  # certify refuses it too: the rows beside it may be of other weights
+            say("attack", f"{err}: SmoothAdv leaves its certification out (move {record.parent} away, certify again)")
+            continue
+        try:
             rows = [read_rows(path, CERTIFIED) for path in record.parent.glob("members/*/*.csv")]
         except DamagedFile as err:
-            say("attack", f"{err}: SmoothAdv leaves its certification out until `certify` redoes it")
+            say("attack", f"{err}: SmoothAdv leaves its certification out until `certify`, rerun, redoes it")
             continue
         if recorded["study_id"] == study.study_id and rows and all(len(r) == recorded["images"] for r in rows):
             found.append(record.parent)

@@ -9,6 +9,7 @@ lists the exceptions, each with its reason. A new option needs a line here only 
 from dataclasses import dataclass
 
 from noise_robustness.machine import describe
+from noise_robustness.study.members import sigma_text
 
 ABSENT = object()  # an option that every study has recorded since it existed
 
@@ -160,11 +161,20 @@ def recipe_note(identity: dict, results: list[dict] = ()) -> str | None:
     return f"Trained with {', '.join([f'precision {precision}', *choices])} (this study's own members)."
 
 
+def precisions_used(identity: dict, results: list[dict]) -> str:
+    """The precisions a study's members trained in, ``+``-joined: its own under ``auto`` (each member's record, in the
+    members' order), else the one it recorded (null: Lightning's default, fp32)."""
+    precision = identity.get("trainer.precision") or "32-true"
+    if precision != "auto":
+        return precision
+    return "+".join(dict.fromkeys(p for row in results for p in (row.get("precision") or "?").split("+")))
+
+
 def member_label(row: dict) -> str:
     """``sigma=0.5/seed=0`` (``impulse=0.1/seed=0`` for another corruption): a result row's member, as named."""
     corruption = row.get("corruption") or "gaussian"
     key = "sigma" if corruption == "gaussian" or float(row["noise_scale"]) == 0 else corruption
-    return f"{key}={float(row['noise_scale']):g}/seed={row['seed']}"
+    return f"{key}={sigma_text(float(row['noise_scale']))}/seed={row['seed']}"
 
 
 def machines_note(results: list[dict]) -> str | None:
@@ -172,10 +182,12 @@ def machines_note(results: list[dict]) -> str | None:
     line for one machine, the members of each where several; None where no member records it."""
     machines = {}
     for row in results:
-        for where in row.get("trained_on") or []:
+        for where in row.get("trained_on") or [{}]:  # none: a member written before machines were recorded
             machines.setdefault(describe(where), []).append(member_label(row))
-    if len(machines) <= 1:
-        return f"Trained on one machine: {next(iter(machines))}." if machines else None
+    if list(machines) in ([], [describe({})]):
+        return None
+    if len(machines) == 1:
+        return f"Trained on one machine: {next(iter(machines))}."
     return (
         f"Trained on {len(machines)} machines: "
         + "; ".join(f"{where} ({', '.join(members)})" for where, members in machines.items())

@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid
 
-from noise_robustness.machine import fingerprint
+from noise_robustness.machine import UNRECORDED, fingerprint
 from noise_robustness.study.members import Member, network_name
 from noise_robustness.training import checkpoints
 
@@ -147,4 +147,5 @@ class CheckpointRecord(pl.Callback):
         kept = checkpoint.get(checkpoints.RECORD)
         if kept:
             pl_module.epoch_metrics = {k: v.to(pl_module.device) for k, v in kept["epoch_metrics"].items()}
-            self.trained_on = list(kept.get("trained_on", []))
+            # a checkpoint written before machines were recorded: its epochs' machine is unknown, and says so
+            self.trained_on = list(kept.get("trained_on", [{"from_epoch": 1, "precision": UNRECORDED}]))

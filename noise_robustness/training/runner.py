@@ -16,7 +16,15 @@ from noise_robustness.data import datasets
 from noise_robustness.study.folder import Study, StudyError, compared_rows
 from noise_robustness.study.members import Member, network_name
 from noise_robustness.study.report import write_report
-from noise_robustness.study.spec import RECIPE, TRAINING, differences, identity_of, machines_note, recipe_note
+from noise_robustness.study.spec import (
+    RECIPE,
+    TRAINING,
+    differences,
+    identity_of,
+    machines_note,
+    precisions_used,
+    recipe_note,
+)
 from noise_robustness.study.text import say
 from noise_robustness.training import checkpoints
 from noise_robustness.training.callbacks import CheckpointRecord
@@ -194,10 +202,15 @@ def report(
     try:
         results, robustness_rows = study.gather()  # this study's own rows: its csv files
         notes = [recipe_note(study.identity, results), machines_note(results)]
+        mine = precisions_used(study.identity, results)
         for folder in compare:  # their rows join the summary and the figures only
             their_results, their_robustness, theirs = compared_rows(folder, study.identity)
             results, robustness_rows = results + their_results, robustness_rows + their_robustness
-            if differ := differences(theirs, study.identity, set(RECIPE), "here"):
+            # the precision as the members used it (under `auto`, each member's own), the rest as recorded
+            differ = differences(theirs, study.identity, set(RECIPE) - {"trainer.precision"}, "here")
+            if (theirs_used := precisions_used(theirs, their_results)) != mine:
+                differ.append(f"precision: {theirs_used} there, {mine} here")
+            if differ:
                 notes.append(f"The study compared from {folder} was trained otherwise: {'; '.join(differ)}.")
     except ValueError as err:  # members missing, damaged or of another study, here or in a compared folder
         raise StudyError(str(err)) from None
