@@ -164,16 +164,11 @@ def integers(text: str) -> list[int]:
     return [int(value) for value in text.split(" ")]
 
 
-def optional(kind: Callable[[str], object]) -> Callable[[str], object]:
-    """A csv type whose field may be empty."""
-    return lambda text: None if text == "" else kind(text)
-
-
 def read_rows(path: Path, columns: dict[str, Callable[[str], object]]) -> list[dict[str, str]]:
     """The rows of a csv file written by ``csv_text(columns, ...)``, as text, checked whole first: its header is
     ``columns``, it ends with a line end (every row is written with one, so a cut anywhere but at a row's end shows),
-    every row has every field, and each field reads as its column's type (``int``, ``float``, ``str``, ``integers``,
-    ``optional(...)``). A file cut at a row's end holds whole rows: a prefix of what was written.
+    every row has every field, and each field reads as its column's type (``int``, ``float``, ``str``, ``integers``).
+    A file cut at a row's end holds whole rows: a prefix of what was written.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.

@@ -156,7 +156,7 @@ def recipe_note(identity: dict, results: list[dict] = ()) -> str | None:
         for key in RECIPE
         if key in BEFORE and identity.get(key, BEFORE[key]) != BEFORE[key]
     ]
-    if precision in ("32-true", "32", "32-true (`auto`)") and not choices:
+    if precisions_used(identity, results) in ("32-true", "32") and not choices:
         return None
     return f"Trained with {', '.join([f'precision {precision}', *choices])} (this study's own members)."
 
